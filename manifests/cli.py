@@ -1,0 +1,117 @@
+"""The `siclip` command: a thin layer that hands each subcommand to its stage.
+
+Each stage package has a `cli` module with `add_arguments(parser)` and `run(args) -> int`; those
+modules import only light things at the top, so `siclip --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from manifests.errors import SiclipError
+
+# subcommand -> (module with add_arguments/run, one-line help)
+STAGE_COMMANDS = {
+    "shards": ("pipeline.cli", "stage 1: download a URL list into webdataset shards under a storage budget"),
+    "captions": ("captioning.cli", "stage 2: synthetic captions into Arrow sidecars, fanned out on dask"),
+    "teacher": ("captioning.teacher_cli", "stage 2b: CLIP teacher embeddings into Arrow sidecars"),
+    "train": ("training.cli", "stage 3: train a SiCLIP model with Accelerate"),
+    "eval": ("training.eval_cli", "zero-shot classification and retrieval of a trained model"),
+}
+BENCHES = {
+    "shards": ("pipeline.bench", "bench_shards", "siclip shards against raw img2dataset.download"),
+    "captions": ("captioning.bench", "bench_captions", "siclip captions against a transformers pipeline"),
+    "blocks": ("training.bench", "bench_blocks", "SAS-P blocks with sharing against pre-LN blocks"),
+}
+
+
+def _stage_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name and name.startswith(e.name):
+            return None  # the stage is not built yet
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="siclip", description="Train a small CLIP model on one GPU and one TB of disk.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd, (modname, help_) in STAGE_COMMANDS.items():
+        mod = _stage_module(modname)
+        p = sub.add_parser(cmd, help=help_ if mod else f"{help_} (not built yet)", description=help_)
+        if mod is not None:
+            mod.add_arguments(p)
+        p.set_defaults(stage_module=modname, stage_built=mod is not None)
+
+    p = sub.add_parser("manifest", help="storage accounting per stage against the budget; --verify re-hashes",
+                       description="Print what every stage made and what it cost, against the storage budget.")
+    p.add_argument("data", help="data root")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--verify", action="store_true", help="re-hash every listed file; exit 1 naming each missing or corrupt one")
+    p.set_defaults(handler=_run_manifest)
+
+    p = sub.add_parser("bench", help="benchmarks against a named baseline, measured in the same run",
+                       description="Benchmarks: " + "; ".join(f"{k}: {v[2]}" for k, v in BENCHES.items()))
+    p.add_argument("name", choices=sorted(BENCHES) + ["all"])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quick", action="store_true", help="a smaller run (for smoke tests)")
+    p.set_defaults(handler=_run_bench)
+    return parser
+
+
+def _run_manifest(args) -> int:
+    from manifests.inspect import summary, table, verify
+    from manifests.layout import DataRoot
+
+    root = DataRoot(args.data)
+    if not root.root.is_dir():
+        raise SiclipError(f"data root {root.root} does not exist")
+    info = summary(root)
+    print(json.dumps(info) if args.json else table(info))
+    if args.verify:
+        problems = verify(root)
+        for line in problems:
+            print(f"verify: {line}", file=sys.stderr)
+        n = sum(s["files"] for s in info["stages"].values())
+        print(f"verify: {n - len(problems)}/{n} files ok, {len(problems)} missing or corrupt", file=sys.stderr)
+        return 1 if problems else 0
+    return 0
+
+
+def _run_bench(args) -> int:
+    names = sorted(BENCHES) if args.name == "all" else [args.name]
+    results = {}
+    for name in names:
+        modname, fn, _ = BENCHES[name]
+        mod = _stage_module(modname)
+        if mod is None:
+            raise SiclipError(f"bench {name}: not built yet")
+        results[name] = getattr(mod, fn)(quick=args.quick)
+    out = results[names[0]] if len(names) == 1 else results
+    print(json.dumps(out) if args.json else json.dumps(out, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if hasattr(args, "handler"):
+            return args.handler(args)
+        if not args.stage_built:
+            print(f"siclip {args.command}: not built yet", file=sys.stderr)
+            return 2
+        return importlib.import_module(args.stage_module).run(args)
+    except SiclipError as e:
+        print(f"siclip {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"siclip {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

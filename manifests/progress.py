@@ -1,0 +1,52 @@
+"""Progress lines for long jobs: count, rate, ETA, plus whatever the stage adds (budget, MB/s)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def format_duration(seconds: float) -> str:
+    s = int(max(0, seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+class Progress:
+    """Prints `label done/total (pct) | rate | ETA | extra` at most every `every_s` seconds, on one
+    rewritten line on a terminal and as plain lines otherwise."""
+
+    def __init__(self, label: str, total: int, unit: str = "samples", every_s: float = 2.0, stream=None):
+        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self.stream = stream or sys.stderr
+        self.start = self.last = time.monotonic()
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.done = 0
+
+    def update(self, done: float, extra: str = "", force: bool = False) -> None:
+        self.done = done
+        now = time.monotonic()
+        if not force and now - self.last < (self.every_s if self.tty else max(self.every_s, 5.0)):
+            return
+        self.last = now
+        print(("\r" if self.tty else "") + self.line(extra), end="" if self.tty else "\n", file=self.stream, flush=True)
+
+    def line(self, extra: str = "") -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 and self.total else float("nan")
+        pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        parts = [f"{self.label}: {int(self.done):,}/{self.total:,} {self.unit}{pct}", f"{rate:,.1f} {self.unit}/s",
+                 f"ETA {format_duration(eta) if eta == eta else '?'}"]
+        return " | ".join(parts + ([extra] if extra else []))
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=self.stream)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start

@@ -1,0 +1,197 @@
+"""Reading a shard's samples, alone or joined by key with their sidecars (captions, teacher).
+
+A shard is a webdataset tar (`<key>.jpg`, `<key>.txt`, `<key>.json`, members of one sample next to
+each other); a sidecar is an Arrow IPC file under `DATA/<stage>/<shard>.arrow` with one row per
+sample and a `key` column. Training reads shards and sidecars through this module only.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from manifests.errors import SiclipError
+from manifests.layout import DataRoot
+from manifests.manifest import StageManifest
+
+SIDECAR_STAGES = ("captions", "teacher")
+SIDECAR_META_KEY = b"siclip"  # schema metadata key holding the sidecar's provenance as JSON
+
+
+class CorruptShardError(SiclipError):
+    """A shard tar that cannot be read to the end."""
+
+
+class SidecarMismatchError(SiclipError):
+    """A sidecar whose keys do not match its shard's samples."""
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One finished stage-1 shard, as its manifest lists it."""
+
+    name: str
+    tar: Path
+    samples: int
+    tar_record: dict  # {"bytes", "sha256"} from the shards manifest
+
+
+def finished_shards(root: DataRoot) -> list[ShardRef]:
+    """The shards stage 1 finished, by name; a shard missing from its manifest is not finished."""
+    m = StageManifest.load(root, "shards")
+    out = []
+    for name, entry in sorted(m.entries.items()):
+        tars = [rel for rel in entry["files"] if rel.endswith(".tar")]
+        if len(tars) != 1:
+            raise SiclipError(f"{root.manifest_path('shards')}: entry {name!r} lists {len(tars)} tar files, expected 1")
+        out.append(ShardRef(name, root.abs(tars[0]), int(entry.get("samples", 0)), entry["files"][tars[0]]))
+    return out
+
+
+def sidecar_path(root: DataRoot, stage: str, shard: str) -> Path:
+    if stage not in SIDECAR_STAGES:
+        raise SiclipError(f"unknown sidecar stage {stage!r}; valid: {', '.join(SIDECAR_STAGES)}")
+    return getattr(root, stage) / f"{shard}.arrow"
+
+
+def _split_member(name: str) -> tuple[str, str] | None:
+    """'dir/000010001.jpg' -> ('dir/000010001', 'jpg'): the key ends at the first dot of the basename."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0:
+        return None
+    return name[:dot], name[dot + 1:]
+
+
+def iter_shard(tar_path: Path) -> Iterator[dict]:
+    """Yield `{"__key__": key, ext: bytes, ...}` per sample of a webdataset tar, in tar order.
+
+    Raises CorruptShardError (naming the tar) when the tar cannot be read to its end.
+    """
+    tar_path = Path(tar_path)
+    current: dict | None = None
+    seen: set[str] = set()
+    try:
+        with tarfile.open(tar_path, mode="r|*") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                parts = _split_member(member.name)
+                if parts is None or Path(member.name).name.startswith("."):
+                    continue
+                key, ext = parts
+                if current is not None and key != current["__key__"]:
+                    yield current
+                    current = None
+                if current is None:
+                    if key in seen:
+                        raise CorruptShardError(f"{tar_path}: key {key} appears twice (members not grouped by key)")
+                    seen.add(key)
+                    current = {"__key__": key}
+                f = tf.extractfile(member)
+                current[ext] = f.read() if f is not None else b""
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise CorruptShardError(f"{tar_path}: unreadable tar ({type(e).__name__}: {e})") from None
+    if current is not None:
+        yield current
+
+
+def read_sidecar(path: Path):
+    """(pyarrow Table, provenance dict) of one sidecar; a clear error when it is not one."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    path = Path(path)
+    if not path.is_file():
+        raise SiclipError(f"sidecar {path} does not exist")
+    try:
+        with pa.memory_map(str(path)) as src:
+            table = ipc.open_file(src).read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise SiclipError(f"{path}: not a readable Arrow IPC file ({e})") from None
+    if "key" not in table.column_names:
+        raise SiclipError(f"{path}: sidecar has no 'key' column")
+    meta = table.schema.metadata or {}
+    try:
+        info = json.loads(meta[SIDECAR_META_KEY]) if SIDECAR_META_KEY in meta else {}
+    except json.JSONDecodeError:
+        raise SiclipError(f"{path}: sidecar provenance metadata is not valid JSON") from None
+    return table, info
+
+
+def embeddings(table, column: str):
+    """A teacher embedding column as a float32 numpy array of shape (rows, ..., dim).
+
+    Stored as float16, or as bfloat16 bits in uint16 (Arrow has no bfloat16).
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    col = table.column(column).combine_chunks()
+    shape = [len(col)]
+    typ = col.type
+    values = col
+    while pa.types.is_fixed_size_list(typ):
+        shape.append(typ.list_size)
+        values = values.flatten()
+        typ = typ.value_type
+    arr = values.to_numpy(zero_copy_only=False)
+    if arr.dtype == np.uint16:  # bfloat16 bits: the high half of a float32
+        arr = (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.astype(np.float32).reshape(shape)
+
+
+def iter_samples(root: DataRoot, shard: str, sidecars: tuple[str, ...] = ("captions",),
+                 tar_path: Path | None = None) -> Iterator[dict]:
+    """Yield each sample of `shard` (tar members by extension) with `sample[stage] = {column: value}`
+    for every sidecar in `sidecars`, joined by key.
+
+    Raises SidecarMismatchError naming the shard, the sidecar and the first key without a match.
+    """
+    tar_path = Path(tar_path) if tar_path else root.shards / f"{shard}.tar"
+    lookups = {}
+    for stage in sidecars:
+        path = sidecar_path(root, stage, shard)
+        if not path.exists():
+            raise SidecarMismatchError(f"shard {shard}: no {stage} sidecar at {path}")
+        table, _ = read_sidecar(path)
+        keys = table.column("key").to_pylist()
+        index = {k: i for i, k in enumerate(keys)}
+        if len(index) != len(keys):
+            dup = next(k for i, k in enumerate(keys) if index[k] != i)
+            raise SidecarMismatchError(f"shard {shard}: {stage} sidecar {path} has key {dup} twice")
+        lookups[stage] = (path, table, index, set())
+    for sample in iter_shard(tar_path):
+        key = sample["__key__"]
+        for stage, (path, table, index, used) in lookups.items():
+            i = index.get(key)
+            if i is None:
+                raise SidecarMismatchError(f"shard {shard}: sample key {key} has no row in {stage} sidecar {path}")
+            used.add(key)
+            sample[stage] = {c: table.column(c)[i].as_py() for c in table.column_names if c != "key"}
+        yield sample
+    for stage, (path, table, index, used) in lookups.items():
+        if len(used) != len(index):
+            extra = next(k for k in table.column("key").to_pylist() if k not in used)
+            raise SidecarMismatchError(f"shard {shard}: {stage} sidecar {path} has key {extra} that the shard does not")
+
+
+def decode_sample(sample: dict) -> dict:
+    """Decode the usual members in place: 'jpg'/'png'/'webp' to a PIL image, 'txt' to str, 'json' to dict."""
+    import io
+
+    from PIL import Image
+
+    for ext in ("jpg", "jpeg", "png", "webp"):
+        if ext in sample and isinstance(sample[ext], bytes):
+            img = Image.open(io.BytesIO(sample[ext]))
+            img.load()
+            sample[ext] = img
+    if isinstance(sample.get("txt"), bytes):
+        sample["txt"] = sample["txt"].decode("utf-8", errors="replace")
+    if isinstance(sample.get("json"), bytes):
+        sample["json"] = json.loads(sample["json"])
+    return sample

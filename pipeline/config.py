@@ -1,0 +1,76 @@
+"""The shards stage's config (defaults in pipeline/shards.toml)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from manifests.errors import SiclipError
+from manifests.storage import parse_reserve, parse_size
+
+DEFAULT_CONFIG = Path(__file__).with_name("shards.toml")
+RESIZE_MODES = ["center_crop", "border", "keep_ratio", "keep_ratio_largest", "no"]
+DISTRIBUTORS = ["multiprocessing", "pyspark", "ray"]
+FIT_BY = ["samples", "quality", "image_size"]
+
+
+def flag(default, help, **kw):
+    return field(default=default, metadata={"flag": True, "help": help, **kw})
+
+
+@dataclass
+class ShardsConfig:
+    urls: str = flag("", "URL list: parquet, csv, tsv or jsonl, optionally .gz", metavar="FILE")
+    data: str = flag("data", "data root", metavar="DATA")
+    budget: str = flag("1TB", "storage budget for everything under the data root", metavar="SIZE")
+    reserve: str = flag("40%", "part of the budget kept for captions, teacher embeddings, checkpoints", metavar="PCT|SIZE")
+    image_size: int = flag(256, "target image size in pixels", metavar="PX")
+    resize_mode: str = flag("center_crop", "img2dataset resize mode", choices=RESIZE_MODES)
+    encode_format: str = flag("jpg", "image encoding in the shards", choices=["jpg", "webp", "png"])
+    quality: int = flag(95, "JPEG/WebP quality", metavar="Q")
+    samples_per_shard: int = flag(10000, "rows of the URL list per shard", metavar="N")
+    processes: int = flag(0, "download processes (0: one per core)", metavar="N")
+    threads: int = flag(64, "download threads per process", metavar="N")
+    url_col: str = flag("url", "URL column of the list", metavar="NAME")
+    caption_col: str = flag("caption", "caption column of the list", metavar="NAME")
+    distributor: str = flag("multiprocessing", "img2dataset distributor", choices=DISTRIBUTORS)
+    fit: bool = flag(False, "lower the sample count (or --set fit_by=...) until the plan fits the budget", kind="switch")
+    retry_failed: bool = flag(False, "re-download samples that failed for a retryable reason into new shards", kind="switch")
+    fit_by: str = field(default="samples", metadata={"choices": FIT_BY})
+    max_samples: int = 0  # 0: every row of the list
+    timeout: float = 10.0
+    retries: int = 0
+    min_image_size: int = 0
+    max_aspect_ratio: float = 0.0  # 0: no limit (keep_ratio needs one to bound the bytes of a sample)
+    max_image_pixels: int = 89_478_485  # decoder limit against decompression bombs (PIL's default)
+    extract_exif: bool = False
+    allow_non_http: bool = False
+    progress_every_s: float = 2.0
+
+    def validate(self) -> None:
+        if not self.urls:
+            raise SiclipError("no URL list given: pass --urls FILE")
+        parse_reserve(self.reserve, parse_size(self.budget))
+        for name in ("image_size", "samples_per_shard", "threads"):
+            if getattr(self, name) <= 0:
+                raise SiclipError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 1 <= self.quality <= 100:
+            raise SiclipError(f"quality must be within 1..100, got {self.quality}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise SiclipError(f"resize_mode {self.resize_mode!r}: choose one of {', '.join(RESIZE_MODES)}")
+        if self.distributor not in DISTRIBUTORS:
+            raise SiclipError(f"distributor {self.distributor!r}: choose one of {', '.join(DISTRIBUTORS)}")
+        if self.fit_by not in FIT_BY:
+            raise SiclipError(f"fit_by {self.fit_by!r}: choose one of {', '.join(FIT_BY)}")
+        if self.resize_mode == "keep_ratio" and self.max_aspect_ratio <= 0:
+            raise SiclipError("resize_mode keep_ratio leaves the long side unbounded, so the budget cannot be "
+                              "enforced: add --set max_aspect_ratio=4 (or use center_crop/border/keep_ratio_largest)")
+
+    @property
+    def process_count(self) -> int:
+        return self.processes or os.cpu_count() or 1
+
+    # keys whose change makes different shards: a resumed run must match them
+    OUTPUT_KEYS = ("image_size", "resize_mode", "encode_format", "quality", "samples_per_shard", "url_col",
+                   "caption_col", "min_image_size", "max_aspect_ratio", "max_image_pixels", "extract_exif")

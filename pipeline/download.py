@@ -1,0 +1,308 @@
+"""Driving img2dataset: one shard of work at a time through its Downloader, admitted only when its
+worst-case size fits the budget, written to a staging folder and moved into `shards/` once verified.
+
+A shard is finished when its tar, parquet and stats are in `shards/` and listed in the manifest;
+anything else found there on start (a crash between the move and the manifest) is adopted when it
+verifies and deleted when it does not, so a killed run, rerun, leaves every sample exactly once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import signal
+import sys
+import tarfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow as pa
+
+from manifests.errors import SiclipError
+from manifests.io import fsync_dir
+from manifests.layout import DataRoot, shard_name
+from manifests.manifest import StageManifest
+from manifests.storage import format_size
+from pipeline.plan import load_stats, stats_reasons
+
+SHARD_FILE = re.compile(r"^(\d{5,})(\.tar|\.parquet|_stats\.json)$")
+
+
+def worker_env(cfg) -> dict[str, str]:
+    """Environment every process that imports img2dataset needs: no network call from albumentations
+    on import, and OpenCV's decoder refusing images past the pixel limit (decompression bombs)."""
+    return {"NO_ALBUMENTATIONS_UPDATE": "1", "OPENCV_IO_MAX_IMAGE_PIXELS": str(int(cfg.max_image_pixels)),
+            "WANDB_MODE": "disabled"}
+
+
+def make_downloader(cfg, output_folder: Path):
+    """An img2dataset Downloader writing webdataset shards with `cfg`'s settings into `output_folder`."""
+    os.environ.update(worker_env(cfg))
+    from img2dataset.downloader import Downloader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    resizer = Resizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
+                      upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=cfg.quality,
+                      encode_format=cfg.encode_format, skip_reencode=False, disable_all_reencoding=False,
+                      min_image_size=cfg.min_image_size, max_image_area=float(cfg.max_image_pixels),
+                      max_aspect_ratio=cfg.max_aspect_ratio or float("inf"), blurrer=None)
+    return Downloader(sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=cfg.threads,
+                      save_caption=True, extract_exif=cfg.extract_exif, output_folder=str(output_folder),
+                      column_list=["url", "caption"], timeout=cfg.timeout, number_sample_per_shard=cfg.samples_per_shard,
+                      oom_shard_count=5, compute_hash="sha256", verify_hash_type=None, encode_format=cfg.encode_format,
+                      retries=cfg.retries, user_agent_token=None,
+                      disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"])
+
+
+# --- worker side (spawned processes) -------------------------------------------------------------
+
+_DOWNLOADER = None
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when its parent dies, so a killed job leaves no orphan
+    still writing into the staging folder that the rerun cleans."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(cfg, staging: str) -> None:
+    global _DOWNLOADER
+    _die_with_parent()
+    _DOWNLOADER = make_downloader(cfg, Path(staging))
+
+
+def _run_shard(shard_id: int, input_path: str):
+    ok, _ = _DOWNLOADER((shard_id, input_path))
+    return shard_id, ok
+
+
+# --- main side -----------------------------------------------------------------------------------
+
+def shard_files(folder: Path, shard_id: int) -> list[Path]:
+    n = shard_name(shard_id)
+    return [folder / f"{n}.tar", folder / f"{n}.parquet", folder / f"{n}_stats.json"]
+
+
+def count_tar_images(path: Path, encode_format: str) -> int:
+    """Samples with an image in a tar; raises SiclipError when the tar is truncated or corrupt."""
+    try:
+        with tarfile.open(path) as tar:
+            return sum(1 for m in tar if m.name.endswith("." + encode_format))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise SiclipError(f"{path}: corrupt or truncated tar ({e})") from None
+
+
+def verify_staged(folder: Path, shard_id: int, encode_format: str) -> dict:
+    """Check that a shard img2dataset wrote is whole; return its stats."""
+    tar, parquet, stats_path = shard_files(folder, shard_id)
+    for p in (tar, parquet, stats_path):
+        if not p.is_file():
+            raise SiclipError(f"{p}: missing after img2dataset finished the shard")
+    stats = load_stats(stats_path)
+    images = count_tar_images(tar, encode_format)
+    if images != int(stats.get("successes", -1)):
+        raise SiclipError(f"{tar}: {images} images but img2dataset's stats say {stats.get('successes')}")
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_metadata(parquet).num_rows
+    except (pa.ArrowInvalid, OSError) as e:
+        raise SiclipError(f"{parquet}: unreadable ({e})") from None
+    if rows != int(stats.get("count", -1)):
+        raise SiclipError(f"{parquet}: {rows} rows but img2dataset's stats say {stats.get('count')}")
+    return stats
+
+
+def record_shard(root: DataRoot, manifest: StageManifest, shard_id: int, stats: dict, **extra) -> dict:
+    files = shard_files(root.shards, shard_id)
+    return manifest.add(root, shard_name(shard_id), files, samples=int(stats["successes"]), rows=int(stats["count"]),
+                        failures=stats_reasons(stats), seconds=round(float(stats.get("duration", 0)), 2), **extra)
+
+
+def commit_staged(root: DataRoot, staging: Path, manifest: StageManifest, shard_id: int, encode_format: str,
+                  **extra) -> dict:
+    """Verify a staged shard, move it into shards/ and record it in the manifest (saved)."""
+    stats = verify_staged(staging, shard_id, encode_format)
+    root.shards.mkdir(parents=True, exist_ok=True)
+    # the stats file moves last: a shard without it in shards/ is known to be incomplete
+    for src, dst in zip(shard_files(staging, shard_id), shard_files(root.shards, shard_id)):
+        os.replace(src, dst)
+    fsync_dir(root.shards)
+    entry = record_shard(root, manifest, shard_id, stats, **extra)
+    manifest.save(root)
+    return entry
+
+
+def reconcile(root: DataRoot, manifest: StageManifest, encode_format: str, log=print) -> None:
+    """Bring shards/ and the manifest into agreement after a crash: drop staging, drop manifest
+    entries whose files are gone, adopt whole unlisted shards, delete partial ones."""
+    staging = root.work / "shards" / "staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    changed = False
+    for unit in list(manifest.entries):
+        if not manifest.entry_ok(root, unit):
+            log(f"shards: {unit} is listed but its files are missing or changed; it will be downloaded again")
+            for p in shard_files(root.shards, int(unit)):
+                p.unlink(missing_ok=True)
+            del manifest.entries[unit]
+            changed = True
+    found: dict[int, list[Path]] = {}
+    if root.shards.is_dir():
+        for p in root.shards.iterdir():
+            m = SHARD_FILE.match(p.name)
+            if m and shard_name(int(m.group(1))) not in manifest.entries:
+                found.setdefault(int(m.group(1)), []).append(p)
+            elif p.name.startswith(".") and ".tmp" in p.name:
+                p.unlink()
+    for sid, paths in sorted(found.items()):
+        try:
+            stats = verify_staged(root.shards, sid, encode_format)
+        except SiclipError as e:
+            log(f"shards: removing incomplete shard {shard_name(sid)} left by an interrupted run ({e})")
+            for p in paths:
+                p.unlink(missing_ok=True)
+            continue
+        record_shard(root, manifest, sid, stats)
+        log(f"shards: adopted shard {shard_name(sid)}, finished by an interrupted run")
+        changed = True
+    if changed:
+        manifest.save(root)
+
+
+class ShardRunner:
+    """Runs shards of input rows through img2dataset under a hard byte budget."""
+
+    def __init__(self, root: DataRoot, cfg, manifest: StageManifest, budget_bytes: int, progress=None):
+        self.root, self.cfg, self.manifest, self.budget_bytes = root, cfg, manifest, budget_bytes
+        self.staging = root.work / "shards" / "staging"
+        self.inputs = root.work / "shards" / "input"
+        self.progress = progress
+        self.failed: list[int] = []
+        self.stopped_by_budget: tuple[int, int] | None = None  # (shard id, its worst case) that did not fit
+
+    def used_bytes(self) -> int:
+        from manifests.storage import StorageBudget
+
+        return StorageBudget.load(self.root).used_bytes
+
+    def _write_input(self, shard_id: int, table: pa.Table) -> str:
+        self.inputs.mkdir(parents=True, exist_ok=True)
+        path = self.inputs / f"{shard_name(shard_id)}.arrow"
+        with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+            w.write_table(table)
+        return str(path)
+
+    def _commit(self, shard_id: int, extra: dict) -> None:
+        try:
+            commit_staged(self.root, self.staging, self.manifest, shard_id, self.cfg.encode_format, **extra)
+        except SiclipError as e:
+            print(f"shards: shard {shard_name(shard_id)} failed: {e}", file=sys.stderr)
+            for p in shard_files(self.staging, shard_id):
+                p.unlink(missing_ok=True)
+            self.failed.append(shard_id)
+
+    def run_in_process(self, shard_id: int, table: pa.Table, bound: int, extra: dict | None = None) -> bool:
+        """Download one shard in this process (the pilot); False when its worst case does not fit."""
+        if self.used_bytes() + bound > self.budget_bytes:
+            self.stopped_by_budget = (shard_id, bound)
+            return False
+        self.staging.mkdir(parents=True, exist_ok=True)
+        ok, _ = make_downloader(self.cfg, self.staging)((shard_id, self._write_input(shard_id, table)))
+        if ok:
+            self._commit(shard_id, extra or {})
+        else:
+            self.failed.append(shard_id)
+        return True
+
+    def run(self, jobs: list[tuple[int, pa.Table, int]], extra: dict | None = None) -> None:
+        """Download `jobs` (shard id, rows, worst-case bytes) in parallel; a shard starts only when the
+        bytes in use plus the worst case of every shard in flight, its own included, fit the budget."""
+        if not jobs:
+            return
+        self.staging.mkdir(parents=True, exist_ok=True)
+        os.environ.update(worker_env(self.cfg))
+        if self.cfg.distributor != "multiprocessing":
+            return self._run_waves(jobs, extra or {})
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        procs = min(self.cfg.process_count, len(jobs))
+        queue = list(jobs)
+        in_flight: dict[int, tuple] = {}
+        used = self.used_bytes()
+        with ctx.Pool(procs, initializer=_init_worker, initargs=(self.cfg, str(self.staging)), maxtasksperchild=5) as pool:
+            while queue or in_flight:
+                while queue and len(in_flight) < procs:
+                    sid, table, bound = queue[0]
+                    if used + sum(b for _, b, _ in in_flight.values()) + bound > self.budget_bytes:
+                        break
+                    queue.pop(0)
+                    in_flight[sid] = (pool.apply_async(_run_shard, (sid, self._write_input(sid, table))), bound, len(table))
+                if not in_flight:
+                    self.stopped_by_budget = (queue[0][0], queue[0][2])
+                    break
+                time.sleep(0.05)
+                for sid in [s for s, (r, _, _) in in_flight.items() if r.ready()]:
+                    result, _, _ = in_flight.pop(sid)
+                    if result.successful() and result.get()[1]:
+                        self._commit(sid, extra or {})
+                    else:
+                        self.failed.append(sid)
+                    used = self.used_bytes()
+                if self.progress:
+                    self.progress(self._staged_bytes())
+            pool.terminate()
+
+    def _run_waves(self, jobs, extra) -> None:
+        """pyspark/ray: img2dataset's own distributor, fed waves of shards that fit the budget together."""
+        from img2dataset import distributor as dist
+
+        fn = {"pyspark": "pyspark_distributor", "ray": "ray_distributor"}[self.cfg.distributor]
+        if not hasattr(dist, fn):
+            raise SiclipError(f"--distributor {self.cfg.distributor} needs its package: pip install 'siclip[{self.cfg.distributor}]'")
+        downloader = make_downloader(self.cfg, self.staging)
+        queue = list(jobs)
+        while queue:
+            room = self.budget_bytes - self.used_bytes()
+            wave = []
+            while queue and room >= queue[0][2]:
+                sid, table, bound = queue.pop(0)
+                room -= bound
+                wave.append((sid, self._write_input(sid, table)))
+            if not wave:
+                self.stopped_by_budget = (queue[0][0], queue[0][2])
+                return
+            getattr(dist, fn)(self.cfg.process_count, downloader, iter(wave), 1000, 1)
+            for sid, _ in wave:
+                if shard_files(self.staging, sid)[2].exists():
+                    self._commit(sid, extra)
+                else:
+                    self.failed.append(sid)
+
+    def _staged_bytes(self) -> int:
+        try:
+            return sum(p.stat().st_size for p in self.staging.iterdir())
+        except OSError:
+            return 0
+
+
+def params_of(cfg) -> dict:
+    d = asdict(cfg)
+    return {k: d[k] for k in cfg.OUTPUT_KEYS}
+
+
+def budget_stop_message(stopped: tuple[int, int], remaining: int) -> str:
+    sid, bound = stopped
+    return (f"stopped at the budget: shard {shard_name(sid)} could take up to {format_size(bound)} "
+            f"but only {format_size(remaining)} of the budget is left")

@@ -1,0 +1,270 @@
+"""`siclip shards`: validate the list, plan the budget on a pilot shard, download the rest, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from dataclasses import replace
+
+import pyarrow as pa
+
+from manifests.config import print_config, to_toml
+from manifests.errors import SiclipError
+from manifests.io import atomic_write_bytes
+from manifests.layout import DataRoot, shard_name
+from manifests.manifest import StageManifest, stage_lock
+from manifests.progress import Progress
+from manifests.storage import StorageBudget, disk_free_bytes, format_size, parse_reserve, parse_size, write_storage
+from pipeline.download import ShardRunner, budget_stop_message, params_of, reconcile, shard_files
+from pipeline.plan import Plan, check_fits, reencoded_bytes, rows_that_fit, shard_bound
+from pipeline.reasons import RETRYABLE, classify
+from pipeline.urls import read_url_list
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def table_sha256(table: pa.Table) -> str:
+    h = hashlib.sha256()
+    for col in ("url", "caption"):
+        for chunk in table.column(col).chunks:
+            for buf in chunk.buffers():
+                if buf is not None:
+                    h.update(buf)
+    return h.hexdigest()
+
+
+def run_shards(cfg) -> int:
+    """Run stage 1 with a resolved ShardsConfig; returns the exit status."""
+    root = DataRoot(cfg.data)
+    root.root.mkdir(parents=True, exist_ok=True)
+    print_config(cfg, "siclip shards")
+    with stage_lock(root, "shards"):
+        return _run_locked(root, cfg)
+
+
+def _run_locked(root: DataRoot, cfg) -> int:
+    t0 = time.monotonic()
+    urls = read_url_list(cfg.urls, cfg.url_col, cfg.caption_col, cfg.allow_non_http, cfg.max_samples)
+    refused = ", ".join(f"{k} {v}" for k, v in sorted(urls.refused.items())) or "none"
+    log(f"shards: {cfg.urls}: {urls.source_rows:,} rows, {urls.table.num_rows:,} to download; refused: {refused}")
+    if urls.table.num_rows == 0:
+        raise SiclipError(f"{cfg.urls}: no downloadable http(s) URL in column {cfg.url_col!r}")
+
+    budget = parse_size(cfg.budget)
+    reserve = parse_reserve(cfg.reserve, budget)
+    free = disk_free_bytes(root.root)
+    if budget > free + StorageBudget.load(root).used_bytes:
+        log(f"shards: warning: the budget {format_size(budget)} is larger than the free disk {format_size(free)}")
+    write_storage(root, budget_bytes=budget, reserve_bytes=reserve)
+
+    manifest = StageManifest.load(root, "shards")
+    reconcile(root, manifest, cfg.encode_format, log=log)
+    list_id = table_sha256(urls.table)
+    plan_info = manifest.info.get("plan")
+    if plan_info:
+        _check_same_job(manifest, cfg, list_id)
+    else:
+        manifest.params = params_of(cfg)
+    atomic_write_bytes(root.shards / "_config.toml", to_toml(cfg).encode())
+
+    runner = ShardRunner(root, cfg, manifest, budget)
+    if not plan_info:
+        plan_info, cfg = _pilot_and_plan(root, cfg, urls.table, manifest, runner, budget, reserve, free, list_id)
+        if plan_info is None:
+            return _finish(root, cfg, manifest, runner, t0)
+
+    rows, sps = plan_info["rows"], cfg.samples_per_shard
+    table = urls.table.slice(0, rows)
+    jobs = []
+    for sid in range(plan_info["shards"]):
+        if shard_name(sid) not in manifest.entries:
+            part = table.slice(sid * sps, sps)
+            jobs.append((sid, part, shard_bound(part, cfg)))
+    jobs += _retry_jobs(root, cfg, manifest) if cfg.retry_failed else _pending_retry_jobs(root, cfg, manifest)
+    if jobs:
+        _run_with_progress(root, cfg, manifest, runner, jobs, plan_info)
+    else:
+        log("shards: every planned shard is already finished")
+    return _finish(root, cfg, manifest, runner, t0)
+
+
+def _check_same_job(manifest: StageManifest, cfg, list_id: str) -> None:
+    """A rerun must ask for the same shards as the run that made the existing ones."""
+    made = manifest.params
+    now = params_of(cfg)
+    diff = [f"{k}={made.get(k)!r} (now {now[k]!r})" for k in now if made.get(k) != now[k]]
+    if manifest.info["plan"].get("list_sha256") != list_id:
+        diff.insert(0, "a different URL list")
+    if diff:
+        raise SiclipError(f"the shards under this data root were made with {', '.join(diff)}; "
+                          "rerun with the same settings to resume, or use another --data")
+
+
+def _pilot_and_plan(root, cfg, table, manifest, runner, budget, reserve, free, list_id):
+    """Download shard 0 in this process, measure bytes per row, print the plan; fit or refuse."""
+    sps = cfg.samples_per_shard
+    while True:
+        pilot = table.slice(0, sps)
+        bound = shard_bound(pilot, cfg)
+        if bound > free:
+            raise SiclipError(f"the pilot shard could need {format_size(bound)} but the disk has {format_size(free)} free")
+        log(f"shards: pilot shard {shard_name(0)}: {pilot.num_rows:,} rows in this process")
+        t = time.monotonic()
+        if not runner.run_in_process(0, pilot, bound):
+            raise SiclipError(f"the budget {format_size(budget)} cannot hold even the pilot shard (up to {format_size(bound)}); "
+                              f"raise --budget or lower --samples-per-shard")
+        if shard_name(0) not in manifest.entries:
+            raise SiclipError("the pilot shard failed in img2dataset; see the messages above")
+        entry = manifest.entries[shard_name(0)]
+        pilot_bytes = sum(f["bytes"] for f in entry["files"].values())
+        log(f"shards: pilot: {entry['samples']:,}/{entry['rows']:,} images in {time.monotonic() - t:.1f} s, "
+            f"{format_size(pilot_bytes)}")
+        others = StorageBudget.load(root).used_bytes - manifest.total_bytes
+        plan = Plan(pilot_bytes / max(1, entry["rows"]), table.num_rows, pilot_bytes, budget, reserve, others)
+        log(f"shards: {plan.describe()}")
+        check_fits(plan, free, plan.planned_bytes - pilot_bytes)
+        if plan.planned_bytes <= plan.limit_bytes:
+            break
+        keep = rows_that_fit(plan)
+        if not cfg.fit:
+            raise SiclipError(f"the plan {format_size(plan.planned_bytes)} exceeds the budget less the reserve "
+                              f"({format_size(plan.limit_bytes)}): rerun with --fit to keep {keep:,} of {plan.rows:,} rows, "
+                              f"or raise --budget, or lower --reserve, --image-size or --quality")
+        if cfg.fit_by == "samples" or keep >= table.num_rows:
+            if keep < entry["rows"]:
+                raise SiclipError(f"--fit: even the pilot shard ({format_size(pilot_bytes)}) exceeds the budget less the "
+                                  f"reserve ({format_size(plan.limit_bytes)}); lower --samples-per-shard")
+            log(f"shards: --fit: keeping {keep:,} of {table.num_rows:,} rows "
+                f"(about {format_size(plan.bytes_per_row * keep)})")
+            table = table.slice(0, keep)
+            break
+        cfg = _fit_encoding(root, cfg, plan, manifest)  # lowers quality or size; the pilot is redone with it
+    manifest.params = params_of(cfg)
+    shards = -(-table.num_rows // sps)
+    manifest.info["plan"] = {"rows": table.num_rows, "shards": shards, "bytes_per_row": plan.bytes_per_row,
+                             "planned_bytes": int(plan.bytes_per_row * table.num_rows), "list_sha256": list_id,
+                             "budget_bytes": budget, "reserve_bytes": reserve}
+    manifest.save(root)
+    write_storage(root, plan_shards_bytes=int(plan.bytes_per_row * table.num_rows))
+    return manifest.info["plan"], cfg
+
+
+def _fit_encoding(root, cfg, plan: Plan, manifest: StageManifest):
+    """Pick the highest quality (or largest image size) whose re-encoded pilot images fit, then drop the pilot."""
+    tar = shard_files(root.shards, 0)[0]
+    options = ([replace(cfg, quality=q) for q in range(cfg.quality - 5, 29, -5)] if cfg.fit_by == "quality"
+               else [replace(cfg, image_size=s) for s in range(cfg.image_size - 32, 63, -32)])
+    entry_bytes = plan.done_bytes
+    for cand in options:
+        now, new = reencoded_bytes(tar, cand.image_size, cand.quality, cfg.encode_format, cfg.resize_mode)
+        est = (entry_bytes - now + new) / max(1, manifest.entries[shard_name(0)]["rows"]) * plan.rows
+        if est <= plan.limit_bytes:
+            log(f"shards: --fit: {cfg.fit_by} {getattr(cand, cfg.fit_by)} is estimated at {format_size(est)}; "
+                f"the pilot shard is downloaded again with it")
+            break
+    else:
+        cand = options[-1] if options else cfg
+        log(f"shards: --fit: even {cfg.fit_by} {getattr(cand, cfg.fit_by)} does not fit; the row count is lowered too")
+    for p in shard_files(root.shards, 0):
+        p.unlink(missing_ok=True)
+    del manifest.entries[shard_name(0)]
+    manifest.params = params_of(cand)
+    manifest.save(root)
+    return replace(cand, fit_by="samples")
+
+
+def _retry_jobs(root, cfg, manifest: StageManifest) -> list:
+    """New shards of the rows that failed for a retryable reason in shards not harvested yet."""
+    import pyarrow.parquet as pq
+
+    info = manifest.info.setdefault("retry", {"harvested": [], "shards": {}})
+    urls, caps = [], []
+    for unit, e in sorted(manifest.entries.items()):
+        if unit in info["harvested"]:
+            continue
+        t = pq.read_table(shard_files(root.shards, int(unit))[1], columns=["url", "caption", "status", "error_message"])
+        for u, c, st, err in zip(*(t.column(n).to_pylist() for n in t.column_names)):
+            if st != "success" and classify(err) in RETRYABLE:
+                urls.append(u)
+                caps.append(c or "")
+        info["harvested"].append(unit)
+    planned = manifest.info["plan"]["shards"]
+    next_id = max([planned - 1] + [int(k) for k in info["shards"]] + [int(u) for u in manifest.entries]) + 1
+    sps = cfg.samples_per_shard
+    table = pa.table({"url": pa.array(urls, pa.string()), "caption": pa.array(caps, pa.string())})
+    retry_dir = root.work / "shards" / "retry"
+    retry_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(0, table.num_rows, sps):
+        sid = next_id + i // sps
+        import pyarrow.parquet as pq2
+
+        pq2.write_table(table.slice(i, sps), retry_dir / f"{shard_name(sid)}.parquet")
+        info["shards"][shard_name(sid)] = min(sps, table.num_rows - i)
+    manifest.save(root)
+    log(f"shards: --retry-failed: {table.num_rows:,} rows failed for a retryable reason "
+        f"({', '.join(sorted(RETRYABLE))}); {-(-table.num_rows // sps)} new shard(s)")
+    return _pending_retry_jobs(root, cfg, manifest)
+
+
+def _pending_retry_jobs(root, cfg, manifest: StageManifest) -> list:
+    import pyarrow.parquet as pq
+
+    jobs = []
+    for name in sorted(manifest.info.get("retry", {}).get("shards", {})):
+        if name not in manifest.entries:
+            part = pq.read_table(root.work / "shards" / "retry" / f"{name}.parquet")
+            jobs.append((int(name), part, shard_bound(part, cfg)))
+    return jobs
+
+
+def _run_with_progress(root, cfg, manifest, runner: ShardRunner, jobs, plan_info) -> None:
+    rows_total = sum(len(t) for _, t, _ in jobs)
+    done_before = manifest.total_bytes
+    bpr = plan_info["bytes_per_row"]
+    budget = runner.budget_bytes
+    prog = Progress("shards", rows_total, "samples", every_s=cfg.progress_every_s)
+    units_before = set(manifest.entries)
+    log(f"shards: downloading {len(jobs)} shard(s), {rows_total:,} rows, {cfg.process_count} process(es) × {cfg.threads} threads")
+
+    def tick(staged_bytes: int) -> None:
+        new = [e for u, e in manifest.entries.items() if u not in units_before]
+        rows = sum(e["rows"] for e in new) + staged_bytes / max(bpr, 1)
+        ok = sum(e["samples"] for e in new)
+        made = manifest.total_bytes - done_before + staged_bytes
+        rate = made / max(prog.elapsed, 1e-9) / 1e6
+        used = StorageBudget.load(root).used_bytes + staged_bytes
+        succ = f"success {100 * ok / max(1, sum(e['rows'] for e in new)):.0f}%" if new else "success ?"
+        prog.update(min(rows, rows_total), f"{succ} | {rate:.1f} MB/s | budget {format_size(used)}/{format_size(budget)}")
+
+    runner.progress = tick
+    runner.run(jobs)
+    tick(0)
+    prog.update(prog.done, force=True)
+    prog.close()
+
+
+def _finish(root, cfg, manifest: StageManifest, runner: ShardRunner, t0: float) -> int:
+    storage = StorageBudget.load(root)
+    failures: dict[str, int] = {}
+    for e in manifest.entries.values():
+        for r, n in e.get("failures", {}).items():
+            failures[r] = failures.get(r, 0) + n
+    rows = sum(e["rows"] for e in manifest.entries.values())
+    ok = manifest.total_samples
+    fail_txt = ", ".join(f"{r} {n}" for r, n in sorted(failures.items(), key=lambda x: -x[1])) or "none"
+    secs = time.monotonic() - t0
+    log(f"shards: done: {len(manifest.entries)} shards, {ok:,}/{rows:,} images ({100 * ok / max(1, rows):.1f}%), "
+        f"{format_size(manifest.total_bytes)} in {secs:.1f} s; failures: {fail_txt}; "
+        f"budget {format_size(storage.used_bytes)} of {format_size(storage.budget_bytes)} used")
+    status = 0
+    if runner.stopped_by_budget:
+        log(f"shards: {budget_stop_message(runner.stopped_by_budget, storage.remaining_bytes)}")
+        status = 3
+    if runner.failed:
+        log(f"shards: {len(runner.failed)} shard(s) failed ({', '.join(shard_name(s) for s in runner.failed)}); "
+            f"rerun the same command to retry them")
+        status = 1
+    return status
