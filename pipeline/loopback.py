@@ -87,7 +87,10 @@ class ImageServer:
                 self.wfile.write(body)
 
             def do_GET(self):
-                parts = self.path.lstrip("/").split("/")
+                path = self.path.lstrip("/")
+                if path in server.files:  # a served file overrides a fault route (a server that recovered)
+                    return self._send(200, server.files[path], {"Content-Type": "application/octet-stream"})
+                parts = path.split("/")
                 if parts[0] == "status":
                     return self._send(int(parts[1]), b"error")
                 if parts[0] == "redirect-loop":

@@ -14,9 +14,10 @@ from manifests.errors import SiclipError
 from manifests.storage import format_size
 
 TAR_BLOCK = 512
-STATS_BOUND = 256 * 1024  # img2dataset's _stats.json; its error counter is capped
-PARQUET_FILE_BOUND = 64 * 1024
-PARQUET_ROW_OVERHEAD = 2048  # key, status, sizes, sha256, error message
+STATS_FIXED = 4096  # img2dataset's _stats.json without its error counts
+STATS_PER_ERROR = 512  # one distinct error message and its count; the counter keeps at most 1000
+PARQUET_FILE_BOUND = 16 * 1024  # schema and footer
+PARQUET_ROW_OVERHEAD = 1024  # key, status, sizes, sha256, error message
 JSON_FIXED = 1024  # the .json member beyond url and caption (key, status, sizes, sha256), indented
 EXIF_BOUND = 64 * 1024
 
@@ -30,7 +31,7 @@ def image_bound(cfg) -> int:
     side = cfg.image_size
     pixels = {"center_crop": side * side, "border": side * side, "keep_ratio_largest": side * side,
               "keep_ratio": int(side * side * cfg.max_aspect_ratio), "no": cfg.max_image_pixels}[cfg.resize_mode]
-    return int(pixels * 3 * 1.1) + 16 * 1024
+    return int(pixels * 3 * 1.1) + 2048  # cv2 writes no ICC or EXIF segments
 
 
 def shard_bound(table: pa.Table, cfg) -> int:
@@ -45,7 +46,7 @@ def shard_bound(table: pa.Table, cfg) -> int:
         meta = 2 * (u + c) + JSON_FIXED + exif  # json escapes can double a string
         tar += img + _pad(c) + _pad(meta)
         parquet += u + c + PARQUET_ROW_OVERHEAD + exif
-    return tar + parquet + STATS_BOUND
+    return tar + parquet + STATS_FIXED + STATS_PER_ERROR * min(len(url_len), 1000)
 
 
 @dataclass

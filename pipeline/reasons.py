@@ -25,6 +25,10 @@ def classify(message: str | None) -> str:
     if any(s in m for s in ("connection refused", "connection reset", "remote end closed", "urlopen error",
                             "name or service not known", "connection aborted", "broken pipe", "incompleteread")):
         return "connection_error"
+    if "cv_io_max_image_pixels" in m:
+        return "decompression_bomb"
+    if "!buf.empty()" in m:
+        return "empty_body"
     if "decoding error" in m:
         return "decode_error"
     for s in ("image too small", "image area too large", "aspect ratio too large"):

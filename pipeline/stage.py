@@ -115,7 +115,8 @@ def _pilot_and_plan(root, cfg, table, manifest, runner, budget, reserve, free, l
         t = time.monotonic()
         if not runner.run_in_process(0, pilot, bound):
             raise SiclipError(f"the budget {format_size(budget)} cannot hold even the pilot shard (up to {format_size(bound)}); "
-                              f"raise --budget or lower --samples-per-shard")
+                              f"raise --budget or lower --samples-per-shard "
+                              "(a shard starts only when its worst case fits)")
         if shard_name(0) not in manifest.entries:
             raise SiclipError("the pilot shard failed in img2dataset; see the messages above")
         entry = manifest.entries[shard_name(0)]

@@ -1,0 +1,116 @@
+"""Fixtures shared by every suite: generated images (and bad rows) served on 127.0.0.1, and a
+small data root made by the real stage 1 (img2dataset against that server)."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD_IMAGES = 24
+
+
+def _bad_files() -> dict[str, bytes]:
+    from PIL import Image
+
+    from pipeline.loopback import make_image
+
+    jpeg = make_image(0)[0]
+    one = io.BytesIO()
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(one, "PNG")
+    bomb = io.BytesIO()
+    Image.new("L", (10_000, 10_000)).save(bomb, "PNG")  # 100 Mpx that compress to ~100 KB
+    return {"bad/text.jpg": b"this is a text file, not a picture\n", "bad/truncated.jpg": jpeg[:200],
+            "bad/one.png": one.getvalue(), "bad/bomb.png": bomb.getvalue()}
+
+
+@pytest.fixture(scope="session")
+def image_server():
+    """Serves GOOD_IMAGES generated pictures plus the bad files; stops at the end of the session."""
+    from pipeline.loopback import ImageServer, generate
+
+    files, rows = generate(GOOD_IMAGES, seed=1)
+    files.update(_bad_files())
+    with ImageServer(files) as server:
+        server.good_rows = rows
+        yield server
+
+
+@pytest.fixture(scope="session")
+def good_rows(image_server):
+    """(url, caption) of the pictures that download and decode."""
+    return [(f"{image_server.base}/{p}", c) for p, c in image_server.good_rows]
+
+
+@pytest.fixture(scope="session")
+def bad_rows(image_server):
+    """(url, caption, expected outcome): every way a row of a web URL list goes wrong."""
+    from pipeline.loopback import free_port
+
+    b = image_server.base
+    return [
+        (f"{b}/status/404", "missing", "http_404"),
+        (f"{b}/status/500", "server error", "http_5xx"),
+        (f"http://127.0.0.1:{free_port()}/refused.jpg", "refused", "connection_error"),
+        (f"{b}/bad/text.jpg", "text named jpg", "decode_error"),
+        (f"{b}/bad/truncated.jpg", "truncated jpeg", "decode_error"),
+        (f"{b}/empty", "empty body", "empty_body"),
+        (f"{b}/bad/one.png", "one pixel", "success"),
+        (f"{b}/bad/bomb.png", "decompression bomb", "decompression_bomb"),
+        (f"{b}/slow/4/img/000000.jpg", "too slow", "timeout"),
+        (f"{b}/redirect-loop", "redirect loop", "redirect_loop"),
+        ("file:///etc/hostname", "local file", "scheme_file"),
+        (None, "no url", "no_url"),
+    ]
+
+
+def write_list(path: Path, rows) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"url": pa.array([r[0] for r in rows], pa.string()),
+                             "caption": pa.array([r[1] for r in rows], pa.string())}), path)
+    return path
+
+
+def siclip(*args, check=True, timeout=300, **popen) -> subprocess.CompletedProcess:
+    """Run the real `siclip` CLI in a subprocess, as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1"}
+    res = subprocess.run([sys.executable, "-m", "manifests.cli", *map(str, args)], capture_output=True, text=True,
+                         timeout=timeout, env=env, cwd=REPO, **popen)
+    if check and res.returncode != 0:
+        raise AssertionError(f"siclip {' '.join(map(str, args))} exited {res.returncode}:\n{res.stderr[-3000:]}")
+    return res
+
+
+SMALL = ["--image-size", "64", "--samples-per-shard", "8", "--processes", "2", "--threads", "8",
+         "--budget", "1GB", "--reserve", "0%", "--set", "timeout=2"]
+
+
+@pytest.fixture(scope="session")
+def shards_data(tmp_path_factory, good_rows):
+    """A data root with the good pictures downloaded by the real stage 1 (3 shards of 8)."""
+    d = tmp_path_factory.mktemp("stage1")
+    urls = write_list(d / "urls.parquet", good_rows)
+    siclip("shards", "--urls", urls, "--data", d / "data", *SMALL)
+    return d / "data"
+
+
+@pytest.fixture
+def shards_root(shards_data, tmp_path):
+    """A private copy of the stage-1 data root, as a DataRoot, for tests that change it."""
+    from manifests.layout import DataRoot
+
+    dst = tmp_path / "data"
+    shutil.copytree(shards_data, dst)
+    return DataRoot(dst)
