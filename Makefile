@@ -1,0 +1,57 @@
+# The user's verbs. Variables override: make shards URLS=cc3m.parquet DATA=/big/data BUDGET=1TB
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+SICLIP := $(VENV)/bin/siclip
+DATA   ?= data/demo
+URLS   ?=
+BUDGET ?= 1TB
+ARGS   ?=
+export HF_HUB_OFFLINE ?= 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export WANDB_MODE := disabled
+
+.PHONY: install shards captions teacher train eval manifests bench test demo clean-demo
+
+# torch first, pinned to the CPU build this project is tested with; a GPU user installs theirs before `make install`
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+shards: install
+	$(SICLIP) shards --config pipeline/shards.toml --urls "$(URLS)" --data $(DATA) --budget $(BUDGET) $(ARGS)
+
+captions: install
+	$(SICLIP) captions --data $(DATA) $(ARGS)
+
+teacher: install
+	$(SICLIP) teacher --data $(DATA) $(ARGS)
+
+train: install
+	$(SICLIP) train --data $(DATA) $(ARGS)
+
+eval: install
+	$(SICLIP) eval --data $(DATA) $(ARGS)
+
+manifests: install
+	$(SICLIP) manifest $(DATA) $(ARGS)
+
+bench: install
+	$(SICLIP) bench all $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+# The main job on the embedded default data: generated images served on 127.0.0.1, downloaded into shards,
+# then the storage table.
+demo: install
+	$(PY) -m pipeline.demo --data $(DATA)
+	$(SICLIP) manifest $(DATA)
+
+clean-demo:
+	rm -rf data/demo
