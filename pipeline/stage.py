@@ -110,7 +110,8 @@ def _pilot_and_plan(root, cfg, table, manifest, runner, budget, reserve, free, l
         pilot = table.slice(0, sps)
         bound = shard_bound(pilot, cfg)
         if bound > free:
-            raise SiclipError(f"the pilot shard could need {format_size(bound)} but the disk has {format_size(free)} free")
+            raise SiclipError(f"the pilot shard could need {format_size(bound)} but the disk has {format_size(free)} free "
+                              f"(budget {format_size(budget)}); free space or lower --samples-per-shard")
         log(f"shards: pilot shard {shard_name(0)}: {pilot.num_rows:,} rows in this process")
         t = time.monotonic()
         if not runner.run_in_process(0, pilot, bound):
@@ -142,7 +143,7 @@ def _pilot_and_plan(root, cfg, table, manifest, runner, budget, reserve, free, l
                 f"(about {format_size(plan.bytes_per_row * keep)})")
             table = table.slice(0, keep)
             break
-        cfg = _fit_encoding(root, cfg, plan, manifest)  # lowers quality or size; the pilot is redone with it
+        cfg = runner.cfg = _fit_encoding(root, cfg, plan, manifest)  # lowers quality or size; the pilot is redone
     manifest.params = params_of(cfg)
     shards = -(-table.num_rows // sps)
     manifest.info["plan"] = {"rows": table.num_rows, "shards": shards, "bytes_per_row": plan.bytes_per_row,

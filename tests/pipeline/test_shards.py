@@ -98,6 +98,11 @@ def test_rerun_with_other_output_settings_is_refused(shards_root, good_rows, tmp
     assert "image_size=64 (now 96)" in res.stderr.strip().splitlines()[-1]
 
 
+def _jpg_bytes(tar_path: Path) -> int:
+    with tarfile.open(tar_path) as tar:
+        return sum(m.size for m in tar if m.name.endswith(".jpg"))
+
+
 def _full_need(shards_data: Path) -> int:
     return manifest_json(shards_data)["used_bytes"]
 
@@ -240,7 +245,7 @@ def test_a_plan_larger_than_the_free_disk_is_refused(tmp_path, good_rows):
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode == 0
     try:
         urls = write_list(tmp_path / "urls.parquet", good_rows * 20)
-        args = ["--urls", urls, "--data", mnt / "data", "--image-size", "256", "--samples-per-shard", "16",
+        args = ["--urls", urls, "--data", mnt / "data", "--image-size", "64", "--samples-per-shard", "2",
                 "--processes", "1", "--budget", "1GB", "--reserve", "0%"]
         if mounted:
             res = siclip("shards", *args, check=False)
@@ -264,9 +269,25 @@ def test_a_plan_larger_than_the_free_disk_is_refused(tmp_path, good_rows):
             out = buf.getvalue()
         last = out.strip().splitlines()[-1]
         assert code == 2, out
-        assert "the disk has" in last and "free" in last and "budget 1 GB" in last or "pilot shard could need" in last
+        assert "the plan needs" in last and "but the disk has" in last and "free (budget 1 GB)" in last
         assert "warning: the budget 1 GB is larger than the free disk" in out
     finally:
         if mounted:
             subprocess.run(["umount", str(mnt)], check=False)
     shutil.rmtree(mnt, ignore_errors=True)
+
+
+def test_fit_by_quality_lowers_quality_instead_of_rows(good_rows, tmp_path):
+    urls = write_list(tmp_path / "urls.parquet", good_rows)
+    args = [a for a in SMALL if a not in ("--budget", "1GB")] + ["--samples-per-shard", "3", "--image-size", "128"]
+    siclip("shards", "--urls", urls, "--data", tmp_path / "full", *args, "--budget", "1GB")
+    budget = int(_full_need(tmp_path / "full") * 0.85)
+    res = siclip("shards", "--urls", urls, "--data", tmp_path / "data", *args, "--budget", str(budget), "--fit",
+                 "--set", "fit_by=quality", check=False)
+    assert res.returncode in (0, 3), res.stderr
+    assert "the pilot shard is downloaded again with it" in res.stderr
+    m = StageManifest.load(DataRoot(tmp_path / "data"), "shards")
+    assert m.params["quality"] < 95
+    with tarfile.open(tmp_path / "data" / "shards" / "00000.tar") as tar:  # the pilot was redone at that quality
+        assert sum(m.size for m in tar if m.name.endswith(".jpg")) < _jpg_bytes(tmp_path / "full" / "shards" / "00000.tar")
+    assert manifest_json(tmp_path / "data")["used_bytes"] <= budget
