@@ -26,12 +26,15 @@ class Progress:
         self.tty = getattr(self.stream, "isatty", lambda: False)()
         self.done = 0
 
+    def due(self) -> bool:
+        """Whether the next update would print (lets a caller skip computing its extra text)."""
+        return time.monotonic() - self.last >= (self.every_s if self.tty else max(self.every_s, 5.0))
+
     def update(self, done: float, extra: str = "", force: bool = False) -> None:
         self.done = done
-        now = time.monotonic()
-        if not force and now - self.last < (self.every_s if self.tty else max(self.every_s, 5.0)):
+        if not force and not self.due():
             return
-        self.last = now
+        self.last = time.monotonic()
         print(("\r" if self.tty else "") + self.line(extra), end="" if self.tty else "\n", file=self.stream, flush=True)
 
     def line(self, extra: str = "") -> str:

@@ -231,7 +231,9 @@ def _run_with_progress(root, cfg, manifest, runner: ShardRunner, jobs, plan_info
     units_before = set(manifest.entries)
     log(f"shards: downloading {len(jobs)} shard(s), {rows_total:,} rows, {cfg.process_count} process(es) × {cfg.threads} threads")
 
-    def tick(staged_bytes: int) -> None:
+    def tick(staged_bytes: int, force: bool = False) -> None:
+        if not (force or prog.due()):
+            return
         new = [e for u, e in manifest.entries.items() if u not in units_before]
         rows = sum(e["rows"] for e in new) + staged_bytes / max(bpr, 1)
         ok = sum(e["samples"] for e in new)
@@ -239,12 +241,12 @@ def _run_with_progress(root, cfg, manifest, runner: ShardRunner, jobs, plan_info
         rate = made / max(prog.elapsed, 1e-9) / 1e6
         used = StorageBudget.load(root).used_bytes + staged_bytes
         succ = f"success {100 * ok / max(1, sum(e['rows'] for e in new)):.0f}%" if new else "success ?"
-        prog.update(min(rows, rows_total), f"{succ} | {rate:.1f} MB/s | budget {format_size(used)}/{format_size(budget)}")
+        prog.update(min(rows, rows_total), f"{succ} | {rate:.1f} MB/s | budget {format_size(used)}/{format_size(budget)}",
+                    force=force)
 
     runner.progress = tick
     runner.run(jobs)
-    tick(0)
-    prog.update(prog.done, force=True)
+    tick(0, force=True)
     prog.close()
 
 
