@@ -141,6 +141,7 @@ def _toml_value(v) -> str:
     return json.dumps(str(v))
 
 
-def print_config(cfg, title: str, stream=sys.stderr) -> None:
+def print_config(cfg, title: str, stream=None) -> None:
+    stream = stream or sys.stderr
     print(f"# {title}: resolved config", file=stream)
     print(to_toml(cfg), end="", file=stream)

@@ -1,0 +1,187 @@
+"""`siclip bench captions`: siclip captions against transformers' image-to-text pipeline, one image at
+a time as a user would write it, on the same images with the same model and generation settings.
+
+Two models: the tiny captioner, and a base-size BLIP built from its default config with random
+weights (realistic compute, nothing downloaded). Throughput is steady state: model loading and
+cluster start are excluded for both (reported apart as siclip's end-to-end rate); the pipeline
+gets the better of torch's default threading and one thread.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+GEN = dict(num_captions=3, top_p=0.5, temperature=0.9, max_new_tokens=30)
+
+
+def _log(msg: str) -> None:
+    print(f"bench captions: {msg}", file=sys.stderr, flush=True)
+
+
+def _images(n: int, size: int = 256) -> list[bytes]:
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        # smooth gradients plus noise: JPEGs of a realistic size, not pure noise
+        y, x = np.mgrid[0:size, 0:size] / size
+        base = np.stack([x * rng.random(), y * rng.random(), (x + y) / 2 * rng.random()], -1) * 255
+        img = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype("uint8")
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _data_root(path: Path, jpegs: list[bytes], shards: int):
+    """A data root in stage 1's layout holding `jpegs`, split over `shards` tars."""
+    from manifests.layout import DataRoot, shard_name
+    from manifests.manifest import StageManifest
+
+    root = DataRoot(path)
+    root.shards.mkdir(parents=True)
+    m = StageManifest("shards")
+    per = -(-len(jpegs) // shards)
+    for s in range(shards):
+        part = jpegs[s * per:(s + 1) * per]
+        tar = root.shards / f"{shard_name(s)}.tar"
+        with tarfile.open(tar, "w") as tf:
+            for i, data in enumerate(part):
+                key = f"{s:05d}{i:04d}"
+                for ext, payload in (("jpg", data), ("txt", b"an image"), ("json", json.dumps({"key": key}).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tf.addfile(info, io.BytesIO(payload))
+        m.add(root, shard_name(s), [tar], len(part))
+    m.save(root)
+    return root
+
+
+def _base_blip(path: Path) -> Path:
+    """BLIP captioning at base size (ViT-B/16 at 384 px, BERT-base decoder), random weights, saved to `path`."""
+    import torch
+    from transformers import BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+
+    cfg = BlipConfig()
+    vocab_size = cfg.text_config.vocab_size
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = specials + [f"w{i}" for i in range(vocab_size - len(specials) - 1)] + ["[DEC]"]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    cfg.text_config.bos_token_id = tok.convert_tokens_to_ids("[DEC]")
+    cfg.text_config.sep_token_id = cfg.text_config.eos_token_id = tok.sep_token_id
+    cfg.text_config.pad_token_id = tok.pad_token_id
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BlipForConditionalGeneration(cfg).eval()
+    model.save_pretrained(path)
+    BlipProcessor(BlipImageProcessorPil(size={"height": 384, "width": 384}), tok).save_pretrained(path)
+    return path
+
+
+def _pipeline_rate(model_path: Path, jpegs: list[bytes], time_cap: float) -> tuple[float, int]:
+    """Images/s of transformers' pipeline, one image per call, after one warm-up call.
+
+    Measured with torch's default threads and with one thread, the better one kept: on small CPUs
+    torch's default threading can stall badly, and the baseline should not lose by that. Each
+    setting stops after `time_cap` seconds. Returns (images/s, threads of the better setting)."""
+    import warnings
+
+    import torch
+    from PIL import Image
+    from transformers import pipeline
+
+    gen = dict(do_sample=True, top_p=GEN["top_p"], temperature=GEN["temperature"],
+               num_return_sequences=GEN["num_captions"], max_new_tokens=GEN["max_new_tokens"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:  # transformers 5 folded image-to-text into image-text-to-text
+            pipe, kw = pipeline("image-text-to-text", model=str(model_path)), {"text": ""}
+        except (KeyError, ValueError):
+            pipe, kw = pipeline("image-to-text", model=str(model_path)), {}
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in jpegs]
+    default_threads = torch.get_num_threads()
+    best = (0.0, default_threads)
+    try:
+        for threads in sorted({default_threads, 1}, reverse=True):
+            torch.set_num_threads(threads)
+            pipe(images[0], generate_kwargs=gen, **kw)
+            t0, n = time.perf_counter(), 0
+            for img in images:
+                pipe(img, generate_kwargs=gen, **kw)
+                n += 1
+                if time.perf_counter() - t0 > time_cap:
+                    break
+            rate = n / (time.perf_counter() - t0)
+            _log(f"pipeline with {threads} torch thread(s): {rate:.3f} images/s over {n} images")
+            best = max(best, (rate, threads))
+    finally:
+        torch.set_num_threads(default_threads)
+    return best
+
+
+def _siclip_rate(model_path: Path, jpegs: list[bytes], work: Path, workers: int, batch_size: int) -> dict:
+    from captioning.cli import run_config
+    from captioning.config import CaptionsConfig
+    from manifests.layout import DataRoot
+    from manifests.manifest import StageManifest
+
+    root = _data_root(work / "data", jpegs, shards=max(2, 2 * workers))
+    cfg = CaptionsConfig(data=str(root.root), model=str(model_path), workers=workers, batch_size=batch_size, **GEN)
+    cfg.validate()
+    t0 = time.perf_counter()
+    rc = run_config(cfg)
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise RuntimeError(f"siclip captions exited {rc}")
+    m = StageManifest.load(DataRoot(root.root), "captions")
+    timings = [e["timing"] for e in m.entries.values()]
+    steady = max(t["finished"] for t in timings) - min(t["started"] for t in timings)
+    captions = m.total_samples * GEN["num_captions"]
+    return {"images_per_s": len(jpegs) / steady, "end_to_end_images_per_s": len(jpegs) / wall,
+            "bytes_per_caption": m.total_bytes / captions, "sidecar_bytes": m.total_bytes}
+
+
+def _one(name: str, model_path: Path, images: int, work: Path, workers: int, batch_size: int, time_cap: float) -> dict:
+    jpegs = _images(images)
+    base, threads = _pipeline_rate(model_path, jpegs, time_cap)
+    _log(f"{name}: pipeline one image at a time: {base:.3f} images/s ({threads} torch threads)")
+    ours = _siclip_rate(model_path, jpegs, work / name, workers, batch_size)
+    res = {"images": images, "pipeline_images_per_s": base, "pipeline_threads": threads, **ours,
+           "ratio": ours["images_per_s"] / base}
+    _log(f"{name}: siclip captions ({workers} workers, batch {batch_size}): {ours['images_per_s']:.2f} images/s "
+         f"(end to end with cluster start and model load {ours['end_to_end_images_per_s']:.2f}), "
+         f"ratio {res['ratio']:.2f}x, {ours['bytes_per_caption']:.1f} sidecar bytes per caption")
+    return res
+
+
+def bench_captions(quick: bool = False) -> dict:
+    """Images/s and bytes per caption of siclip captions against the pipeline; ratio = siclip over pipeline."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from captioning.models import _quiet_transformers, save_tiny
+
+    _quiet_transformers()
+    with tempfile.TemporaryDirectory(prefix="siclip-bench-") as tmp:
+        work = Path(tmp)
+        tiny = _one("tiny", save_tiny("captioner", work / "tiny-model"), 24 if quick else 128, work, 2, 16,
+                    time_cap=4 if quick else 20)
+        result = {"ratio": tiny["ratio"], "images_per_s": tiny["images_per_s"],
+                  "bytes_per_caption": tiny["bytes_per_caption"], "model": "tiny", "tiny": tiny}
+        if not quick:
+            _log("base: building a base-size BLIP with random weights")
+            base = _one("base", _base_blip(work / "base-model"), 8, work, 2, 4, time_cap=60)
+            result.update(ratio=base["ratio"], images_per_s=base["images_per_s"],
+                          bytes_per_caption=base["bytes_per_caption"], model="blip-base(random)", base=base)
+    _log(f"summary: {result['model']}: siclip {result['images_per_s']:.2f} images/s, ratio {result['ratio']:.2f}x "
+         f"over the pipeline, {result['bytes_per_caption']:.1f} bytes per caption")
+    return result

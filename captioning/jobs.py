@@ -1,0 +1,232 @@
+"""One task per shard, run on a worker that holds the model: read the tar, run the model in batches
+while a thread decodes and preprocesses the next batch, write the sidecar atomically.
+
+A task never raises: it returns {"ok": False, "error": ...} for a shard it cannot finish, so the
+other shards go on.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import queue
+import random
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from manifests.errors import SiclipError
+from manifests.samples import CorruptShardError, iter_samples, iter_shard
+from captioning.models import seed_for
+from captioning.sidecar import OK
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_END = object()
+
+
+def _decode_image(sample: dict):
+    from PIL import Image
+
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        return None, "no image member"
+    try:
+        img = Image.open(io.BytesIO(sample[ext]))
+        img.load()
+        return img.convert("RGB"), None
+    except Exception as e:  # a bad image is a status, never a crash
+        return None, f"cannot decode {ext}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+
+
+def _prefetch(produce, depth: int = 2):
+    """Run generator `produce()` on a thread, `depth` items ahead; re-raise its exception here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in produce():
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_END)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _shard_failure(task: dict, e: BaseException) -> dict:
+    if isinstance(e, SiclipError):
+        msg = str(e)
+    else:
+        tb = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+        msg = f"{type(e).__name__}: {e}" + (f" (at {Path(tb.filename).name}:{tb.lineno})" if tb else "")
+    return {"shard": task["shard"], "ok": False, "error": msg}
+
+
+def _check_count(task: dict, rows: int) -> None:
+    if task.get("expected_samples") is not None and rows != task["expected_samples"]:
+        raise CorruptShardError(f"{task['tar']}: {rows} samples in the tar, the shards manifest says {task['expected_samples']}")
+
+
+def caption_shard(task: dict, captioner) -> dict:
+    """Caption every sample of one shard into `task['out']`."""
+    t0, started = time.perf_counter(), time.time()
+    order: list[str] = []
+    status: dict[str, str] = {}
+    captions: dict[str, list[str]] = {}
+
+    def batches():
+        keys, images = [], []
+        for sample in iter_shard(Path(task["tar"])):
+            key = sample["__key__"]
+            order.append(key)
+            img, why = _decode_image(sample)
+            if img is None:
+                status[key] = why
+                continue
+            keys.append(key)
+            images.append(img)
+            if len(keys) == task["batch_size"]:
+                yield keys, captioner.prepare(images)
+                keys, images = [], []
+        if keys:
+            yield keys, captioner.prepare(images)
+
+    try:
+        for keys, pixels in _prefetch(batches):
+            for key, caps in zip(keys, captioner.caption(pixels, keys)):
+                captions[key] = caps
+        _check_count(task, len(order))
+        from captioning.sidecar import write_caption_sidecar
+
+        provenance = {"stage": "captions", "shard": task["shard"], "model": captioner.model_id,
+                      "revision": captioner.revision, "params": task["params"]}
+        write_caption_sidecar(Path(task["out"]), order, [captions.get(k, []) for k in order],
+                              [status.get(k, OK) for k in order], provenance)
+    except Exception as e:
+        return _shard_failure(task, e)
+    failed: dict[str, int] = {}
+    for why in status.values():
+        failed[why] = failed.get(why, 0) + 1
+    return {"shard": task["shard"], "ok": True, "rows": len(order), "failed": failed,
+            "model": captioner.model_id, "revision": captioner.revision,
+            "timing": {"seconds": round(time.perf_counter() - t0, 3), "started": started, "finished": time.time()}}
+
+
+def crop_params(seed: int, key: str, k: int, scale: tuple[float, float]) -> list[float]:
+    """Augmentation k of sample `key`: [x0, y0, w, h] as fractions of the image, and flip (0/1).
+
+    A random-resized crop (area in `scale`, aspect 3/4..4/3) and a horizontal flip, recorded so
+    training can replay exactly the view the teacher saw.
+    """
+    rng = random.Random(seed_for(seed, key, 1000 + k))
+    area = rng.uniform(*scale)
+    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    w = min(1.0, math.sqrt(area * ratio))
+    h = min(1.0, math.sqrt(area / ratio))
+    x0 = rng.uniform(0, 1 - w)
+    y0 = rng.uniform(0, 1 - h)
+    return [x0, y0, w, h, float(rng.random() < 0.5)]
+
+
+def apply_crop(img, p: list[float]):
+    """Replay one recorded augmentation on a PIL image."""
+    from PIL import Image
+
+    W, H = img.size
+    box = (round(p[0] * W), round(p[1] * H), round((p[0] + p[2]) * W), round((p[1] + p[3]) * H))
+    out = img.crop(box)
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p[4] >= 0.5 else out
+
+
+def teacher_shard(task: dict, teachers) -> dict:
+    """Image embeddings (plain + K augmentations) and text embeddings (web + synthetic captions)."""
+    import numpy as np
+    import torch
+
+    from captioning.sidecar import storage_array, write_teacher_sidecar
+    from manifests.layout import DataRoot
+
+    t0, started = time.perf_counter(), time.time()
+    p = task["params"]
+    K, dim = p["augmentations"], teachers.dim
+    out_keys, statuses, img_rows, txt_rows, augs = [], [], [], [], []
+
+    def samples():
+        if p["captions"]:
+            yield from iter_samples(DataRoot(task["root"]), task["shard"], ("captions",), tar_path=Path(task["tar"]))
+        else:
+            yield from iter_shard(Path(task["tar"]))
+
+    def batches():
+        batch = []
+        for sample in samples():
+            key = sample["__key__"]
+            img, why = _decode_image(sample)
+            texts = [sample.get("txt", b"").decode("utf-8", errors="replace")]
+            if "captions" in sample:
+                texts += sample["captions"]["captions"]
+            params = [crop_params(p["seed"], key, k, tuple(p["crop_scale"])) for k in range(K)]
+            views = [img] + [apply_crop(img, q) for q in params] if img is not None else None
+            batch.append((key, why, views, texts, params))
+            if len(batch) == task["batch_size"]:
+                yield batch, teachers.prepare([v for b in batch if b[2] for v in b[2]])
+                batch = []
+        if batch:
+            yield batch, teachers.prepare([v for b in batch if b[2] for v in b[2]])
+
+    try:
+        for batch, pixels in _prefetch(batches):
+            img_emb = teachers.embed_images(pixels) if pixels is not None else None
+            texts = [t for b in batch for t in b[3]]
+            txt_emb = teachers.embed_texts(texts)
+            i = t = 0
+            for key, why, views, tx, params in batch:
+                out_keys.append(key)
+                statuses.append(why or OK)
+                if views:
+                    img_rows.append(img_emb[i:i + 1 + K])
+                    i += 1 + K
+                else:  # no image: zeros, and the status says why
+                    img_rows.append(torch.zeros(1 + K, dim))
+                txt_rows.append(txt_emb[t:t + len(tx)])
+                t += len(tx)
+                augs.append(params if params else [[0.0] * 5] * K)
+        _check_count(task, len(out_keys))
+        image = storage_array(torch.stack(img_rows), p["dtype"]) if img_rows else np.zeros((0, 1 + K, dim), np.float16)
+        text = [storage_array(x, p["dtype"]) for x in txt_rows]
+        aug = np.asarray(augs, np.float32).reshape(len(out_keys), K, 5) if K else None
+        provenance = {"stage": "teacher", "shard": task["shard"], "teachers": teachers.describe(), "dim": dim,
+                      "dtype": p["dtype"], "augmentations": K, "aug_params": ["x0", "y0", "w", "h", "flip"],
+                      "text_emb": "web caption first, then each synthetic caption in caption-sidecar order",
+                      "image_emb": "plain image first, then each augmentation; L2-normalised per teacher, concatenated",
+                      "params": p}
+        write_teacher_sidecar(Path(task["out"]), out_keys, image, text, aug, statuses, p["dtype"], provenance)
+    except Exception as e:
+        return _shard_failure(task, e)
+    failed: dict[str, int] = {}
+    for s in statuses:
+        if s != OK:
+            failed[s] = failed.get(s, 0) + 1
+    return {"shard": task["shard"], "ok": True, "rows": len(out_keys), "failed": failed,
+            "model": [d["id"] for d in teachers.describe()],
+            "timing": {"seconds": round(time.perf_counter() - t0, 3), "started": started, "finished": time.time()}}

@@ -1,0 +1,209 @@
+"""Loading captioners and CLIP teachers by hub name or local folder, and the tiny offline ones.
+
+Every model goes through `from_pretrained(name_or_path)`; `tiny` builds a small randomly initialised
+model from a config, deterministic by seed, so tests and the demo never download weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from manifests.errors import SiclipError
+
+TINY = "tiny"
+# A small English vocabulary for the tiny models' WordPiece tokenizer: enough words for captions to read
+# like captions, few enough that the embedding tables stay tiny.
+_TINY_WORDS = (
+    "a an the of on in with and at near by is are two three some cat dog man woman child people bird horse car bus "
+    "train bike boat plane tree trees street road field grass water beach sky sea mountain house building room table "
+    "chair bed kitchen food plate pizza cake ball red blue green white black yellow brown small large big old young "
+    "sitting standing walking running riding holding eating playing looking parked flying photo picture view close up"
+).split()
+_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+
+
+def torch_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SiclipError(f"--device {device}: no CUDA device is visible to torch (torch {torch.__version__}); use --device cpu")
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def seed_for(seed: int, key: str, index: int) -> int:
+    """A 63-bit seed for one random draw of one sample: the same for the same key wherever it runs."""
+    h = hashlib.sha256(f"{seed}\x00{key}\x00{index}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+def _tiny_tokenizer():
+    from transformers import BertTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(_SPECIAL + _TINY_WORDS)}
+    tok = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    return tok
+
+
+def build_tiny_captioner(seed: int = 0):
+    """(model, processor) of a tiny random BLIP captioner; the same seed gives the same weights."""
+    import torch
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+
+    tok = _tiny_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    cfg = BlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, encoder_hidden_size=32, max_position_embeddings=64,
+                         bos_token_id=ids("[DEC]"), sep_token_id=ids("[SEP]"), eos_token_id=ids("[SEP]"),
+                         pad_token_id=ids("[PAD]")),
+        projection_dim=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BlipForConditionalGeneration(cfg).eval()
+    processor = BlipProcessor(BlipImageProcessorPil(size={"height": 32, "width": 32}), tok)
+    return model, processor
+
+
+def build_tiny_clip(seed: int = 0):
+    """(model, processor) of a tiny random CLIPModel with the same tiny WordPiece tokenizer."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    tok = _tiny_tokenizer()
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=32, eos_token_id=tok.sep_token_id,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=24)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(cfg).eval()
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, (ip, tok)
+
+
+def save_tiny(kind: str, path: Path, seed: int = 0) -> Path:
+    """Save a tiny captioner ('captioner') or CLIP teacher ('clip') with save_pretrained into `path`."""
+    _quiet_transformers()
+    path = Path(path)
+    if kind == "captioner":
+        model, processor = build_tiny_captioner(seed)
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+    elif kind == "clip":
+        model, (ip, tok) = build_tiny_clip(seed)
+        model.save_pretrained(path)
+        ip.save_pretrained(path)
+        tok.save_pretrained(path)
+    else:
+        raise ValueError(kind)
+    return path
+
+
+def _hub_or_path(name: str) -> str:
+    p = Path(name).expanduser()
+    return str(p.absolute()) if p.exists() else name
+
+
+def _load_error(what: str, name: str, e: Exception) -> SiclipError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    where = "local folder" if Path(name).exists() else "hub model (offline? set HF_HUB_OFFLINE=0 to download, or pass a local folder)"
+    return SiclipError(f"cannot load {what} {name!r} as a {where}: {first}")
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    image_processor: object
+    tokenizer: object
+    model_id: str
+    revision: str | None
+
+
+def load_captioner(name: str, revision: str | None, device: str, dtype: str, seed: int,
+                   trust_remote_code: bool = False) -> LoadedModel:
+    """An image-to-text model with its image processor and tokenizer, on `device` in `dtype`."""
+    _quiet_transformers()
+    check_device(device)
+    if name == TINY:
+        model, processor = build_tiny_captioner(seed)
+        loaded = LoadedModel(model, processor.image_processor, processor.tokenizer, f"tiny(seed={seed})", None)
+    else:
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+        src = _hub_or_path(name)
+        kw = {"revision": revision, "trust_remote_code": trust_remote_code}
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(src, dtype=torch_dtype(dtype, device), **kw).eval()
+            ip = AutoImageProcessor.from_pretrained(src, **kw)
+            tok = AutoTokenizer.from_pretrained(src, **kw)
+        except (OSError, ValueError, KeyError, ImportError) as e:
+            raise _load_error("captioner", name, e) from None
+        commit = getattr(model.config, "_commit_hash", None)
+        loaded = LoadedModel(model, ip, tok, src, revision or commit)
+    loaded.model.to(device=device, dtype=torch_dtype(dtype, device))
+    return loaded
+
+
+def load_clip(name: str, device: str, seed: int, trust_remote_code: bool = False) -> LoadedModel:
+    """A CLIP-style model (get_image_features/get_text_features) with its image processor and tokenizer."""
+    _quiet_transformers()
+    check_device(device)
+    import torch
+
+    if name == TINY:
+        model, (ip, tok) = build_tiny_clip(seed)
+        loaded = LoadedModel(model, ip, tok, f"tiny(seed={seed})", None)
+    else:
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        src = _hub_or_path(name)
+        try:
+            model = AutoModel.from_pretrained(src, trust_remote_code=trust_remote_code).eval()
+            ip = AutoImageProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError, ImportError) as e:
+            raise _load_error("teacher", name, e) from None
+        if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
+            raise SiclipError(f"teacher {name!r} is a {type(model).__name__}, not a CLIP-style model with image and text features")
+        loaded = LoadedModel(model, ip, tok, src, getattr(model.config, "_commit_hash", None))
+    # the teacher runs in half precision on a GPU; embeddings are stored in half precision either way
+    loaded.model.to(device=device, dtype=torch.float16 if device.startswith("cuda") else torch.float32)
+    return loaded
+
+
+def load_coca(spec: str, device: str, dtype: str):
+    """open_clip CoCa from 'coca:ARCH:PRETRAINED' (e.g. coca:coca_ViT-L-14:mscoco_finetuned_laion2B-s13B-b90k)."""
+    try:
+        import open_clip
+    except ModuleNotFoundError:
+        raise SiclipError(f"captioner {spec!r} needs open_clip: pip install 'siclip[mobileclip]'") from None
+    parts = spec.split(":", 2)
+    if len(parts) != 3:
+        raise SiclipError(f"captioner {spec!r}: expected coca:ARCH:PRETRAINED")
+    model, _, preprocess = open_clip.create_model_and_transforms(parts[1], pretrained=parts[2])
+    model = model.eval().to(device=device, dtype=torch_dtype(dtype, device))
+    return model, preprocess

@@ -1,0 +1,223 @@
+"""What `siclip captions` and `siclip teacher` share: choosing the shards still to do, the budget
+check, the fan-out, recording each finished sidecar in the stage manifest, progress and summary."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from manifests.config import print_config, to_toml
+from manifests.errors import SiclipError
+from manifests.io import atomic_write_bytes, remove_stale_temps
+from manifests.layout import DataRoot
+from manifests.manifest import StageManifest, check_file, stage_lock
+from manifests.samples import finished_shards, sidecar_path
+from manifests.storage import StorageBudget, disk_free_bytes, format_size
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class StageJob:
+    """One stage-2 run: which stage, its parameters, how to build the model and what a task does."""
+
+    stage: str  # "captions" or "teacher"
+    cfg: object
+    params: dict  # decides the sidecar's content; a sidecar made with other params is not reused
+    setup: tuple[str, dict]  # ("module:function", kwargs) building the model on a worker
+    job: str  # "module:function" run per shard: (task, model) -> result
+    bytes_per_row: float  # a-priori sidecar size estimate, before any sidecar exists
+    extra_task: dict = field(default_factory=dict)
+    needs: Callable | None = None  # (root, shard) -> reason the shard cannot run yet, or None
+
+
+class Progress:
+    """Shards and samples done, rate and ETA on stderr, at most once a second (and at the end)."""
+
+    def __init__(self, label: str, shards: int, samples: int):
+        self.label, self.shards, self.samples = label, shards, samples
+        self.done_shards = self.done_samples = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, samples: int, force: bool = False) -> None:
+        self.done_shards += 1
+        self.done_samples += samples
+        now = time.perf_counter()
+        if not force and now - self.last < 1 and self.done_shards < self.shards:
+            return
+        self.last = now
+        rate = self.done_samples / max(now - self.t0, 1e-9)
+        left = max(self.samples - self.done_samples, 0)
+        eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+        log(f"{self.label}: {self.done_shards}/{self.shards} shards, {self.done_samples}/{self.samples} samples, "
+            f"{rate:.1f} samples/s, ETA {eta}")
+
+    @property
+    def rate(self) -> float:
+        return self.done_samples / max(time.perf_counter() - self.t0, 1e-9)
+
+
+def _estimate_bytes(manifest: StageManifest, rows: int, prior_per_row: float) -> int:
+    # measured bytes per row of the sidecars made so far beat the a-priori guess
+    if manifest.total_samples:
+        per_row = manifest.total_bytes / manifest.total_samples
+    else:
+        per_row = prior_per_row
+    return int(rows * per_row) + 4096
+
+
+def run_stage(job: StageJob) -> int:
+    """Run the stage over every finished shard not done yet; 0 if all shards have sidecars, 1 if some were skipped."""
+    cfg, stage = job.cfg, job.stage
+    root = DataRoot(cfg.data)
+    if not root.root.is_dir():
+        raise SiclipError(f"data root {root.root} does not exist")
+    if not root.manifest_path("shards").exists():
+        raise SiclipError(f"{root.manifest_path('shards')} does not exist: run 'siclip shards' first")
+    print_config(cfg, f"siclip {stage}", stream=sys.stderr)  # its default binds the stderr of import time
+    out_dir = getattr(root, stage)
+    with stage_lock(root, stage):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temps(out_dir)
+        if stale:
+            log(f"{stage}: removed {stale} partial file(s) a killed run left in {out_dir}")
+        shards = finished_shards(root)
+        if cfg.shards:
+            unknown = sorted(set(cfg.shards) - {s.name for s in shards})
+            if unknown:
+                raise SiclipError(f"shards {', '.join(unknown)} are not finished shards of {root.root} (see {root.manifest_path('shards')})")
+            shards = [s for s in shards if s.name in set(cfg.shards)]
+        manifest = StageManifest.load(root, stage)
+        todo, done, adopted = [], 0, 0
+        for s in shards:
+            entry = manifest.entries.get(s.name)
+            if entry is not None and entry.get("params") != job.params and not cfg.overwrite:
+                raise SiclipError(
+                    f"{stage} sidecar of shard {s.name} was made with other parameters ({_diff(entry.get('params'), job.params)}); "
+                    f"pass --overwrite to replace the {stage} sidecars, or keep the old parameters")
+            if entry is not None and entry.get("params") == job.params and manifest.entry_ok(root, s.name) \
+                    and not _input_changed(root, entry, s):
+                done += 1
+                continue
+            path = sidecar_path(root, stage, s.name)
+            if entry is None and path.exists() and _adopt(root, manifest, job, s, path):
+                adopted += 1
+                continue
+            todo.append(s)
+        rows = sum(s.samples for s in todo)
+        _check_budget(root, stage, manifest, rows, job.bytes_per_row, out_dir)
+        # an entry whose sidecar is missing, damaged or made with replaced parameters lists nothing true
+        stale_entries = [s.name for s in todo if manifest.entries.pop(s.name, None) is not None]
+        if adopted or stale_entries:
+            manifest.params = job.params
+            manifest.save(root)
+        if adopted:
+            log(f"{stage}: recorded {adopted} complete sidecar(s) that a killed run wrote but did not list")
+        atomic_write_bytes(out_dir / "_config.toml", to_toml(cfg).encode())
+        log(f"{stage}: {len(shards)} finished shard(s): {done + adopted} done already, {len(todo)} to do ({rows} samples)")
+        skipped: dict[str, str] = {}
+        tasks = []
+        for s in todo:
+            reason = job.needs(root, s.name) if job.needs else None
+            if reason is None and check_file(root, root.rel(s.tar), s.tar_record, rehash=False):
+                reason = f"{s.tar}: {check_file(root, root.rel(s.tar), s.tar_record, rehash=False)} (shards manifest)"
+            if reason:
+                skipped[s.name] = reason
+                log(f"{stage}: shard {s.name} skipped: {reason}")
+                continue
+            tasks.append({"shard": s.name, "tar": str(s.tar), "out": str(sidecar_path(root, stage, s.name)),
+                          "root": str(root.root), "expected_samples": s.samples, "params": job.params,
+                          "batch_size": cfg.batch_size, **job.extra_task})
+        progress = Progress(stage, len(tasks), sum(t["expected_samples"] for t in tasks))
+        failed_samples = 0
+
+        def on_result(res: dict) -> None:
+            nonlocal failed_samples
+            if not res["ok"]:
+                skipped[res["shard"]] = res["error"]
+                log(f"{stage}: shard {res['shard']} skipped: {res['error']}")
+                progress.update(0)
+                return
+            path = sidecar_path(root, stage, res["shard"])
+            manifest.params = job.params
+            manifest.add(root, res["shard"], [path], res["rows"], params=job.params, model=res["model"],
+                         revision=res.get("revision"), failed=res["failed"], timing=res.get("timing"), worker=res.get("worker"), **(_inputs(root, res["shard"]) if stage == "teacher" else {}))
+            manifest.save(root)
+            failed_samples += sum(res["failed"].values())
+            progress.update(res["rows"])
+
+        if tasks:
+            from captioning import fanout
+
+            if cfg.workers == 0 and not cfg.scheduler:
+                fanout.run_in_process(tasks, job.job, job.setup, on_result)
+            else:
+                fanout.run_on_dask(tasks, job.job, job.setup, on_result, workers=cfg.workers,
+                                   scheduler=cfg.scheduler, log=log)
+        made = len(tasks) - sum(1 for t in tasks if t["shard"] in skipped)
+        log(f"{stage}: done: {made} sidecar(s) written, {done + adopted} already there, {len(skipped)} shard(s) skipped"
+            f"{' (' + ', '.join(sorted(skipped)) + ')' if skipped else ''}, {failed_samples} sample(s) without output; "
+            f"{progress.rate:.1f} samples/s; {stage} total {format_size(manifest.total_bytes)} in {out_dir}")
+        return 1 if skipped else 0
+
+
+def _diff(old: dict | None, new: dict) -> str:
+    old = old or {}
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4]) or "unknown"
+
+
+def _inputs(root: DataRoot, shard: str) -> dict:
+    """The caption sidecar a teacher sidecar was made from, so a recaptioned shard is re-embedded."""
+    m = StageManifest.load(root, "captions")
+    e = m.entries.get(shard)
+    if e is None:
+        return {}
+    return {"inputs": {rel: rec["sha256"] for rel, rec in e["files"].items()}}
+
+
+def _input_changed(root: DataRoot, entry: dict, shard) -> bool:
+    if "inputs" not in entry:
+        return False
+    return _inputs(root, shard.name).get("inputs") != entry["inputs"]
+
+
+def _adopt(root: DataRoot, manifest: StageManifest, job: StageJob, shard, path: Path) -> bool:
+    """Record a complete sidecar that a run killed between its rename and its manifest save left behind."""
+    from captioning.sidecar import complete_sidecar
+    from manifests.samples import read_sidecar
+
+    rows = complete_sidecar(path, job.params)
+    if rows is None or rows != shard.samples:
+        return False
+    table, info = read_sidecar(path)
+    statuses = table.column("status").to_pylist() if "status" in table.column_names else []
+    failed: dict[str, int] = {}
+    for s in statuses:
+        if s != "ok":
+            failed[s] = failed.get(s, 0) + 1
+    model = info.get("model") or [t["id"] for t in info.get("teachers", [])]
+    manifest.add(root, shard.name, [path], rows, params=job.params, model=model, revision=info.get("revision"),
+                 failed=failed, **(_inputs(root, shard.name) if job.stage == "teacher" else {}))
+    return True
+
+
+def _check_budget(root: DataRoot, stage: str, manifest: StageManifest, rows: int, prior: float, out_dir: Path) -> None:
+    need = _estimate_bytes(manifest, rows, prior) if rows else 0
+    budget = StorageBudget.load(root)
+    if budget.budget_bytes and need > budget.remaining_bytes:
+        raise SiclipError(
+            f"{stage} sidecars for {rows} samples need about {format_size(need)} but only "
+            f"{format_size(max(budget.remaining_bytes, 0))} of the {format_size(budget.budget_bytes)} budget remain "
+            f"({root.manifests / 'storage.json'}); raise the budget or free space; nothing was written")
+    free = disk_free_bytes(out_dir)
+    if need > free:
+        raise SiclipError(f"{stage} sidecars need about {format_size(need)} but {out_dir} has {format_size(free)} free")
+    if rows:
+        log(f"{stage}: estimated {format_size(need)} of sidecars; budget remaining "
+            f"{format_size(budget.remaining_bytes) if budget.budget_bytes else 'unlimited (no budget set)'}")

@@ -1,0 +1,76 @@
+"""SIGKILL at any moment, then rerun: exactly one complete sidecar per shard, the same captions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from manifests.layout import DataRoot
+from manifests.manifest import StageManifest
+from manifests.cli import main
+
+from captions_helpers import all_sidecars, captions
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _start(root: DataRoot) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "manifests.cli", "captions", "--data", str(root.root), "--model", "tiny",
+                             "--max-new-tokens", "12", "--workers", "0", "--batch-size", "1"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 60) -> None:
+    t0 = time.monotonic()
+    while not ready() and proc.poll() is None and time.monotonic() - t0 < timeout:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the job finished before the moment to kill it"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_at_several_moments_then_rerun(shards_root, tmp_path):
+    reference = DataRoot(tmp_path / "reference")
+    import shutil
+
+    shutil.copytree(shards_root.root, reference.root)
+    assert captions(reference, "--workers", "0") == 0
+
+    captions_dir = shards_root.captions
+    # 1: while the first sidecar is being written (its temp file exists) or right after
+    _kill_when(_start(shards_root), lambda: any(captions_dir.glob(".*.tmp-*")) or any(captions_dir.glob("*.arrow")))
+    # 2: after one shard is recorded, while the next one is under way
+    _kill_when(_start(shards_root), lambda: len(StageManifest.load(shards_root, "captions").entries) >= 1
+               and len(list(captions_dir.glob("*.arrow"))) >= 2)
+    assert len(list(captions_dir.glob("*.arrow"))) < 3 or len(StageManifest.load(shards_root, "captions").entries) < 3
+
+    assert captions(shards_root, "--workers", "0") == 0
+    names = sorted(StageManifest.load(shards_root, "shards").entries)
+    assert sorted(p.name for p in captions_dir.iterdir()) == [f"{n}.arrow" for n in names] + ["_config.toml"]
+    assert all_sidecars(shards_root) == all_sidecars(reference)
+    assert sorted(StageManifest.load(shards_root, "captions").entries) == names
+    assert main(["manifest", str(shards_root.root), "--verify"]) == 0
+
+
+def test_sidecar_written_but_not_recorded_is_adopted_not_redone(shards_root, capsys):
+    """The window a kill can hit between a sidecar's rename and the manifest save."""
+    assert captions(shards_root, "--workers", "0") == 0
+    m = StageManifest.load(shards_root, "captions")
+    del m.entries["00001"]
+    m.save(shards_root)
+    stale = shards_root.captions / ".00002.arrow.tmp-99999"
+    stale.write_bytes(b"half a sidecar")
+    mtime = (shards_root.captions / "00001.arrow").stat().st_mtime_ns
+
+    capsys.readouterr()
+    assert captions(shards_root, "--workers", "0") == 0
+    err = capsys.readouterr().err
+    assert "removed 1 partial file(s)" in err and "recorded 1 complete sidecar(s)" in err
+    assert not stale.exists()
+    assert (shards_root.captions / "00001.arrow").stat().st_mtime_ns == mtime
+    assert sorted(StageManifest.load(shards_root, "captions").entries) == sorted(StageManifest.load(shards_root, "shards").entries)

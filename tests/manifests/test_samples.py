@@ -1,0 +1,109 @@
+"""manifests.samples: a shard's samples joined by key with their sidecars, or a clear error."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+
+from manifests.layout import DataRoot
+from manifests.manifest import StageManifest
+from manifests.samples import (CorruptShardError, SidecarMismatchError, embeddings, finished_shards, iter_samples,
+                               iter_shard, read_sidecar)
+from manifests.errors import SiclipError
+
+KEYS = ["000000000", "000000001", "000000003"]
+
+
+def _shard(root: DataRoot, name: str = "00000", keys=KEYS):
+    root.shards.mkdir(parents=True, exist_ok=True)
+    tar = root.shards / f"{name}.tar"
+    with tarfile.open(tar, "w") as tf:
+        for k in keys:
+            for ext, data in (("jpg", b"\xff\xd8fake" + k.encode()), ("txt", f"caption {k}".encode()), ("json", b"{}")):
+                info = tarfile.TarInfo(f"{k}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    m = StageManifest.load(root, "shards")
+    m.add(root, name, [tar], len(keys))
+    m.save(root)
+    return tar
+
+
+def _sidecar(root: DataRoot, stage: str, keys, name: str = "00000", **columns):
+    folder = getattr(root, stage)
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"key": keys, **columns})
+    path = folder / f"{name}.arrow"
+    with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    return path
+
+
+def test_iter_shard_groups_members_by_key(tmp_path):
+    root = DataRoot(tmp_path)
+    samples = list(iter_shard(_shard(root)))
+    assert [s["__key__"] for s in samples] == KEYS
+    assert samples[2]["txt"] == b"caption 000000003" and set(samples[0]) == {"__key__", "jpg", "txt", "json"}
+    assert [s.name for s in finished_shards(root)] == ["00000"]
+
+
+def test_samples_joined_with_captions_by_key(tmp_path):
+    root = DataRoot(tmp_path)
+    _shard(root)
+    # sidecar rows in another order: the join is by key, not by position
+    _sidecar(root, "captions", list(reversed(KEYS)), captions=[[f"c {k}", "x"] for k in reversed(KEYS)],
+             status=["ok"] * 3)
+    got = list(iter_samples(root, "00000", ("captions",)))
+    assert [s["__key__"] for s in got] == KEYS
+    assert [s["captions"]["captions"][0] for s in got] == [f"c {k}" for k in KEYS]
+
+
+def test_missing_key_names_shard_sidecar_and_first_missing_key(tmp_path):
+    root = DataRoot(tmp_path)
+    _shard(root)
+    path = _sidecar(root, "captions", [KEYS[0], KEYS[2]], captions=[["a"], ["b"]], status=["ok", "ok"])
+    with pytest.raises(SidecarMismatchError) as e:
+        list(iter_samples(root, "00000", ("captions",)))
+    msg = str(e.value)
+    assert "shard 00000" in msg and KEYS[1] in msg and str(path) in msg and "\n" not in msg
+
+
+def test_extra_key_in_sidecar_is_an_error_too(tmp_path):
+    root = DataRoot(tmp_path)
+    _shard(root)
+    _sidecar(root, "captions", KEYS + ["000000009"], captions=[["a"]] * 4, status=["ok"] * 4)
+    with pytest.raises(SidecarMismatchError, match="000000009"):
+        list(iter_samples(root, "00000", ("captions",)))
+
+
+def test_missing_sidecar_and_unreadable_files_are_clear_errors(tmp_path):
+    root = DataRoot(tmp_path)
+    tar = _shard(root)
+    with pytest.raises(SidecarMismatchError, match="shard 00000: no teacher sidecar"):
+        list(iter_samples(root, "00000", ("teacher",)))
+    root.captions.mkdir()
+    (root.captions / "00000.arrow").write_bytes(b"not arrow")
+    with pytest.raises(SiclipError, match="not a readable Arrow IPC file"):
+        read_sidecar(root.captions / "00000.arrow")
+    tar.write_bytes(tar.read_bytes()[:700])
+    with pytest.raises(CorruptShardError, match="00000.tar"):
+        list(iter_shard(tar))
+
+
+def test_embeddings_decode_float16_and_bfloat16(tmp_path):
+    import torch
+
+    root = DataRoot(tmp_path)
+    x = torch.randn(3, 2, 4)
+    half = pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(pa.array(x.half().numpy().ravel()), 4), 2)
+    bits = x.bfloat16().view(torch.int16).numpy().view(np.uint16).ravel()
+    bf = pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(pa.array(bits), 4), 2)
+    path = _sidecar(root, "teacher", KEYS, a=half, b=bf)
+    table, _ = read_sidecar(path)
+    np.testing.assert_allclose(embeddings(table, "a"), x.numpy(), atol=1e-2)
+    np.testing.assert_allclose(embeddings(table, "b"), x.bfloat16().float().numpy(), atol=0)
