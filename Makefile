@@ -47,10 +47,12 @@ bench: install
 test: install
 	$(PY) -m pytest -q $(ARGS)
 
-# The main job on the embedded default data: generated images served on 127.0.0.1, downloaded into shards,
-# then the storage table.
+# The main job on the embedded default data, on a CPU: generated images served on 127.0.0.1 and downloaded
+# into shards, synthetic captions and teacher embeddings from tiny offline models, then the storage table.
 demo: install
 	$(PY) -m pipeline.demo --data $(DATA)
+	$(SICLIP) captions --data $(DATA) --model tiny --workers 2
+	$(SICLIP) teacher --data $(DATA) --teacher tiny --workers 2
 	$(SICLIP) manifest $(DATA)
 
 clean-demo:
