@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, SMALL, siclip, write_list
+from siclip_testing import REPO, SMALL, siclip, write_list
 
 from manifests.layout import DataRoot
 from manifests.manifest import StageManifest

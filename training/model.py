@@ -1,0 +1,473 @@
+"""The SiCLIP model: a CLIP image tower and text tower whose transformer blocks are
+standard pre-LN blocks or SAS-P blocks (He & Hofmann, "Simplifying Transformer Blocks").
+
+Read top to bottom, in the order data flows: configs, `MLP`, `SelfAttention` and
+`Block` (the standard pre-LN block), `ShapedAttention` and `SASPBlock` (the simplified
+block), the towers (`VisionTransformer`, `MCi0Tower`, `TextTransformer`), `SiCLIP`,
+then loading presets and checkpoints. Sizes live in `training/presets/*.toml`.
+
+Layer numbers in configs (`share_attention = [[1, 2], [3, 4]]`) count from 1, as the
+paper does; module names (`blocks.0`) count from 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+BLOCK_TYPES = ("preln", "sasp")
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass
+class ImageTowerConfig:
+    kind: str = "vit"  # "vit", or "mci0": timm's fastvit_mci0 (MobileCLIP-S0), extra siclip[mobileclip]
+    image_size: int = 224
+    patch_size: int = 16  # vit only
+    width: int = 768
+    depth: int = 12  # mci0: the number of attention blocks in the last stage (2)
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    act: str = "gelu"  # "gelu" or "quick_gelu" (OpenAI CLIP)
+    block: str | list[str] = "preln"  # one type for all layers, or one per layer
+    share_attention: list[list[int]] = field(default_factory=list)
+    ln_eps: float = 1e-5
+
+
+@dataclass
+class TextTowerConfig:
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    depth: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    block: str | list[str] = "preln"
+    share_attention: list[list[int]] = field(default_factory=list)
+    ln_eps: float = 1e-5
+    causal: bool = True  # False: bidirectional attention that ignores the padding after the end token
+    eot_token_id: int = 49407  # the text embedding is read at the first end token
+
+
+@dataclass
+class SiCLIPConfig:
+    name: str = "custom"
+    embed_dim: int = 512
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = 100.0
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+
+
+def block_types(cfg: ImageTowerConfig | TextTowerConfig) -> list[str]:
+    """The block type of each layer."""
+    types = [cfg.block] * cfg.depth if isinstance(cfg.block, str) else list(cfg.block)
+    if len(types) != cfg.depth or any(t not in BLOCK_TYPES for t in types):
+        raise ValueError(f"block must be one of {BLOCK_TYPES} or a list of {cfg.depth} of them, got {cfg.block!r}")
+    return types
+
+
+def sharing_sources(cfg: ImageTowerConfig | TextTowerConfig) -> dict[int, int]:
+    """Map each layer (0-based) that reuses another layer's attention to the layer that owns it."""
+    types, source = block_types(cfg), {}
+    for group in cfg.share_attention:
+        layers = [i - 1 for i in group]
+        if len(layers) < 2 or any(not 0 <= i < cfg.depth for i in layers):
+            raise ValueError(f"share_attention group {group} must name 2+ layers between 1 and {cfg.depth}")
+        if any(i in source or i in source.values() for i in layers):
+            raise ValueError(f"share_attention groups overlap: {cfg.share_attention}")
+        if len({types[i] for i in layers}) != 1:
+            raise ValueError(f"share_attention group {group} mixes block types")
+        source.update({i: layers[0] for i in layers[1:]})
+    return source
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, mlp_ratio: float, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(width, int(width * mlp_ratio))
+        self.act = ACTIVATIONS[act]()
+        self.fc2 = nn.Linear(int(width * mlp_ratio), width)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    B, N, D = x.shape
+    return x.view(B, N, heads, D // heads).transpose(1, 2)  # (B, heads, N, head_dim)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    B, H, N, Dh = x.shape
+    return x.transpose(1, 2).reshape(B, N, H * Dh)
+
+
+def padding_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, N) True-where-real into the (B, 1, 1, N) boolean mask that sdpa broadcasts over heads and queries."""
+    return None if valid is None else valid[:, None, None, :]
+
+
+class SelfAttention(nn.Module):
+    """Standard multi-head attention with query, key, value and output projections."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x, causal: bool = False, valid: torch.Tensor | None = None):
+        q, k, v = (split_heads(proj(x), self.heads) for proj in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=padding_mask(valid), is_causal=causal)
+        return self.out(merge_heads(y))
+
+
+class Block(nn.Module):
+    """Standard pre-LN transformer block: x + Attn(N(x)), then x + MLP(N(x))."""
+
+    def __init__(self, width, heads, mlp_ratio, act, ln_eps, attn: SelfAttention | None = None):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=ln_eps)
+        self.attn = attn if attn is not None else SelfAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width, eps=ln_eps)
+        self.mlp = MLP(width, mlp_ratio, act)
+
+    def forward(self, x, causal: bool = False, valid: torch.Tensor | None = None):
+        x = x + self.attn(self.ln_1(x), causal, valid)
+        return x + self.mlp(self.ln_2(x))
+
+
+def uniform_attention(x: torch.Tensor, causal: bool, valid: torch.Tensor | None) -> torch.Tensor:
+    """C·x for x of shape (B, N, ...): the mean over the positions each query may attend (C = attention at Q = 0).
+
+    Bidirectional results have a length-1 position axis that broadcasts; causal ones are running means.
+    """
+    if causal:  # row i of C is 1/i over positions 1..i; a small matmul beats cumsum on CPU
+        C = torch.ones(x.shape[1], x.shape[1], device=x.device, dtype=x.dtype).tril_()
+        C /= C.sum(dim=1, keepdim=True)
+        return (C @ x.flatten(2)).view_as(x)
+    if valid is None:
+        return x.mean(dim=1, keepdim=True)
+    weights = valid.view(*valid.shape, *[1] * (x.dim() - 2)).to(x.dtype)  # (B, N, 1, ...)
+    return (x * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True)
+
+
+class ShapedAttention(nn.Module):
+    """Shaped attention without value or output projection: y = (α·I + β·softmax(QKᵀ/√d + mask) − γ·C)·x per head.
+
+    α, β, γ are per-head and start at 1; W_Q starts at 0, so softmax(...) equals C and the
+    block's attention is the identity at initialisation.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k = nn.Linear(width, width), nn.Linear(width, width)
+        self.alpha, self.beta, self.gamma = (nn.Parameter(torch.ones(heads)) for _ in range(3))
+        self.reset_query()
+
+    def reset_query(self):
+        nn.init.zeros_(self.q.weight)
+        nn.init.zeros_(self.q.bias)
+
+    def forward(self, x, causal: bool = False, valid: torch.Tensor | None = None, gain: torch.Tensor | None = None):
+        """Shaped attention of x (B, N, D); `gain` (the block's g_a) is folded into α, β, γ to save a pass."""
+        B, N, D = x.shape
+        xh = x.unflatten(2, (self.heads, D // self.heads))  # values are the inputs; (B, N, H, Dh), no copy
+        q, k = split_heads(self.q(x), self.heads), split_heads(self.k(x), self.heads)
+        attended = F.scaled_dot_product_attention(q, k, xh.transpose(1, 2), attn_mask=padding_mask(valid),
+                                                  is_causal=causal).transpose(1, 2)
+        a, b, c = ((p if gain is None else gain * p).view(-1, 1) for p in (self.alpha, self.beta, self.gamma))
+        y = (a * xh).addcmul_(b, attended).addcmul_(-c, uniform_attention(xh, causal, valid))
+        return y.view(B, N, D)
+
+
+class SASPBlock(nn.Module):
+    """SAS-P block: attention and MLP in parallel on one normalised input, no skip connection.
+
+    y = g_a·ShapedAttn(N(x)) + g_m·MLP(N(x)); the identity path lives inside the shaped attention (α·I).
+    """
+
+    def __init__(self, width, heads, mlp_ratio, act, ln_eps, attn: ShapedAttention | None = None):
+        super().__init__()
+        self.ln = nn.LayerNorm(width, eps=ln_eps)
+        self.attn = attn if attn is not None else ShapedAttention(width, heads)
+        self.mlp = MLP(width, mlp_ratio, act)
+        self.gain_attn = nn.Parameter(torch.ones(()))
+        self.gain_mlp = nn.Parameter(torch.ones(()))
+
+    def forward(self, x, causal: bool = False, valid: torch.Tensor | None = None):
+        h = self.ln(x)
+        return torch.addcmul(self.attn(h, causal, valid, gain=self.gain_attn), self.gain_mlp, self.mlp(h))
+
+
+def build_blocks(cfg: ImageTowerConfig | TextTowerConfig) -> nn.ModuleList:
+    """The tower's blocks; a layer in a share_attention group reuses the first member's attention module."""
+    types, source = block_types(cfg), sharing_sources(cfg)
+    blocks = []
+    for i, kind in enumerate(types):
+        shared = blocks[source[i]].attn if i in source else None
+        cls = SASPBlock if kind == "sasp" else Block
+        blocks.append(cls(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps, attn=shared))
+    return nn.ModuleList(blocks)
+
+
+def init_weights(module: nn.Module):
+    """CLIP-style normal init; applied children first, so ShapedAttention re-zeroes its W_Q afterwards."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+    elif isinstance(module, ShapedAttention):
+        module.reset_query()
+
+
+# ----------------------------------------------------------------------------- towers
+
+
+class VisionTransformer(nn.Module):
+    """ViT image tower: patches + class token + positions, blocks, the class token projected to embed_dim."""
+
+    def __init__(self, cfg: ImageTowerConfig, embed_dim: int):
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+        n_patches = (cfg.image_size // cfg.patch_size) ** 2
+        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=False)
+        self.cls_token = nn.Parameter(torch.zeros(cfg.width))
+        self.pos_embed = nn.Parameter(torch.zeros(n_patches + 1, cfg.width))
+        self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.blocks = build_blocks(cfg)
+        self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
+        self.apply(init_weights)
+        nn.init.normal_(self.cls_token, std=cfg.width**-0.5)
+        nn.init.normal_(self.pos_embed, std=0.01)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # (B, patches, width)
+        x = torch.cat([self.cls_token.expand(x.shape[0], 1, -1), x], dim=1) + self.pos_embed
+        x = self.ln_pre(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(self.ln_post(x[:, 0]))
+
+
+class TokenBlock(nn.Module):
+    """Runs a token block on a (B, C, H, W) feature map, for the convolutional MCi0 tower."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        y = self.block(x.flatten(2).transpose(1, 2))
+        return y.transpose(1, 2).reshape(B, C, H, W)
+
+
+class MCi0Tower(nn.Module):
+    """MobileCLIP-S0's image tower (timm `fastvit_mci0`); the last stage's attention blocks become SAS-P blocks.
+
+    Layers listed as "sasp" in the config are replaced (sharing per share_attention); "preln"
+    layers keep timm's own attention block. timm is imported here so the rest works without it.
+    """
+
+    def __init__(self, cfg: ImageTowerConfig, embed_dim: int):
+        super().__init__()
+        try:
+            import timm
+        except ImportError:
+            raise ImportError("the 'mci0' image tower needs timm: pip install 'siclip[mobileclip]'") from None
+        self.trunk = timm.create_model("fastvit_mci0", pretrained=False, num_classes=embed_dim)
+        stage = self.trunk.stages[-1]
+        if len(stage.blocks) != cfg.depth or stage.blocks[0].token_mixer.qkv.in_features != cfg.width:
+            raise ValueError(f"mci0's last stage has {len(stage.blocks)} blocks of width 512; config says "
+                             f"depth={cfg.depth}, width={cfg.width}")
+        sasp = build_blocks(cfg)
+        for i, kind in enumerate(block_types(cfg)):
+            if kind == "sasp":
+                sasp[i].apply(init_weights)
+                stage.blocks[i] = TokenBlock(sasp[i])
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.trunk(pixels)
+
+
+class TextTransformer(nn.Module):
+    """Text tower: tokens + positions, blocks, final norm; the end token's state projected to embed_dim."""
+
+    def __init__(self, cfg: TextTowerConfig, embed_dim: int):
+        super().__init__()
+        self.causal, self.eot_token_id = cfg.causal, cfg.eot_token_id
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
+        self.blocks = build_blocks(cfg)
+        self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
+        self.apply(init_weights)
+        nn.init.normal_(self.pos_embed, std=0.01)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        B, N = token_ids.shape
+        eot = (token_ids == self.eot_token_id).int().argmax(dim=-1)  # first end token of each row
+        # Causal attention never sees the padding that follows the end token; bidirectional must mask it.
+        valid = None if self.causal else torch.arange(N, device=token_ids.device) <= eot[:, None]
+        x = self.token_embed(token_ids) + self.pos_embed[:N]
+        for block in self.blocks:
+            x = block(x, self.causal, valid)
+        x = self.ln_final(x)
+        return self.proj(x[torch.arange(B, device=x.device), eot])
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class SiCLIP(nn.Module):
+    """Image and text towers into one embedding space, with a learnable temperature (`logit_scale`, log-space)."""
+
+    def __init__(self, config: SiCLIPConfig):
+        super().__init__()
+        self.config = config
+        towers = {"vit": VisionTransformer, "mci0": MCi0Tower}
+        if config.image.kind not in towers:
+            raise ValueError(f"image.kind must be one of {sorted(towers)}, got {config.image.kind!r}")
+        self.visual = towers[config.image.kind](config.image, config.embed_dim)
+        self.text = TextTransformer(config.text, config.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.visual(pixels)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, token_ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.text(token_ids)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped: the multiplier the contrastive losses take."""
+        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
+
+    def forward(self, pixels: torch.Tensor, token_ids: torch.Tensor):
+        """(image embeddings, text embeddings, exp(logit_scale)): the arguments of every loss in losses.py."""
+        return self.encode_image(pixels), self.encode_text(token_ids), self.scale()
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json and model.safetensors (shared attention weights stored once)."""
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        payload = {"format": "siclip", **dataclasses.asdict(self.config)}
+        (directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+        save_model(self, str(directory / WEIGHTS_FILE))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str = "cpu") -> "SiCLIP":
+        """Load a folder written by save_pretrained."""
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        if not is_siclip_checkpoint(directory):
+            raise ValueError(f"{directory} is not a siclip checkpoint (no {CONFIG_FILE} with format 'siclip')")
+        payload = json.loads((directory / CONFIG_FILE).read_text())
+        payload.pop("format")
+        model = cls(config_from_dict(payload))
+        load_model(model, str(directory / WEIGHTS_FILE), device=device)
+        return model.to(device)
+
+
+def is_siclip_checkpoint(directory: str | Path) -> bool:
+    path = Path(directory) / CONFIG_FILE
+    return path.is_file() and json.loads(path.read_text()).get("format") == "siclip"
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Distinct parameters: a shared attention module counts once."""
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- configs from files
+
+
+def _from_dict(cls, data: dict[str, Any], where: str):
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {valid}")
+    return cls(**data)
+
+
+def config_from_dict(data: dict[str, Any], where: str = "model config") -> SiCLIPConfig:
+    """A SiCLIPConfig from nested dicts; unknown keys are an error that lists the valid ones."""
+    data = dict(data)
+    image = _from_dict(ImageTowerConfig, data.pop("image", {}), f"[image] of {where}")
+    text = _from_dict(TextTowerConfig, data.pop("text", {}), f"[text] of {where}")
+    config = _from_dict(SiCLIPConfig, {**data, "image": image, "text": text}, where)
+    for tower in (config.image, config.text):  # fail at load time, not at build time
+        sharing_sources(tower)
+    return config
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def load_config(source: str | Path, overrides: dict[str, Any] | None = None) -> SiCLIPConfig:
+    """A preset by name (`tiny`) or a TOML/JSON file path, with optional dotted overrides ({"text.depth": 6})."""
+    path = Path(source)
+    if not path.is_file():
+        path = PRESETS_DIR / f"{source}.toml"
+        if not path.is_file():
+            raise FileNotFoundError(f"no model config file or preset {str(source)!r}; presets: {list_presets()}")
+    data = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+    data.pop("format", None)
+    for key, value in (overrides or {}).items():
+        *parents, leaf = key.split(".")
+        node = data
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return config_from_dict(data, where=str(path))
+
+
+def build_model(config: SiCLIPConfig | dict | str | Path) -> SiCLIP:
+    """A freshly initialised SiCLIP from a config object, a dict, a preset name or a config file."""
+    if isinstance(config, dict):
+        config = config_from_dict(config)
+    elif not isinstance(config, SiCLIPConfig):
+        config = load_config(config)
+    return SiCLIP(config)
