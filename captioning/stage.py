@@ -4,7 +4,6 @@ check, the fan-out, recording each finished sidecar in the stage manifest, progr
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -14,6 +13,7 @@ from manifests.errors import SiclipError
 from manifests.io import atomic_write_bytes, remove_stale_temps
 from manifests.layout import DataRoot
 from manifests.manifest import StageManifest, check_file, stage_lock
+from manifests.progress import Progress
 from manifests.samples import finished_shards, sidecar_path
 from manifests.storage import StorageBudget, disk_free_bytes, format_size
 
@@ -36,32 +36,6 @@ class StageJob:
     needs: Callable | None = None  # (root, shard) -> reason the shard cannot run yet, or None
 
 
-class Progress:
-    """Shards and samples done, rate and ETA on stderr, at most once a second (and at the end)."""
-
-    def __init__(self, label: str, shards: int, samples: int):
-        self.label, self.shards, self.samples = label, shards, samples
-        self.done_shards = self.done_samples = 0
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, samples: int, force: bool = False) -> None:
-        self.done_shards += 1
-        self.done_samples += samples
-        now = time.perf_counter()
-        if not force and now - self.last < 1 and self.done_shards < self.shards:
-            return
-        self.last = now
-        rate = self.done_samples / max(now - self.t0, 1e-9)
-        left = max(self.samples - self.done_samples, 0)
-        eta = f"{left / rate:.0f}s" if rate > 0 else "?"
-        log(f"{self.label}: {self.done_shards}/{self.shards} shards, {self.done_samples}/{self.samples} samples, "
-            f"{rate:.1f} samples/s, ETA {eta}")
-
-    @property
-    def rate(self) -> float:
-        return self.done_samples / max(time.perf_counter() - self.t0, 1e-9)
-
-
 def _estimate_bytes(manifest: StageManifest, rows: int, prior_per_row: float) -> int:
     # measured bytes per row of the sidecars made so far beat the a-priori guess
     if manifest.total_samples:
@@ -79,7 +53,7 @@ def run_stage(job: StageJob) -> int:
         raise SiclipError(f"data root {root.root} does not exist")
     if not root.manifest_path("shards").exists():
         raise SiclipError(f"{root.manifest_path('shards')} does not exist: run 'siclip shards' first")
-    print_config(cfg, f"siclip {stage}", stream=sys.stderr)  # its default binds the stderr of import time
+    print_config(cfg, f"siclip {stage}")
     out_dir = getattr(root, stage)
     with stage_lock(root, stage):
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,15 +107,21 @@ def run_stage(job: StageJob) -> int:
             tasks.append({"shard": s.name, "tar": str(s.tar), "out": str(sidecar_path(root, stage, s.name)),
                           "root": str(root.root), "expected_samples": s.samples, "params": job.params,
                           "batch_size": cfg.batch_size, **job.extra_task})
-        progress = Progress(stage, len(tasks), sum(t["expected_samples"] for t in tasks))
-        failed_samples = 0
+        progress = Progress(stage, sum(t["expected_samples"] for t in tasks), "samples", every_s=1.0)
+        failed_samples = shards_done = samples_done = 0
+
+        def advance(rows: int) -> None:
+            nonlocal shards_done, samples_done
+            shards_done += 1
+            samples_done += rows
+            progress.update(samples_done, f"{shards_done}/{len(tasks)} shards", force=shards_done == len(tasks))
 
         def on_result(res: dict) -> None:
             nonlocal failed_samples
             if not res["ok"]:
                 skipped[res["shard"]] = res["error"]
                 log(f"{stage}: shard {res['shard']} skipped: {res['error']}")
-                progress.update(0)
+                advance(0)
                 return
             path = sidecar_path(root, stage, res["shard"])
             manifest.params = job.params
@@ -149,7 +129,7 @@ def run_stage(job: StageJob) -> int:
                          revision=res.get("revision"), failed=res["failed"], timing=res.get("timing"), worker=res.get("worker"), **(_inputs(root, res["shard"]) if stage == "teacher" else {}))
             manifest.save(root)
             failed_samples += sum(res["failed"].values())
-            progress.update(res["rows"])
+            advance(res["rows"])
 
         if tasks:
             from captioning import fanout
@@ -162,7 +142,7 @@ def run_stage(job: StageJob) -> int:
         made = len(tasks) - sum(1 for t in tasks if t["shard"] in skipped)
         log(f"{stage}: done: {made} sidecar(s) written, {done + adopted} already there, {len(skipped)} shard(s) skipped"
             f"{' (' + ', '.join(sorted(skipped)) + ')' if skipped else ''}, {failed_samples} sample(s) without output; "
-            f"{progress.rate:.1f} samples/s; {stage} total {format_size(manifest.total_bytes)} in {out_dir}")
+            f"{samples_done / max(progress.elapsed, 1e-9):.1f} samples/s; {stage} total {format_size(manifest.total_bytes)} in {out_dir}")
         return 1 if skipped else 0
 
 
