@@ -61,6 +61,11 @@ class ShardsConfig:
             raise SiclipError(f"resize_mode {self.resize_mode!r}: choose one of {', '.join(RESIZE_MODES)}")
         if self.distributor not in DISTRIBUTORS:
             raise SiclipError(f"distributor {self.distributor!r}: choose one of {', '.join(DISTRIBUTORS)}")
+        if self.distributor != "multiprocessing":
+            import importlib.util
+
+            if importlib.util.find_spec(self.distributor) is None:
+                raise SiclipError(f"--distributor {self.distributor} needs its package: pip install 'siclip[{self.distributor}]'")
         if self.fit_by not in FIT_BY:
             raise SiclipError(f"fit_by {self.fit_by!r}: choose one of {', '.join(FIT_BY)}")
         if self.resize_mode == "keep_ratio" and self.max_aspect_ratio <= 0:

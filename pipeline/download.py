@@ -269,8 +269,6 @@ class ShardRunner:
         from img2dataset import distributor as dist
 
         fn = {"pyspark": "pyspark_distributor", "ray": "ray_distributor"}[self.cfg.distributor]
-        if not hasattr(dist, fn):
-            raise SiclipError(f"--distributor {self.cfg.distributor} needs its package: pip install 'siclip[{self.cfg.distributor}]'")
         downloader = make_downloader(self.cfg, self.staging)
         queue = list(jobs)
         while queue:

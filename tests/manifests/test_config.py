@@ -52,3 +52,11 @@ def test_sizes():
     assert format_size(28_700) == "28.7 KB" and format_size(356e9) == "356 GB"
     with pytest.raises(SiclipError, match="cannot read size 'lots'"):
         parse_size("lots")
+
+
+def test_a_distributor_whose_package_is_missing_is_refused_before_any_work():
+    import importlib.util
+
+    assert importlib.util.find_spec("pyspark") is None  # the test machine has no pyspark
+    with pytest.raises(SiclipError, match=r"--distributor pyspark needs its package: pip install 'siclip\[pyspark\]'"):
+        resolve(ShardsConfig, None, ["distributor=pyspark"], {"urls": "a.csv"})
