@@ -64,6 +64,8 @@ def _run_locked(root: DataRoot, cfg) -> int:
     reconcile(root, manifest, cfg.encode_format, log=log)
     list_id = table_sha256(urls.table)
     plan_info = manifest.info.get("plan")
+    if plan_info and cfg.fit and plan_info.get("fitted"):
+        cfg = replace(cfg, **plan_info["fitted"])  # the settings an earlier --fit chose for this same command
     if plan_info:
         _check_same_job(manifest, cfg, list_id)
     else:
@@ -105,7 +107,7 @@ def _check_same_job(manifest: StageManifest, cfg, list_id: str) -> None:
 
 def _pilot_and_plan(root, cfg, table, manifest, runner, budget, reserve, free, list_id):
     """Download shard 0 in this process, measure bytes per row, print the plan; fit or refuse."""
-    sps = cfg.samples_per_shard
+    sps, asked = cfg.samples_per_shard, cfg
     while True:
         pilot = table.slice(0, sps)
         bound = shard_bound(pilot, cfg)
@@ -148,7 +150,9 @@ def _pilot_and_plan(root, cfg, table, manifest, runner, budget, reserve, free, l
     shards = -(-table.num_rows // sps)
     manifest.info["plan"] = {"rows": table.num_rows, "shards": shards, "bytes_per_row": plan.bytes_per_row,
                              "planned_bytes": int(plan.bytes_per_row * table.num_rows), "list_sha256": list_id,
-                             "budget_bytes": budget, "reserve_bytes": reserve}
+                             "budget_bytes": budget, "reserve_bytes": reserve,
+                             "fitted": {k: getattr(cfg, k) for k in ("quality", "image_size")
+                                        if getattr(cfg, k) != getattr(asked, k)}}
     manifest.save(root)
     write_storage(root, plan_shards_bytes=int(plan.bytes_per_row * table.num_rows))
     return manifest.info["plan"], cfg
@@ -201,9 +205,7 @@ def _retry_jobs(root, cfg, manifest: StageManifest) -> list:
     retry_dir.mkdir(parents=True, exist_ok=True)
     for i in range(0, table.num_rows, sps):
         sid = next_id + i // sps
-        import pyarrow.parquet as pq2
-
-        pq2.write_table(table.slice(i, sps), retry_dir / f"{shard_name(sid)}.parquet")
+        pq.write_table(table.slice(i, sps), retry_dir / f"{shard_name(sid)}.parquet")
         info["shards"][shard_name(sid)] = min(sps, table.num_rows - i)
     manifest.save(root)
     log(f"shards: --retry-failed: {table.num_rows:,} rows failed for a retryable reason "

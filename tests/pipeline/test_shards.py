@@ -290,4 +290,10 @@ def test_fit_by_quality_lowers_quality_instead_of_rows(good_rows, tmp_path):
     assert m.params["quality"] < 95
     with tarfile.open(tmp_path / "data" / "shards" / "00000.tar") as tar:  # the pilot was redone at that quality
         assert sum(m.size for m in tar if m.name.endswith(".jpg")) < _jpg_bytes(tmp_path / "full" / "shards" / "00000.tar")
+    # the same command again resumes with the quality --fit chose instead of refusing the changed setting
+    again = siclip("shards", "--urls", urls, "--data", tmp_path / "data", *args, "--budget", str(budget), "--fit",
+                   "--set", "fit_by=quality", check=False)
+    assert again.returncode in (0, 3), again.stderr
+    assert StageManifest.load(DataRoot(tmp_path / "data"), "shards").entries.keys() >= m.entries.keys()
+    assert manifest_json(tmp_path / "data")["used_bytes"] <= budget
     assert manifest_json(tmp_path / "data")["used_bytes"] <= budget
