@@ -9,6 +9,7 @@ from pathlib import Path
 from manifests.errors import SiclipError
 from manifests.io import atomic_write_json
 from manifests.layout import STAGES, DataRoot
+from manifests.manifest import StageManifest, read_json_or_fail
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -66,16 +67,12 @@ class StorageBudget:
     @classmethod
     def load(cls, root: DataRoot) -> "StorageBudget":
         """Budget from storage.json (0 = none set yet), usage from the stage manifests."""
-        from manifests.manifest import StageManifest  # avoid an import cycle
-
         info = read_storage(root)
         used = {s: StageManifest.load(root, s).total_bytes for s in STAGES}
         return cls(int(info.get("budget_bytes", 0)), int(info.get("reserve_bytes", 0)), used)
 
 
 def read_storage(root: DataRoot) -> dict:
-    from manifests.manifest import read_json_or_fail
-
     path = root.manifests / "storage.json"
     return read_json_or_fail(path) if path.exists() else {}
 

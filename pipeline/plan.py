@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from manifests.errors import SiclipError
 from manifests.storage import format_size
+from pipeline.reasons import classify
 
 TAR_BLOCK = 512
 STATS_FIXED = 4096  # img2dataset's _stats.json without its error counts
@@ -115,8 +116,6 @@ def reencoded_bytes(tar_path, image_size: int, quality: int, encode_format: str,
 
 def stats_reasons(stats: dict) -> dict[str, int]:
     """Failures by reason from an img2dataset _stats.json."""
-    from pipeline.reasons import classify
-
     out: dict[str, int] = {}
     for msg, n in stats.get("status_dict", {}).items():
         if msg == "success":

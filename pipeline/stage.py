@@ -188,7 +188,7 @@ def _retry_jobs(root, cfg, manifest: StageManifest) -> list:
 
     info = manifest.info.setdefault("retry", {"harvested": [], "shards": {}})
     urls, caps = [], []
-    for unit, e in sorted(manifest.entries.items()):
+    for unit in sorted(manifest.entries):
         if unit in info["harvested"]:
             continue
         t = pq.read_table(shard_files(root.shards, int(unit))[1], columns=["url", "caption", "status", "error_message"])

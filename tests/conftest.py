@@ -6,9 +6,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from siclip_testing import SMALL, siclip, write_list

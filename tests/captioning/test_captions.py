@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import pyarrow.ipc as ipc
 
 from captioning.models import save_tiny
 from manifests.cli import main

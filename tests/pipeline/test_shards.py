@@ -11,7 +11,6 @@ import tarfile
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from siclip_testing import REPO, SMALL, siclip, write_list
 
