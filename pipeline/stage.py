@@ -58,7 +58,6 @@ def _run_locked(root: DataRoot, cfg) -> int:
     free = disk_free_bytes(root.root)
     if budget > free + StorageBudget.load(root).used_bytes:
         log(f"shards: warning: the budget {format_size(budget)} is larger than the free disk {format_size(free)}")
-    write_storage(root, budget_bytes=budget, reserve_bytes=reserve)
 
     manifest = StageManifest.load(root, "shards")
     reconcile(root, manifest, cfg.encode_format, log=log)
@@ -70,13 +69,12 @@ def _run_locked(root: DataRoot, cfg) -> int:
         _check_same_job(manifest, cfg, list_id)
     else:
         manifest.params = params_of(cfg)
+    write_storage(root, budget_bytes=budget, reserve_bytes=reserve)
     atomic_write_bytes(root.shards / "_config.toml", to_toml(cfg).encode())
 
     runner = ShardRunner(root, cfg, manifest, budget)
     if not plan_info:
         plan_info, cfg = _pilot_and_plan(root, cfg, urls.table, manifest, runner, budget, reserve, free, list_id)
-        if plan_info is None:
-            return _finish(root, cfg, manifest, runner, t0)
 
     rows, sps = plan_info["rows"], cfg.samples_per_shard
     table = urls.table.slice(0, rows)
