@@ -28,14 +28,14 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
+def coerce_value(key: str, value: Any, typ: Any, where: str) -> Any:
     """Check (and for strings from the command line, convert) one value against its field type."""
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in typing.get_args(typ)):
             return None
-        return _coerce(key, value, args[0], where)
+        return coerce_value(key, value, args[0], where)
     if isinstance(value, str) and typ is not str:
         try:
             value = tomllib.loads(f"v = {value}")["v"]
@@ -54,7 +54,7 @@ def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
     raise SiclipError(f"{where}: {key} = {value!r} is not a valid {getattr(typ, '__name__', typ)}")
 
 
-def _unknown(key: str, valid: list[str], where: str) -> SiclipError:
+def unknown_key(key: str, valid: list[str], where: str) -> SiclipError:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return SiclipError(f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(valid)}")
@@ -75,19 +75,19 @@ def resolve(cls, path: str | Path | None = None, sets: list[str] = (), flags: di
             raise SiclipError(f"{p}: not valid TOML ({e})") from None
         for k, v in data.items():
             if k not in types_:
-                raise _unknown(k, valid, str(p))
-            values[k] = _coerce(k, v, types_[k], str(p))
+                raise unknown_key(k, valid, str(p))
+            values[k] = coerce_value(k, v, types_[k], str(p))
     for item in sets:
         if "=" not in item:
             raise SiclipError(f"--set {item!r}: expected key=value")
         k, v = item.split("=", 1)
         k = k.strip().replace("-", "_")
         if k not in types_:
-            raise _unknown(k, valid, "--set")
-        values[k] = _coerce(k, v.strip(), types_[k], "--set")
+            raise unknown_key(k, valid, "--set")
+        values[k] = coerce_value(k, v.strip(), types_[k], "--set")
     for k, v in (flags or {}).items():
         if v is not None:
-            values[k] = _coerce(k, v, types_[k], f"--{k.replace('_', '-')}")
+            values[k] = coerce_value(k, v, types_[k], f"--{k.replace('_', '-')}")
     cfg = cls(**values)
     if hasattr(cfg, "validate"):
         cfg.validate()
@@ -126,17 +126,17 @@ def to_toml(cfg) -> str:
         if v is None:
             lines.append(f"# {f.name} = (unset)")
         else:
-            lines.append(f"{f.name} = {_toml_value(v)}")
+            lines.append(f"{f.name} = {toml_value(v)}")
     return "\n".join(lines) + "\n"
 
 
-def _toml_value(v) -> str:
+def toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     import json
     return json.dumps(str(v))
 

@@ -11,7 +11,7 @@ import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from manifests.errors import SiclipError
 from manifests.layout import DataRoot
@@ -66,21 +66,23 @@ def _split_member(name: str) -> tuple[str, str] | None:
     return name[:dot], name[dot + 1:]
 
 
-def iter_shard(tar_path: Path) -> Iterator[dict]:
-    """Yield `{"__key__": key, ext: bytes, ...}` per sample of a webdataset tar, in tar order.
+def iter_shard(tar_path: Path | str) -> Iterator[dict]:
+    """Yield `{"__key__": key, "__url__": tar, ext: bytes, ...}` per sample of a webdataset tar, in tar order.
 
-    Raises CorruptShardError (naming the tar) when the tar cannot be read to its end.
+    The tar is read by webdataset's own member iterator (the one reader of the project: stage 2
+    and the training loader both come through here). Raises CorruptShardError (naming the tar)
+    when it cannot be read to its end or a key appears twice.
     """
+    from webdataset.tariterators import tar_file_iterator
+
     tar_path = Path(tar_path)
     current: dict | None = None
     seen: set[str] = set()
     try:
-        with tarfile.open(tar_path, mode="r|*") as tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                parts = _split_member(member.name)
-                if parts is None or Path(member.name).name.startswith("."):
+        with open(tar_path, "rb") as stream:
+            for member in tar_file_iterator(stream):
+                parts = _split_member(member["fname"])
+                if parts is None or Path(member["fname"]).name.startswith("."):
                     continue
                 key, ext = parts
                 if current is not None and key != current["__key__"]:
@@ -90,13 +92,19 @@ def iter_shard(tar_path: Path) -> Iterator[dict]:
                     if key in seen:
                         raise CorruptShardError(f"{tar_path}: key {key} appears twice (members not grouped by key)")
                     seen.add(key)
-                    current = {"__key__": key}
-                f = tf.extractfile(member)
-                current[ext] = f.read() if f is not None else b""
+                    current = {"__key__": key, "__url__": str(tar_path)}
+                current[ext] = member["data"]
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise CorruptShardError(f"{tar_path}: unreadable tar ({type(e).__name__}: {e})") from None
+        msg = str(e.args[0]) if e.args else type(e).__name__
+        raise CorruptShardError(f"{tar_path}: unreadable tar ({type(e).__name__}: {msg.split(' @ ')[0]})") from None
     if current is not None:
         yield current
+
+
+def shard_samples(shards: Iterable[dict]) -> Iterator[dict]:
+    """A webdataset pipeline stage: `{"url": tar path}` items in, their samples out (see iter_shard)."""
+    for shard in shards:
+        yield from iter_shard(shard["url"])
 
 
 def read_sidecar(path: Path):
@@ -122,18 +130,12 @@ def read_sidecar(path: Path):
     return table, info
 
 
-def embeddings(table, column: str):
-    """A teacher embedding column as a float32 numpy array of shape (rows, ..., dim).
-
-    Stored as float16, or as bfloat16 bits in uint16 (Arrow has no bfloat16).
-    """
+def _fixed_rows(values, shape: list[int]):
+    """Flatten nested fixed-size lists into a numpy array of `shape + inner sizes`, decoding bfloat16 bits."""
     import numpy as np
     import pyarrow as pa
 
-    col = table.column(column).combine_chunks()
-    shape = [len(col)]
-    typ = col.type
-    values = col
+    typ = values.type
     while pa.types.is_fixed_size_list(typ):
         shape.append(typ.list_size)
         values = values.flatten()
@@ -144,39 +146,86 @@ def embeddings(table, column: str):
     return arr.astype(np.float32).reshape(shape)
 
 
-def iter_samples(root: DataRoot, shard: str, sidecars: tuple[str, ...] = ("captions",),
+def embeddings(table, column: str, row: int | None = None):
+    """A teacher embedding column as float32 numpy: every row (rows, ..., dim), or one row (..., dim).
+
+    Stored as float16, or as bfloat16 bits in uint16 (Arrow has no bfloat16). A variable-length
+    column (text_emb: one embedding per caption) gives one row's (texts, dim); it needs `row`.
+    """
+    import pyarrow as pa
+
+    col = table.column(column)
+    if row is None:
+        col = col.combine_chunks()
+        if pa.types.is_list(col.type):
+            raise ValueError(f"column {column!r} has a variable number of embeddings per row; read it one row at a time")
+        return _fixed_rows(col, [len(col)])
+    values = col.slice(row, 1).combine_chunks()
+    if pa.types.is_list(values.type):  # one row of a list<fixed_size_list>: its items become the first axis
+        values = values.flatten()
+        return _fixed_rows(values, [len(values)])
+    return _fixed_rows(values, [])
+
+
+class ShardSidecars:
+    """The sidecars of one shard, loaded once and looked up by sample key (memory-mapped Arrow)."""
+
+    def __init__(self, root: DataRoot, shard: str, stages: tuple[str, ...]):
+        self.shard, self.tables, self.paths, self.index = shard, {}, {}, {}
+        for stage in stages:
+            path = sidecar_path(root, stage, shard)
+            if not path.exists():
+                raise SidecarMismatchError(f"shard {shard}: no {stage} sidecar at {path}")
+            table, _ = read_sidecar(path)
+            keys = table.column("key").to_pylist()
+            index = {k: i for i, k in enumerate(keys)}
+            if len(index) != len(keys):
+                dup = next(k for i, k in enumerate(keys) if index[k] != i)
+                raise SidecarMismatchError(f"shard {shard}: {stage} sidecar {path} has key {dup} twice")
+            self.tables[stage], self.paths[stage], self.index[stage] = table, path, index
+
+    def row(self, stage: str, key: str) -> int:
+        """The row of `key` in the stage's sidecar; SidecarMismatchError naming shard, sidecar and key."""
+        i = self.index[stage].get(key)
+        if i is None:
+            raise SidecarMismatchError(f"shard {self.shard}: sample key {key} has no row in {stage} sidecar "
+                                       f"{self.paths[stage]}")
+        return i
+
+    def values(self, stage: str, key: str, columns: tuple[str, ...] | None = None) -> dict:
+        """`{column: python value}` of the key's row (all columns but the key, or `columns`)."""
+        table, i = self.tables[stage], self.row(stage, key)
+        names = columns or [c for c in table.column_names if c != "key"]
+        return {c: table.column(c)[i].as_py() for c in names if c in table.column_names}
+
+    def check_all_used(self, used: set[str]) -> None:
+        """Every sidecar row was matched by a sample of the shard."""
+        for stage, index in self.index.items():
+            if len(used) != len(index) or not used.issuperset(index):
+                extra = next(k for k in index if k not in used)
+                raise SidecarMismatchError(f"shard {self.shard}: {stage} sidecar {self.paths[stage]} has key "
+                                           f"{extra} that the shard does not")
+
+
+def iter_samples(root: DataRoot | str | Path, shard: str, sidecars: tuple[str, ...] = ("captions",),
                  tar_path: Path | None = None) -> Iterator[dict]:
     """Yield each sample of `shard` (tar members by extension) with `sample[stage] = {column: value}`
     for every sidecar in `sidecars`, joined by key.
 
     Raises SidecarMismatchError naming the shard, the sidecar and the first key without a match.
     """
+    root = root if isinstance(root, DataRoot) else DataRoot(root)
     tar_path = Path(tar_path) if tar_path else root.shards / f"{shard}.tar"
-    lookups = {}
-    for stage in sidecars:
-        path = sidecar_path(root, stage, shard)
-        if not path.exists():
-            raise SidecarMismatchError(f"shard {shard}: no {stage} sidecar at {path}")
-        table, _ = read_sidecar(path)
-        keys = table.column("key").to_pylist()
-        index = {k: i for i, k in enumerate(keys)}
-        if len(index) != len(keys):
-            dup = next(k for i, k in enumerate(keys) if index[k] != i)
-            raise SidecarMismatchError(f"shard {shard}: {stage} sidecar {path} has key {dup} twice")
-        lookups[stage] = (path, table, index, set())
+    lookup = ShardSidecars(root, shard, tuple(sidecars))
+    used: set[str] = set()
     for sample in iter_shard(tar_path):
         key = sample["__key__"]
-        for stage, (path, table, index, used) in lookups.items():
-            i = index.get(key)
-            if i is None:
-                raise SidecarMismatchError(f"shard {shard}: sample key {key} has no row in {stage} sidecar {path}")
-            used.add(key)
-            sample[stage] = {c: table.column(c)[i].as_py() for c in table.column_names if c != "key"}
+        for stage in sidecars:
+            sample[stage] = lookup.values(stage, key)
+        used.add(key)
         yield sample
-    for stage, (path, table, index, used) in lookups.items():
-        if len(used) != len(index):
-            extra = next(k for k in table.column("key").to_pylist() if k not in used)
-            raise SidecarMismatchError(f"shard {shard}: {stage} sidecar {path} has key {extra} that the shard does not")
+    if sidecars:
+        lookup.check_all_used(used)
 
 
 def decode_sample(sample: dict) -> dict:
@@ -195,3 +244,11 @@ def decode_sample(sample: dict) -> dict:
     if isinstance(sample.get("json"), bytes):
         sample["json"] = json.loads(sample["json"])
     return sample
+
+
+def recorded_view(params, width: int, height: int) -> tuple[tuple[int, int, int, int], bool]:
+    """The pixel box and flip of one recorded augmentation (a teacher sidecar's `aug_params` row:
+    x0, y0, w, h as fractions of the image, flip >= 0.5), so training replays the teacher's view."""
+    x0, y0, w, h, flip = (float(v) for v in params[:5])
+    box = (round(x0 * width), round(y0 * height), round((x0 + w) * width), round((y0 + h) * height))
+    return box, flip >= 0.5

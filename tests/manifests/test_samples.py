@@ -48,7 +48,7 @@ def test_iter_shard_groups_members_by_key(tmp_path):
     root = DataRoot(tmp_path)
     samples = list(iter_shard(_shard(root)))
     assert [s["__key__"] for s in samples] == KEYS
-    assert samples[2]["txt"] == b"caption 000000003" and set(samples[0]) == {"__key__", "jpg", "txt", "json"}
+    assert samples[2]["txt"] == b"caption 000000003" and set(samples[0]) == {"__key__", "__url__", "jpg", "txt", "json"}
     assert [s.name for s in finished_shards(root)] == ["00000"]
 
 

@@ -1,0 +1,467 @@
+"""The training data: shards from the manifests, split by process and loader worker, read with
+webdataset's pipeline stages, joined by key with their caption and teacher sidecars, augmented,
+tokenised and batched.
+
+One epoch, top to bottom:
+  1. `training_shards`: the finished shards of the manifest, less the held-out `val_shards`;
+  2. `plan_epoch`: the shards in a seeded order, dealt to processes, then to loader workers;
+     every worker's batch count, and so the epoch's step count, follows from the manifest's
+     sample counts (no sample-count flag);
+  3. `WorkerStream`: per worker, a webdataset `DataPipeline`: shard list -> samples (through
+     `manifests.samples`) -> sidecar join -> seeded shuffle -> skip what a resumed run already
+     used -> decode, crop, tokenise -> batches.
+The position in the data is the global step alone: which worker yields a step's batch, and how
+many it yielded before, follow from the plan, so a resumed run continues at the exact next sample.
+torch's DataLoader takes batches from its workers in turn and skips those that have finished;
+on resume the workers are renumbered so that its first turn falls on the worker that is due.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from manifests.errors import SiclipError
+from manifests.layout import DataRoot
+from manifests.manifest import StageManifest
+from manifests.samples import ShardSidecars, embeddings, finished_shards, recorded_view, shard_samples
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str
+    tar: str
+    samples: int
+    tar_bytes: int
+
+
+def all_shards(root: DataRoot) -> list[Shard]:
+    """Every finished shard the shards manifest lists, by name."""
+    shards = [Shard(s.name, str(s.tar), s.samples, int(s.tar_record["bytes"])) for s in finished_shards(root)]
+    if not shards:
+        raise SiclipError(f"{root.root}: no finished shards in {root.manifest_path('shards')} (run 'siclip shards' first)")
+    return shards
+
+
+def split_shards(root: DataRoot, val_shards) -> tuple[list[Shard], list[Shard]]:
+    """(training shards, held-out shards): `val_shards` is a count (the last N by name) or a list of names."""
+    shards = all_shards(root)
+    names = [s.name for s in shards]
+    if isinstance(val_shards, int):
+        if val_shards >= len(shards):
+            raise SiclipError(f"val_shards = {val_shards} holds out every one of the {len(shards)} shards; "
+                              f"leave at least one to train on")
+        held = set(names[len(names) - val_shards:]) if val_shards else set()
+    else:
+        missing = [n for n in val_shards if n not in names]
+        if missing:
+            raise SiclipError(f"val_shards names {missing}, which {root.manifest_path('shards')} does not list "
+                              f"(shards: {names[0]} … {names[-1]})")
+        held = set(val_shards)
+        if len(held) == len(shards):
+            raise SiclipError("val_shards holds out every shard; leave at least one to train on")
+    return [s for s in shards if s.name not in held], [s for s in shards if s.name in held]
+
+
+def check_shards_intact(shards: list[Shard]) -> None:
+    """A cheap check against silent corruption: each tar still has the size its manifest recorded."""
+    for s in shards:
+        p = Path(s.tar)
+        if not p.is_file():
+            raise SiclipError(f"shard {s.name}: {p} is missing (siclip manifest DATA --verify lists what is damaged)")
+        if p.stat().st_size != s.tar_bytes:
+            raise SiclipError(f"shard {s.name}: {p} is {p.stat().st_size} bytes, the manifest says {s.tar_bytes} "
+                              f"(siclip manifest DATA --verify)")
+
+
+def check_sidecars(root: DataRoot, stage: str, shards: list[Shard], why: str) -> None:
+    """Every shard has a finished sidecar of `stage`, or one clear error naming the first that has none."""
+    manifest = StageManifest.load(root, stage)
+    lacking = [s.name for s in shards if not manifest.entry_ok(root, s.name)]
+    if lacking:
+        raise SiclipError(f"{why} needs {stage} sidecars, but {len(lacking)} of {len(shards)} shards have none "
+                          f"(first: {lacking[0]}); run 'siclip {stage} --data {root.root}' first")
+
+
+# ----------------------------------------------------------------------------- the plan of one epoch
+
+
+def _rng(*parts) -> random.Random:
+    """A Random seeded by its parts, the same on every machine and in every process."""
+    digest = hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+@dataclass
+class EpochPlan:
+    """Which shards each loader worker of one process reads in one epoch, and how many batches it yields."""
+
+    epoch: int
+    rank: int
+    world: int
+    stripe: bool  # fewer shards than processes: every process reads every shard and keeps every world-th sample
+    workers: list[list[Shard]]  # per worker of this process
+    batches: list[int]  # per worker: full batches it yields
+    steps: int  # the epoch's steps: the fewest full batches any process has
+    samples: int  # samples this process's workers read
+    note: str = ""
+
+    def order(self, start: int = 0):
+        """(worker, its batch index) of each step of the epoch from `start` on, as the DataLoader delivers them."""
+        used, w = self.position(start)
+        n = len(self.batches)
+        while any(u < b for u, b in zip(used, self.batches)):
+            while used[w] >= self.batches[w]:
+                w = (w + 1) % n
+            yield w, used[w]
+            used[w] += 1
+            w = (w + 1) % n
+
+    def position(self, step: int) -> tuple[list[int], int]:
+        """(batches each worker has yielded, the worker due next) after `step` steps of this epoch.
+
+        The DataLoader takes one batch from each worker in turn, skipping those that are done.
+        """
+        used, w, n = [0] * len(self.batches), 0, len(self.batches)
+        for _ in range(step):
+            while used[w] >= self.batches[w]:
+                w = (w + 1) % n
+            used[w] += 1
+            w = (w + 1) % n
+        if any(u < b for u, b in zip(used, self.batches)):
+            while used[w] >= self.batches[w]:
+                w = (w + 1) % n
+        return used, w
+
+
+def _deal(shards: list[Shard], parts: int) -> list[list[Shard]]:
+    """Shards into `parts` lists of about equal sample counts: largest first, each to the lightest list."""
+    out, load = [[] for _ in range(parts)], [0] * parts
+    for shard in sorted(shards, key=lambda s: (-s.samples, s.name)):
+        i = load.index(min(load))
+        out[i].append(shard)
+        load[i] += shard.samples
+    return [sorted(part, key=lambda s: s.name) for part in out]
+
+
+def plan_epoch(shards: list[Shard], seed: int, epoch: int, rank: int, world: int, workers: int,
+               local_batch: int) -> EpochPlan:
+    """Deal the shards to processes, then to loader workers, and order each worker's shards for this epoch.
+
+    The deal balances sample counts and is the same every epoch, so every epoch has the same
+    number of steps; the order of each worker's shards and of its samples changes per epoch.
+    Fewer shards than processes: every process reads every shard and keeps every world-th
+    sample (more reading, no idle process). Fewer shards in a process than loader workers: that
+    process starts only as many workers as it has shards (a worker with nothing to read would
+    sit idle), and the note says so.
+    """
+    workers = max(workers, 1)
+    stripe = len(shards) < world
+    per_rank_batches, mine, notes = [], None, []
+    for r, rank_shards in enumerate([list(shards)] * world if stripe else _deal(shards, world)):
+        if stripe:
+            total = sum(s.samples for s in rank_shards)
+            assignment, counts = [rank_shards], [len(range(r, total, world))]
+        else:
+            assignment = _deal(rank_shards, min(workers, len(rank_shards)))
+            counts = [sum(s.samples for s in part) for part in assignment]
+        batches = [c // local_batch for c in counts]
+        per_rank_batches.append(sum(batches))
+        if r == rank:
+            mine = (assignment, batches, sum(counts))
+    assignment, batches, samples = mine
+    if stripe:
+        order = sorted(shards, key=lambda s: s.name)
+        _rng(seed, "shards", epoch).shuffle(order)  # one common order, so the processes' stripes are disjoint
+        assignment = [order]
+        notes.append(f"{len(shards)} training shard(s) for {world} processes: each process reads every shard and "
+                     f"keeps every {world}th sample, with one loader worker")
+    else:
+        for w, part in enumerate(assignment):
+            _rng(seed, "shards", epoch, rank, w).shuffle(part)
+        if len(assignment) < workers:
+            notes.append(f"process {rank} has {len(assignment)} shard(s) for {workers} loader workers: starting "
+                         f"{len(assignment)} (a worker needs a shard of its own to read)")
+    steps = min(per_rank_batches)
+    if steps == 0:
+        raise SiclipError(f"an epoch has no full batch: {sum(s.samples for s in shards)} training samples for a "
+                          f"batch of {local_batch} per process across {world} process(es) and {workers} worker(s); "
+                          f"lower batch_size or workers")
+    return EpochPlan(epoch, rank, world, stripe, assignment, batches, steps, samples, "; ".join(notes))
+
+
+# ----------------------------------------------------------------------------- one sample
+
+
+@dataclass
+class SampleSettings:
+    """What turns a raw sample into tensors; the same in every worker."""
+
+    seed: int
+    image_size: int
+    context_length: int
+    synthetic_captions: int
+    crop_scale: tuple[float, float] = (1.0, 1.0)
+    flip: bool = False
+    captions: bool = False  # join the caption sidecars
+    teacher: bool = False  # join the teacher sidecars (and replay their recorded views)
+    teacher_image_size: int = 0  # >0: also a view at this size for an online teacher
+    train: bool = True  # False: center crop, web caption only (evaluation)
+
+
+def _decode(sample: dict):
+    from PIL import Image
+
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise SiclipError(f"{sample.get('__url__')}: sample {sample['__key__']} has no image member")
+    try:
+        img = Image.open(io.BytesIO(sample[ext]))
+        img.load()
+    except Exception as e:
+        raise SiclipError(f"{sample.get('__url__')}: sample {sample['__key__']}: cannot decode its {ext} "
+                          f"({type(e).__name__}); siclip manifest DATA --verify checks the shards") from None
+    return img.convert("RGB")
+
+
+def center_box(width: int, height: int, box=None) -> tuple[int, int, int, int]:
+    """The largest centered square of `box` (default: the whole image): resize-shortest-side then center-crop."""
+    x0, y0, x1, y1 = box or (0, 0, width, height)
+    side = min(x1 - x0, y1 - y0)
+    left, top = x0 + (x1 - x0 - side) // 2, y0 + (y1 - y0 - side) // 2
+    return left, top, left + side, top + side
+
+
+def random_resized_box(width: int, height: int, scale, rng: random.Random) -> tuple[int, int, int, int]:
+    """A random crop of `scale` of the area and aspect 3/4..4/3 (ten tries, then the center square)."""
+    import math
+
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            x0, y0 = rng.randint(0, width - w), rng.randint(0, height - h)
+            return x0, y0, x0 + w, y0 + h
+    return center_box(width, height)
+
+
+def _pixels(img, box, size: int, flip: bool) -> np.ndarray:
+    """The box of the image, made square (center), resized to size x size: uint8 (3, size, size)."""
+    from PIL import Image
+
+    out = img.resize((size, size), Image.Resampling.BICUBIC, box=center_box(*img.size, box))
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+class SampleMaker:
+    """Decode, crop, pick captions and teacher rows, tokenise: one raw sample in, one dict of arrays out."""
+
+    def __init__(self, settings: SampleSettings, epoch: int):
+        self.s, self.epoch = settings, epoch
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:  # built in the worker process, never pickled
+            from training.tokenizer import ClipTokenizer
+
+            self._tokenizer = ClipTokenizer()
+        return self._tokenizer
+
+    def __call__(self, sample: dict) -> dict:
+        s, key = self.s, sample["__key__"]
+        rng = _rng(s.seed, "sample", self.epoch, key)
+        img = _decode(sample)
+        web = sample.get("txt", b"").decode("utf-8", errors="replace")
+        out = {"key": key, "web": web}
+
+        synthetic, have = [], False
+        if s.captions and s.train:
+            row = sample["captions"]
+            have = row["status"] in (None, "ok") and bool(row["captions"])
+            if have:
+                picks = rng.sample(range(len(row["captions"])), min(s.synthetic_captions, len(row["captions"])))
+                synthetic = [(i, row["captions"][i]) for i in picks]
+        out["has_synthetic"] = have
+
+        view, flip = None, False
+        if s.teacher and s.train:
+            t = sample["teacher"]
+            k = len(t["aug"])
+            v = rng.randint(1, k) if k else 0  # a recorded augmentation when there are some, else the plain view
+            if v:
+                view, flip = recorded_view(t["aug"][v - 1], *img.size)
+            out["t_image"] = t["image"][v]
+            texts = t["text"]
+            out["t_text"] = texts[0]
+            out["t_syn"] = [texts[1 + i] if 1 + i < len(texts) else None for i, _ in synthetic]
+        elif s.train and tuple(s.crop_scale) != (1.0, 1.0):
+            view = random_resized_box(*img.size, s.crop_scale, rng)
+        if s.train and s.flip and not s.teacher:
+            flip = rng.random() < 0.5
+        out["pixels"] = _pixels(img, view, s.image_size, flip)
+        if s.teacher_image_size:
+            out["teacher_pixels"] = _pixels(img, view, s.teacher_image_size, flip)
+        out["synthetic"] = [c for _, c in synthetic]
+        return out
+
+
+def collate(samples: list[dict], settings: SampleSettings, tokenizer) -> dict:
+    """A batch: uint8 pixels, token ids, synthetic captions padded to k with a validity mask, teacher rows."""
+    k, L = settings.synthetic_captions if settings.captions and settings.train else 0, settings.context_length
+    B = len(samples)
+    batch = {
+        "keys": [x["key"] for x in samples],
+        "web": [x["web"] for x in samples],
+        "synthetic": [x["synthetic"] for x in samples],
+        "pixels": torch.from_numpy(np.stack([x["pixels"] for x in samples])),
+        "text": tokenizer([x["web"] for x in samples], context_length=L),
+        "syn_valid": torch.zeros(B, k, dtype=torch.bool),
+        "syn_text": torch.zeros(B, k, L, dtype=torch.long),
+        "no_synthetic": sum(1 for x in samples if not x["has_synthetic"]) if k else 0,
+    }
+    for i, x in enumerate(samples):
+        for j, caption in enumerate(x["synthetic"]):
+            batch["syn_valid"][i, j] = True
+            batch["syn_text"][i, j] = tokenizer([caption], context_length=L)[0]
+    if "teacher_pixels" in samples[0]:
+        batch["teacher_pixels"] = torch.from_numpy(np.stack([x["teacher_pixels"] for x in samples]))
+    if "t_image" in samples[0]:
+        dim = samples[0]["t_image"].shape[-1]
+        batch["t_image"] = torch.from_numpy(np.stack([x["t_image"] for x in samples]))
+        batch["t_text"] = torch.from_numpy(np.stack([x["t_text"] for x in samples]))
+        batch["t_syn"] = torch.zeros(B, k, dim)
+        batch["t_syn_valid"] = torch.zeros(B, k, dtype=torch.bool)
+        for i, x in enumerate(samples):
+            for j, emb in enumerate(x["t_syn"]):
+                if emb is not None:
+                    batch["t_syn"][i, j] = torch.from_numpy(emb)
+                    batch["t_syn_valid"][i, j] = True
+    return batch
+
+
+# ----------------------------------------------------------------------------- pipeline stages
+
+
+def join_sidecars(samples, root: DataRoot, captions: bool, teacher: bool):
+    """Attach each sample's caption and teacher sidecar rows, looked up by key (one shard's sidecars at a time)."""
+    stages = tuple(n for n, on in (("captions", captions), ("teacher", teacher)) if on)
+    current: ShardSidecars | None = None
+    for sample in samples:
+        if stages:
+            shard = Path(sample["__url__"]).stem
+            if current is None or current.shard != shard:
+                current = ShardSidecars(root, shard, stages)
+            key = sample["__key__"]
+            if captions:
+                sample["captions"] = current.values("captions", key, ("captions", "status"))
+            if teacher:
+                table, i = current.tables["teacher"], current.row("teacher", key)
+                sample["teacher"] = {
+                    "image": embeddings(table, "image_emb", i),
+                    "text": embeddings(table, "text_emb", i),
+                    "aug": embeddings(table, "aug_params", i) if "aug_params" in table.column_names else [],
+                }
+        yield sample
+
+
+def keep_every(samples, world: int, rank: int):
+    """Striping for fewer shards than processes: this process's share of one common stream."""
+    for i, sample in enumerate(samples):
+        if i % world == rank:
+            yield sample
+
+
+def skip(samples, n: int):
+    """Drop the first n samples (those a resumed run already trained on), before any decoding."""
+    for i, sample in enumerate(samples):
+        if i >= n:
+            yield sample
+
+
+class WorkerStream(torch.utils.data.IterableDataset):
+    """The batches of one process for one epoch; each DataLoader worker reads its own shards."""
+
+    def __init__(self, root: DataRoot, plan: EpochPlan, settings: SampleSettings, local_batch: int,
+                 shuffle_buffer: int, start_step: int = 0):
+        super().__init__()
+        self.root, self.plan, self.settings = root, plan, settings
+        self.local_batch, self.shuffle_buffer = local_batch, shuffle_buffer
+        self.used, self.first = plan.position(start_step)
+
+    def pipeline(self, worker: int):
+        import webdataset as wds
+
+        plan, s = self.plan, self.settings
+        maker = SampleMaker(s, plan.epoch)
+        stages = [wds.SimpleShardList([sh.tar for sh in plan.workers[worker]]), shard_samples]
+        if plan.stripe:
+            stages.append(wds.filters.pipelinefilter(keep_every)(plan.world, plan.rank))
+        stages += [
+            wds.filters.pipelinefilter(join_sidecars)(self.root, s.captions, s.teacher),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                        rng=_rng(s.seed, "shuffle", plan.epoch, plan.rank, worker)),
+            wds.filters.pipelinefilter(skip)(self.used[worker] * self.local_batch),
+            wds.map(maker),
+            wds.batched(self.local_batch, collation_fn=lambda xs: collate(xs, s, maker.tokenizer), partial=False),
+        ]
+        for index, batch in enumerate(wds.DataPipeline(*stages), start=self.used[worker]):
+            if index >= plan.batches[worker]:
+                return
+            batch["position"] = (plan.epoch, worker, index)
+            yield batch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        n = len(self.plan.workers)
+        physical = info.id if info is not None else 0
+        if info is not None:
+            torch.set_num_threads(1)
+        # renumbered so that the DataLoader's first turn goes to the worker that is due
+        yield from self.pipeline((physical + self.first) % n)
+
+
+def train_loader(root: DataRoot, plan: EpochPlan, settings: SampleSettings, local_batch: int, shuffle_buffer: int,
+                 start_step: int = 0, in_process: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over one epoch of this process's batches, from `start_step` of the epoch on.
+
+    `in_process`: read in the training process (one logical worker, for debugging and tests)."""
+    stream = WorkerStream(root, plan, settings, local_batch, shuffle_buffer, start_step)
+    workers = 0 if in_process else len(plan.workers)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                       prefetch_factor=2 if workers else None, persistent_workers=False)
+
+
+def eval_batches(root: DataRoot, shards: list[Shard], settings: SampleSettings, batch_size: int):
+    """Batches of the held-out shards in order: center crop, web captions (evaluation)."""
+    import webdataset as wds
+
+    from training.tokenizer import ClipTokenizer
+
+    tokenizer = ClipTokenizer()
+    maker = SampleMaker(settings, 0)
+    pipe = wds.DataPipeline(wds.SimpleShardList([s.tar for s in shards]), shard_samples, wds.map(maker),
+                            wds.batched(batch_size, collation_fn=lambda xs: collate(xs, settings, tokenizer),
+                                        partial=True))
+    yield from pipe
+
+
+@dataclass
+class LoaderStats:
+    """What the loader did, counted over the run (written to the metrics)."""
+
+    samples: int = 0
+    no_synthetic: int = 0
+    per_stage: dict = field(default_factory=dict)

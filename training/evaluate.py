@@ -1,0 +1,179 @@
+"""Evaluation of a trained model, and loading one for use elsewhere.
+
+- `retrieval`: image <-> text recall@1/5/10 on held-out shards (each image's web caption is its match).
+- `zeroshot`: classification of a folder of class sub-folders, class names from the folder names,
+  each class embedded as the mean of its prompt templates: top-1, top-5, mean per-class recall.
+- `load(run or checkpoint folder)`: (model, tokenizer, preprocess) for encoding images and texts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from manifests.errors import SiclipError
+
+TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.", "a photo of the {}.",
+             "a close-up photo of a {}.", "a drawing of a {}."]
+PREPROCESS_FILE = "preprocess.json"
+OPENAI_MEAN, OPENAI_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+
+
+@dataclass
+class Preprocess:
+    """PIL image -> normalised float tensor (3, size, size): shortest side resized, center crop."""
+
+    image_size: int
+    mean: list
+    std: list
+
+    def __call__(self, img) -> torch.Tensor:
+        from training.data import _pixels
+
+        x = torch.from_numpy(_pixels(img.convert("RGB"), None, self.image_size, False)).float().div_(255)
+        return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / PREPROCESS_FILE).write_text(json.dumps(
+            {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}, indent=1) + "\n")
+
+    @classmethod
+    def for_model(cls, folder: Path, image_size: int) -> "Preprocess":
+        path = Path(folder) / PREPROCESS_FILE
+        if path.is_file():
+            d = json.loads(path.read_text())
+            return cls(int(d["image_size"]), d["mean"], d["std"])
+        return cls(image_size, OPENAI_MEAN, OPENAI_STD)
+
+
+def load(path: str | Path, device: str = "cpu"):
+    """(model, tokenizer, preprocess) of a run (its final model, else its latest checkpoint) or a checkpoint folder.
+
+        model, tokenizer, preprocess = training.load("DATA/runs/tiny")
+        images = model.encode_image(torch.stack([preprocess(im) for im in pil_images]))
+        texts = model.encode_text(tokenizer(["a red circle", "a blue square"]))
+        best = (images @ texts.T).argmax(dim=1)          # the caption each image matches best
+    """
+    from training.model import SiCLIP
+    from training.runs import find_checkpoint
+    from training.tokenizer import ClipTokenizer
+
+    folder = find_checkpoint(path)
+    if folder is None:
+        raise SiclipError(f"{path}: not a siclip run (no final/ or checkpoints/step-*/) nor a checkpoint folder")
+    model = SiCLIP.from_pretrained(folder, device=device).eval()
+    return model, ClipTokenizer(), Preprocess.for_model(folder, model.config.image.image_size)
+
+
+def to_input(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, 3, H, W) from the loader to the model's normalised float input."""
+    x = pixels.float().div_(255)
+    return (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+
+
+@torch.no_grad()
+def embed_batches(model, batches, mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image embeddings, web-caption embeddings) of every sample of `batches`, on the CPU."""
+    images, texts = [], []
+    for batch in batches:
+        images.append(model.encode_image(to_input(batch["pixels"].to(device), mean, std)).float().cpu())
+        texts.append(model.encode_text(batch["text"].to(device)).float().cpu())
+    if not images:
+        raise SiclipError("nothing to evaluate: the held-out shards have no samples")
+    return torch.cat(images), torch.cat(texts)
+
+
+def recall_at(similarity: torch.Tensor, ks=(1, 5, 10)) -> dict[int, float]:
+    """Row i's match is column i: the fraction of rows whose match ranks within the top k."""
+    target = similarity.diagonal().unsqueeze(1)
+    rank = (similarity > target).sum(dim=1)  # how many candidates beat the match (ties count for it)
+    return {k: float((rank < k).float().mean()) for k in ks}
+
+
+def retrieval_metrics(image: torch.Tensor, text: torch.Tensor) -> dict[str, float]:
+    """Recall@1/5/10 image->text and text->image, plus the chance level of R@1."""
+    sim = image @ text.T
+    i2t, t2i = recall_at(sim), recall_at(sim.T)
+    out = {f"i2t_r{k}": v for k, v in i2t.items()} | {f"t2i_r{k}": v for k, v in t2i.items()}
+    out["samples"] = len(image)
+    out["chance_r1"] = 1.0 / len(image)
+    return out
+
+
+def retrieval(model, root, shards, preprocess: Preprocess, context_length: int, device="cpu",
+              batch_size: int = 64) -> dict[str, float]:
+    """Image <-> text retrieval on `shards` (their samples in order, web captions)."""
+    from training.data import SampleSettings, eval_batches
+
+    settings = SampleSettings(seed=0, image_size=preprocess.image_size, context_length=context_length,
+                              synthetic_captions=0, train=False)
+    was = model.training
+    model.eval()
+    try:
+        image, text = embed_batches(model, eval_batches(root, shards, settings, batch_size), preprocess.mean,
+                                    preprocess.std, device)
+    finally:
+        model.train(was)
+    return retrieval_metrics(image, text)
+
+
+def image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(class names, [(image path, class index)]) of a folder of class sub-folders."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SiclipError(f"--imagefolder {folder}: not a folder")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    items = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).rglob("*"))
+             if p.suffix.lower() in IMAGE_SUFFIXES]
+    if len(classes) < 2 or not items:
+        raise SiclipError(f"--imagefolder {folder}: needs two or more class sub-folders holding images "
+                          f"(found {len(classes)} classes, {len(items)} images)")
+    return classes, items
+
+
+def read_templates(path: Path | None) -> list[str]:
+    if path is None:
+        return TEMPLATES
+    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    bad = [ln for ln in lines if "{}" not in ln]
+    if not lines or bad:
+        raise SiclipError(f"--templates {path}: one prompt per line, each with {{}} for the class name"
+                          + (f" (line without it: {bad[0]!r})" if bad else ""))
+    return lines
+
+
+@torch.no_grad()
+def zeroshot(model, tokenizer, preprocess: Preprocess, folder: Path, templates: list[str], device="cpu",
+             batch_size: int = 64) -> dict[str, float]:
+    """Zero-shot classification: top-1, top-5 and mean per-class recall over a folder of class folders."""
+    from PIL import Image
+
+    classes, items = image_folder(folder)
+    model.eval()
+    context = model.config.text.context_length
+    weights = []
+    for name in classes:
+        readable = name.replace("_", " ")
+        emb = model.encode_text(tokenizer([t.format(readable) for t in templates], context).to(device)).float()
+        weights.append(torch.nn.functional.normalize(emb.mean(dim=0), dim=-1))
+    weights = torch.stack(weights)
+    correct1, correct5, labels = [], [], []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        pixels = torch.stack([preprocess(Image.open(p)) for p, _ in chunk]).to(device)
+        logits = model.encode_image(pixels).float() @ weights.T
+        top = logits.topk(min(5, len(classes)), dim=1).indices.cpu()
+        y = torch.tensor([c for _, c in chunk])
+        correct1.append(top[:, 0] == y)
+        correct5.append((top == y[:, None]).any(dim=1))
+        labels.append(y)
+    c1, c5, y = torch.cat(correct1), torch.cat(correct5), torch.cat(labels)
+    per_class = [float(c1[y == i].float().mean()) for i in range(len(classes)) if (y == i).any()]
+    return {"top1": float(c1.float().mean()), "top5": float(c5.float().mean()),
+            "mean_per_class_recall": float(np.mean(per_class)), "classes": len(classes), "images": len(y),
+            "chance_top1": 1.0 / len(classes)}

@@ -1,0 +1,545 @@
+"""`siclip train`: the lean Accelerate loop, read top to bottom.
+
+    prepare:   config -> data (shards, sidecars, epoch plan) -> model (+ inheritance) -> teachers and
+               each stage's objective -> AdamW -> resume from the latest checkpoint
+    each step: stage (what trains, which losses, which teacher) -> batch -> teacher embeddings ->
+               forward/backward over the whole batch with gradient caching -> gradients averaged
+               across processes -> clip -> AdamW step -> logit_scale clamped in place -> log,
+               eval, checkpoint
+
+Gradient caching (`micro_batch`): the embeddings of the whole per-process batch are computed
+without activations, micro-batch by micro-batch; the loss over the gathered global batch and its
+gradient with respect to those embeddings follow; each micro-batch is then recomputed with
+activations and the embedding gradients pushed through it. Every contrastive term sees the
+whole batch while activations are held for one micro-batch at a time.
+
+Several processes (`accelerate launch`): the objective gathers features from every process, so
+each holds the same loss; the model is not wrapped in DDP (its all-reduce would fire once per
+micro-batch); instead the gradients of the model and of the loss terms' own parameters are
+averaged once per step, which gives every process the gradient of the global loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import resource
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from manifests.errors import SiclipError
+from manifests.layout import DataRoot
+from manifests.manifest import stage_lock
+from manifests.progress import Progress, format_duration
+from manifests.storage import format_size
+from training.config import StageConfig, TrainConfig, match_globs, parse_value, to_toml
+from training.data import (SampleSettings, check_shards_intact, check_sidecars, plan_epoch, split_shards,
+                           train_loader)
+from training.evaluate import Preprocess, retrieval, to_input
+from training.objective import Features, Objective, load_teacher
+from training.runs import FINAL, Run, checkpoint_name, folder_bytes, write_plots
+
+# keys a resumed run may change; the rest decide the data order or the numbers
+RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys"}
+EXIT_BUDGET = 3
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- pieces of a step
+
+
+def resolve_precision(precision: str) -> str:
+    """Accelerate's mixed_precision: bf16 on a GPU that has it, fp16 (with a loss scaler) on one without, fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def student_inputs(batch: dict, device, mean, std):
+    """(normalised pixels, every caption's token ids: web then the valid synthetic ones, synthetic validity)."""
+    valid = batch["syn_valid"]
+    texts = torch.cat([batch["text"], batch["syn_text"][valid]])
+    return to_input(batch["pixels"].to(device), mean, std), texts.to(device), valid.to(device)
+
+
+def assemble(image: torch.Tensor, texts: torch.Tensor, valid: torch.Tensor, teacher: dict | None) -> Features:
+    """Split the caption embeddings back into web (B, D) and synthetic (B, k, D) with zeros where there is none."""
+    B = len(image)
+    syn = texts.new_zeros(*valid.shape, texts.shape[-1])
+    syn[valid] = texts[B:]
+    return Features(image, texts[:B], syn, valid, **(teacher or {}))
+
+
+def forward_backward(model, objective: Objective, pixels, texts, valid, teacher: dict | None, micro: int,
+                     accelerator) -> dict[str, torch.Tensor]:
+    """The stage's loss over the whole batch and its gradients, holding activations for `micro` samples at a time."""
+    scale = model.logit_scale.exp()
+    if micro >= max(len(pixels), len(texts)):  # the batch fits: one plain forward and backward
+        with accelerator.autocast():
+            image, text = model.encode_image(pixels), model.encode_text(texts)
+        terms = objective(assemble(image.float(), text.float(), valid, teacher), scale)
+        accelerator.backward(terms["loss"])
+        return terms
+    with torch.no_grad(), accelerator.autocast():
+        image = torch.cat([model.encode_image(pixels[s]) for s in chunks(len(pixels), micro)]).float()
+        text = torch.cat([model.encode_text(texts[s]) for s in chunks(len(texts), micro)]).float()
+    image.requires_grad_(True)
+    text.requires_grad_(True)
+    terms = objective(assemble(image, text, valid, teacher), scale)
+    accelerator.backward(terms["loss"])  # gradients of the loss terms' own parameters, logit_scale, and the embeddings
+    for encode, inputs, cached in ((model.encode_image, pixels, image), (model.encode_text, texts, text)):
+        for s in chunks(len(inputs), micro):
+            with accelerator.autocast():
+                out = encode(inputs[s])
+            out.float().backward(cached.grad[s])
+    return terms
+
+
+def average_gradients(params: list[nn.Parameter], world: int) -> None:
+    """Every process ends with the mean of the processes' gradients (one all-reduce per step)."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    for g, mean in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(mean)
+
+
+def decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """AdamW's groups: weight decay on weight matrices and tables; none on gains, biases, norms, logit_scale."""
+    decay = [p for n, p in params if p.ndim >= 2 and "logit_scale" not in n]
+    rest = [p for n, p in params if not (p.ndim >= 2 and "logit_scale" not in n)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+@dataclass
+class StageSpan:
+    """A stage placed on the step axis: steps [start, end)."""
+
+    index: int
+    cfg: StageConfig
+    start: int
+    end: int
+
+    def lr(self, step: int) -> float:
+        """Linear warm-up to the stage's peak, then cosine to min_lr (or constant)."""
+        s, local, length = self.cfg, step - self.start, self.end - self.start
+        if local < s.warmup_steps:
+            return s.lr * (local + 1) / s.warmup_steps
+        if s.schedule == "constant" or length <= s.warmup_steps:
+            return s.lr
+        progress = (local - s.warmup_steps) / (length - s.warmup_steps)
+        return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def place_stages(stages: list[StageConfig], steps_per_epoch: int) -> list[StageSpan]:
+    spans, start = [], 0
+    for i, s in enumerate(stages):
+        length = s.steps or max(1, round(s.epochs * steps_per_epoch))
+        spans.append(StageSpan(i, s, start, start + length))
+        start += length
+    return spans
+
+
+def set_trainable(model: nn.Module, stage: StageConfig, frozen_inherited: set[str]) -> tuple[int, int]:
+    """requires_grad per the stage's globs (a tensor shared by several layers trains if any of its names is
+    listed in `train` and none in `freeze`); returns (trainable, all) parameter counts."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    names = [n for n, _ in named]
+    train, freeze = match_globs(names, stage.train), match_globs(names, stage.freeze)
+    by_tensor: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for n, p in named:
+        by_tensor.setdefault(id(p), (p, []))[1].append(n)
+    trainable = total = 0
+    for p, tensor_names in by_tensor.values():
+        on = any(n in train for n in tensor_names) and not any(n in freeze or n in frozen_inherited
+                                                                for n in tensor_names)
+        p.requires_grad_(on)
+        total += p.numel()
+        trainable += p.numel() if on else 0
+    return trainable, total
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux: the process's high-water RSS
+
+
+def config_digest(cfg: TrainConfig) -> dict:
+    d = cfg.to_dict()
+    return {k: v for k, v in d.items() if k not in RESUMABLE_CHANGES}
+
+
+def loader_error(e: SiclipError) -> SiclipError:
+    """A loader worker's error arrives with its traceback; keep the one line that says what and where."""
+    last = str(e).strip().splitlines()[-1]
+    return SiclipError(last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max_steps: int | None = None,
+          resume: bool = False, config_name: str = "run") -> int:
+    """Train per `cfg` on the data root; 0 when the schedule (or max_steps) is done, 3 when stopped at the budget."""
+    from accelerate import Accelerator
+
+    from training.inherit import inherit_weights
+    from training.model import build_model, load_config
+
+    # -- prepare: the processes, the run folder, the config ---------------------------------------------
+    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.precision))
+    main, rank, world, device = (accelerator.is_main_process, accelerator.process_index,
+                                 accelerator.num_processes, accelerator.device)
+    say = log if main else (lambda msg: None)
+    root = DataRoot(data)
+    if not root.manifest_path("shards").is_file():
+        raise SiclipError(f"{root.manifest_path('shards')} does not exist: run 'siclip shards --data {root.root}' first")
+    run = Run.at(root, out or config_name)
+    if cfg.batch_size % world:
+        raise SiclipError(f"batch_size {cfg.batch_size} does not split evenly over {world} processes")
+    local_batch = cfg.batch_size // world
+    micro = min(cfg.micro_batch or local_batch, local_batch)
+
+    with ExitStack() as stack:
+        if main:
+            stack.enter_context(stage_lock(root, "train"))
+        saved = run.path / "config.json"
+        if saved.is_file() and not resume:
+            raise SiclipError(f"{run.path} already holds a run; pass --resume to continue it, or choose another --out")
+        if saved.is_file():
+            before = json.loads(saved.read_text())
+            changed = sorted(k for k, v in config_digest(cfg).items() if before.get(k) != v)
+            if changed:
+                raise SiclipError(f"--resume with a config that differs from the run's in {', '.join(changed)} "
+                                  f"(see {run.path / 'config.toml'}); these decide the data order or the numbers")
+        if main:
+            say(f"# siclip train: resolved config ({run.path / 'config.toml'})\n{to_toml(cfg)}")
+            run.path.mkdir(parents=True, exist_ok=True)
+            run.reconcile(log=say)
+            (run.path / "config.toml").write_text(to_toml(cfg))
+            saved.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+
+        # -- data ---------------------------------------------------------------------------------------
+        train_shards, val_shards = split_shards(root, cfg.val_shards)
+        check_shards_intact(train_shards + val_shards)
+        use_captions = cfg.synthetic_captions > 0 and any(s.loss.clip_synthetic > 0 for s in cfg.stages)
+        if use_captions:
+            check_sidecars(root, "captions", train_shards, "clip_synthetic > 0")
+        use_teacher_sidecar = any(s.teacher == "sidecar" for s in cfg.stages)
+        if use_teacher_sidecar:
+            check_sidecars(root, "teacher", train_shards, "teacher = 'sidecar'")
+
+        # -- model, inheritance, teachers, objectives ---------------------------------------------------
+        overrides = {}
+        for item in cfg.model_set:
+            key, _, value = str(item).partition("=")
+            overrides[key.strip()] = parse_value(value.strip())
+        try:
+            model_config = load_config(cfg.model, overrides)
+        except (FileNotFoundError, ValueError) as e:
+            raise SiclipError(f"model {cfg.model!r}: {e}") from None
+        torch.manual_seed(cfg.seed)
+        model = build_model(model_config)
+        report_path = run.path / "inherit_report.json"
+        inherited: set[str] = set()
+        if cfg.inherit_from:
+            if not report_path.is_file():
+                source = _inherit_source(cfg.inherit_from)
+                try:
+                    report = inherit_weights(model, source, report_path=report_path if main else None)
+                except (OSError, ValueError, RuntimeError, ImportError) as e:
+                    raise SiclipError(f"inherit_from {cfg.inherit_from!r}: {str(e).splitlines()[0]}") from None
+                say(f"train: {report.summary()} (report: {report_path})")
+            inherited = {t["name"] for t in json.loads(report_path.read_text())["tensors"]
+                         if t["how"] in ("copied", "sliced", "interpolated")} if report_path.is_file() else set()
+        frozen_inherited = inherited if cfg.inherit_freeze else set()
+
+        teachers, loaded = {}, {}
+        for s in cfg.stages:
+            if s.teacher not in loaded:
+                loaded[s.teacher] = load_teacher(s.teacher, root)
+            teachers[s.name] = loaded[s.teacher]
+        torch.manual_seed(cfg.seed + 1)
+        objectives = nn.ModuleDict({
+            s.name: Objective(s.loss, model_config.embed_dim, teachers[s.name].dim if teachers[s.name] else None,
+                              cfg.pm_k) for s in cfg.stages})
+        for s in cfg.stages:  # unknown module globs stop the run now, not at a stage boundary
+            set_trainable(model, s, frozen_inherited)
+
+        online = [t for t in loaded.values() if t is not None and t.image_size]
+        settings = SampleSettings(
+            seed=cfg.seed, image_size=model_config.image.image_size, context_length=model_config.text.context_length,
+            synthetic_captions=cfg.synthetic_captions if use_captions else 0, crop_scale=tuple(cfg.crop_scale),
+            flip=cfg.flip, captions=use_captions, teacher=use_teacher_sidecar,
+            teacher_image_size=max((t.image_size for t in online), default=0))
+        plan0 = plan_epoch(train_shards, cfg.seed, 0, rank, world, cfg.workers, local_batch)
+        steps_per_epoch = plan0.steps
+        spans = place_stages(cfg.stages, steps_per_epoch)
+        total = spans[-1].end
+        stop = min(total, max_steps) if max_steps else total
+        if plan0.note:
+            say(f"train: loader: {plan0.note}")
+        if main:
+            (run.path / "data.json").write_text(json.dumps({
+                "data_root": str(root.root), "train_shards": [s.name for s in train_shards], "val_shards": [s.name for s in val_shards],
+                "train_samples": sum(s.samples for s in train_shards), "steps_per_epoch": steps_per_epoch,
+                "global_batch": cfg.batch_size, "processes": world, "loader_workers": len(plan0.workers),
+                "samples_per_epoch_used": steps_per_epoch * cfg.batch_size, "total_steps": total,
+                "stages": [{"name": sp.cfg.name, "start": sp.start, "end": sp.end} for sp in spans]}, indent=1) + "\n")
+        say(f"train: {len(train_shards)} training shards ({sum(s.samples for s in train_shards):,} samples), "
+            f"{len(val_shards)} held out; {steps_per_epoch} steps of {cfg.batch_size} per epoch, {total} steps in "
+            f"{len(spans)} stage(s)")
+        preprocess = Preprocess(model_config.image.image_size, list(cfg.image_mean), list(cfg.image_std))
+
+        # -- optimizer, devices ---------------------------------------------------------------------------
+        named = list(model.named_parameters()) + [(f"objective.{n}", p) for n, p in objectives.named_parameters()]
+        optimizer = torch.optim.AdamW(decay_groups(named, cfg.weight_decay), lr=spans[0].cfg.lr,
+                                      betas=tuple(cfg.betas), eps=cfg.eps)
+        model.to(device)
+        objectives.to(device)
+        for t in loaded.values():
+            if t is not None:
+                t.to(device)
+        optimizer = accelerator.prepare(optimizer)
+        all_params = [p for _, p in named]
+
+        # -- resume ----------------------------------------------------------------------------------------
+        step = 0
+        latest = run.latest()
+        if resume and latest is not None:
+            step = _load_checkpoint(latest[1], model, objectives, accelerator, world)
+            say(f"train: resuming from {latest[1].name} (step {step} of {total})")
+        elif resume:
+            say(f"train: nothing to resume in {run.path}; starting at step 0")
+        elif world > 1:
+            from accelerate.utils import broadcast
+
+            for p in list(model.parameters()) + list(objectives.parameters()):
+                p.data.copy_(broadcast(p.data.clone(), from_process=0))
+        keys_path = run.path / f"keys-rank{rank}.jsonl"
+        if main:
+            run.truncate_metrics(step)
+        if cfg.record_keys:
+            run.truncate_metrics(step, keys_path)
+        if (run.path / FINAL / "state.json").is_file() and step >= total:
+            say(f"train: {run.name} already finished all {total} steps; final model in {run.path / FINAL}")
+            return 0
+
+        # -- the loop --------------------------------------------------------------------------------------
+        progress = Progress("train", stop, unit="steps") if main else None
+        started, start_step, span, last = time.monotonic(), step, None, {}
+        status = 0
+        while step < stop:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            plan = plan_epoch(train_shards, cfg.seed, epoch, rank, world, cfg.workers, local_batch)
+            loader = train_loader(root, plan, settings, local_batch, cfg.shuffle_buffer, in_epoch,
+                                  in_process=cfg.workers == 0)
+            expected = plan.order(in_epoch)
+            try:
+                for batch in loader:
+                    if tuple(batch["position"][1:]) != next(expected):
+                        raise RuntimeError(f"loader out of order at step {step}: got {batch['position']}")
+                    if span is None or not span.start <= step < span.end:
+                        span = next(sp for sp in spans if sp.start <= step < sp.end)
+                        trainable, count = set_trainable(model, span.cfg, frozen_inherited)
+                        teacher = teachers[span.cfg.name]
+                        say(f"train: stage {span.index + 1}/{len(spans)} {span.cfg.name!r}, steps {span.start}-"
+                            f"{span.end - 1}: {trainable:,} of {count:,} parameters train; teacher: "
+                            f"{teacher.name if teacher else 'none'}; loss: " + ", ".join(
+                                f"{k}={v:g}" for k, v in vars(span.cfg.loss).items() if v))
+                    t0 = time.perf_counter()
+                    lr = span.lr(step)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    pixels, texts, valid = student_inputs(batch, device, cfg.image_mean, cfg.image_std)
+                    with accelerator.autocast():
+                        feats = teacher.embed(batch, device) if teacher is not None else None
+                    terms = forward_backward(model, objectives[span.cfg.name], pixels, texts, valid, feats, micro,
+                                             accelerator)
+                    average_gradients(all_params, world)
+                    norm = accelerator.clip_grad_norm_([p for p in all_params if p.grad is not None],
+                                                       cfg.grad_clip) if cfg.grad_clip else None
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():  # after the step, so the parameter keeps its gradient (open_clip's way)
+                        model.logit_scale.clamp_(0, math.log(model.config.max_logit_scale))
+                    step += 1
+                    seconds = time.perf_counter() - t0
+                    last = {k: float(v.detach()) for k, v in terms.items()}
+                    if cfg.record_keys:
+                        with open(keys_path, "a") as f:
+                            f.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
+                    if main and (step % cfg.log_every == 0 or step == stop):
+                        run.append_metrics({
+                            "step": step, "epoch": round(step / steps_per_epoch, 4), "stage": span.cfg.name,
+                            "loss": last["loss"], "terms": {k: v for k, v in last.items() if k != "loss"},
+                            "lr": lr, "temperature": float(model.logit_scale.exp()),
+                            "grad_norm": None if norm is None else float(norm),
+                            "samples_per_s": round(cfg.batch_size / seconds, 2),
+                            "peak_memory_mb": round(peak_memory_mb(device), 1),
+                            "no_synthetic": batch["no_synthetic"]})
+                    if progress and (progress.due() or step == stop):
+                        progress.update(step - start_step, f"{span.cfg.name} | loss {last['loss']:.3f} | lr {lr:.2e} | "
+                                        f"{(step - start_step) * cfg.batch_size / (time.monotonic() - started):,.1f} "
+                                        f"samples/s", force=step == stop)
+                    if val_shards and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+                        _evaluate(run, model, root, val_shards, preprocess, model_config, device, step, accelerator)
+                    if step % cfg.checkpoint_every == 0 or step == stop:
+                        if not _checkpoint(run, cfg, step, epoch, span, model, objectives, preprocess, accelerator):
+                            status = EXIT_BUDGET
+                            break
+                    if step == stop or step % steps_per_epoch == 0:
+                        break
+            except SiclipError as e:
+                raise loader_error(e) from None
+            finally:
+                del loader
+            if status:
+                break
+        if progress:
+            progress.close()
+
+        # -- the end ------------------------------------------------------------------------------------
+        if status == 0 and step == total:
+            if not _export_final(run, model, preprocess, step, accelerator):
+                status = EXIT_BUDGET
+        if main:
+            write_plots(run)
+            elapsed = time.monotonic() - started
+            evals = [r["eval"] for r in run.read_metrics() if "eval" in r]
+            ev = (f"; held-out retrieval i2t R@1 {evals[-1]['i2t_r1']:.3f}, t2i R@1 {evals[-1]['t2i_r1']:.3f} "
+                  f"(chance {evals[-1]['chance_r1']:.3f})") if evals else ""
+            where = run.path / FINAL if step == total else run.latest()[1] if run.latest() else run.path
+            say(f"train: {'stopped at the budget after' if status else 'done:'} {step - start_step} steps "
+                f"(to step {step} of {total}) in {format_duration(time.monotonic() - started)}, "
+                f"{(step - start_step) * cfg.batch_size / max(elapsed, 1e-9):,.1f} samples/s; "
+                f"loss {last.get('loss', float('nan')):.4f}{ev}; model: {where}; plots: {run.path / 'plots'}")
+        accelerator.wait_for_everyone()
+        return status
+
+
+def _inherit_source(spec: str):
+    """A siclip run resolves to its final (or latest) checkpoint; other specs go to inherit_weights as they are."""
+    from training.runs import find_checkpoint
+
+    found = find_checkpoint(spec)
+    return str(found) if found is not None else spec
+
+
+def _evaluate(run: Run, model, root, val_shards, preprocess, model_config, device, step, accelerator) -> None:
+    if accelerator.is_main_process:
+        metrics = retrieval(model, root, val_shards, preprocess, model_config.text.context_length, device)
+        run.append_metrics({"step": step, "eval": metrics})
+        write_plots(run)
+    accelerator.wait_for_everyone()
+
+
+def _estimate_checkpoint(run: Run, model, objectives) -> int:
+    latest = run.latest()
+    if latest is not None:
+        return folder_bytes(latest[1])
+    params = sum(p.numel() * p.element_size() for p in model.state_dict().values()) + \
+        sum(p.numel() * p.element_size() for p in objectives.state_dict().values())
+    return 3 * params + 256 * 1024  # weights, AdamW's two moments, small files
+
+
+def _broadcast_message(msg: str | None, accelerator) -> str | None:
+    from accelerate.utils import broadcast_object_list
+
+    box = [msg]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def _checkpoint(run: Run, cfg: TrainConfig, step: int, epoch: int, span: StageSpan, model, objectives, preprocess,
+                accelerator) -> bool:
+    """Write a checkpoint atomically after checking the budget; False (nothing written) when it would not fit."""
+    from safetensors.torch import save_file
+
+    main = accelerator.is_main_process
+    refusal = run.room_for(step, _estimate_checkpoint(run, model, objectives), cfg.keep_checkpoints) if main else None
+    refusal = _broadcast_message(refusal, accelerator)
+    if refusal:
+        log(f"train: {refusal}") if main else None
+        return False
+    tmp = run.checkpoints_dir / f".tmp-{checkpoint_name(step)}"
+    if main:
+        run.drop_old(cfg.keep_checkpoints)
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp)
+        preprocess.save(tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in objectives.state_dict().items()},
+                  str(tmp / "objective.safetensors"))
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "accelerate"))
+    accelerator.wait_for_everyone()
+    if main:
+        run.publish(tmp, run.checkpoints_dir / checkpoint_name(step),
+                    {"step": step, "epoch": epoch, "stage": span.cfg.name, "processes": accelerator.num_processes,
+                     "config": hashlib.sha256(json.dumps(config_digest(cfg), sort_keys=True).encode()).hexdigest()})
+        run.drop_old(cfg.keep_checkpoints, after_write=True)
+    accelerator.wait_for_everyone()
+    return True
+
+
+def _load_checkpoint(folder: Path, model, objectives, accelerator, world: int) -> int:
+    from safetensors.torch import load_file, load_model
+
+    state = json.loads((folder / "state.json").read_text())
+    if state.get("processes", 1) != world:
+        raise SiclipError(f"{folder} was written by {state.get('processes')} process(es); resume with the same "
+                          f"number (the data split depends on it), not {world}")
+    load_model(model, str(folder / "model.safetensors"), device=str(accelerator.device))
+    objectives.load_state_dict(load_file(str(folder / "objective.safetensors"), device=str(accelerator.device)))
+    accelerator.load_state(str(folder / "accelerate"))
+    return int(state["step"])
+
+
+def _export_final(run: Run, model, preprocess, step: int, accelerator) -> bool:
+    """The model at the end of the schedule into RUN/final (recorded and counted like a checkpoint)."""
+    main = accelerator.is_main_process
+    refusal = None
+    if main:
+        from manifests.storage import StorageBudget
+
+        budget = StorageBudget.load(run.root)
+        need = sum(p.numel() * p.element_size() for p in model.state_dict().values()) + 64 * 1024
+        if budget.budget_bytes and need > budget.remaining_bytes:
+            refusal = (f"stopped at the budget: the final model needs about {format_size(need)} but only "
+                       f"{format_size(budget.remaining_bytes)} is left; the last checkpoint holds the same weights")
+    refusal = _broadcast_message(refusal, accelerator)
+    if refusal:
+        log(f"train: {refusal}") if main else None
+        return False
+    if main:
+        tmp = run.path / f".tmp-{FINAL}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp)
+        preprocess.save(tmp)
+        run.publish(tmp, run.path / FINAL, {"step": step})
+    accelerator.wait_for_everyone()
+    return True

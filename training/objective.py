@@ -1,0 +1,304 @@
+"""One stage's total loss (METHOD, 'The total objective') and the teachers that feed its distillation terms.
+
+    L = λ_web·L_CLIP(web) + λ_syn·L_CLIP(synthetic) + λ_PM·L_PM + λ_FD·L_FD + λ_CRD·L_CRD + λ_ICL·L_ICL
+
+A batch offers each image with its web caption and k sampled synthetic captions (some rows have
+none: their captioning failed). Each caption slot is a *caption set*: the web captions, then
+synthetic slot 1..k over the rows that have one. CLIP(synthetic) is the mean over the synthetic
+sets; PM and the distillation terms are the mean over every set they can use. Features are
+gathered from every process first, so each term sees the global batch.
+
+Teachers give L2-normalised embeddings of the same batch: `sidecar` reads them from the teacher
+sidecars (precomputed, "reinforced" data); a siclip run or checkpoint, a transformers CLIPModel
+(folder or hub name) or an open_clip model (extra siclip[mobileclip]) compute them online.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from manifests.errors import SiclipError
+from training.config import LossWeights
+from training.losses import (ClipLoss, ContrastiveRelationDistillLoss, FeatureDistillLoss, InteractiveContrastiveLoss,
+                             PairMatchingLoss, gather_features)
+
+
+@dataclass
+class Features:
+    """Embeddings of one batch: the student's (with gradient) and the teacher's (without)."""
+
+    image: torch.Tensor  # (B, D)
+    text: torch.Tensor  # (B, D): the web captions
+    syn: torch.Tensor  # (B, k, D): the synthetic captions, zeros where there is none
+    syn_valid: torch.Tensor  # (B, k) bool
+    t_image: torch.Tensor | None = None  # (B, Dt)
+    t_text: torch.Tensor | None = None  # (B, Dt)
+    t_syn: torch.Tensor | None = None  # (B, k, Dt)
+    t_syn_valid: torch.Tensor | None = None  # (B, k) bool
+
+    def gathered(self) -> "Features":
+        """Every tensor concatenated across processes (the student's keep their gradient)."""
+        names = [f.name for f in fields(self)]
+        values = [getattr(self, n) for n in names]
+        masks = {n for n, v in zip(names, values) if v is not None and v.dtype == torch.bool}
+        values = [v.to(torch.uint8) if n in masks else v for n, v in zip(names, values)]
+        out = gather_features(*values)
+        return Features(**{n: (v.bool() if n in masks else v) for n, v in zip(names, out)})
+
+
+def caption_sets(f: Features):
+    """(rows, student text, teacher rows, teacher text) per caption set; rows None means every row."""
+    sets = [(None, f.text, None, f.t_text)]
+    for j in range(f.syn.shape[1]):
+        rows = f.syn_valid[:, j]
+        if f.t_syn is None:
+            sets.append((rows, f.syn[:, j], None, None))
+        else:
+            sets.append((rows, f.syn[:, j], rows & f.t_syn_valid[:, j], f.t_syn[:, j]))
+    return sets
+
+
+def _rows(x: torch.Tensor | None, rows: torch.Tensor | None):
+    return x if x is None or rows is None else x[rows]
+
+
+def _enough(rows: torch.Tensor | None) -> bool:
+    """A contrastive term needs two rows at least (one negative)."""
+    return rows is None or int(rows.sum()) >= 2
+
+
+class Objective(nn.Module):
+    """The weighted sum of one stage's loss terms; holds the terms' own parameters (PM's hyperplane,
+    FD's and ICL's projections), which the optimizer trains with the model."""
+
+    def __init__(self, weights: LossWeights, embed_dim: int, teacher_dim: int | None = None, pm_k: int = 8):
+        super().__init__()
+        self.weights = weights
+        self.clip = ClipLoss()
+        self.pm = PairMatchingLoss(k=pm_k or None) if weights.pm > 0 else None
+        distill = teacher_dim is not None
+        self.fd = FeatureDistillLoss(embed_dim, teacher_dim) if distill and weights.fd > 0 else None
+        self.crd = ContrastiveRelationDistillLoss() if distill and weights.crd > 0 else None
+        self.icl = InteractiveContrastiveLoss(embed_dim, teacher_dim) if distill and weights.icl > 0 else None
+
+    def forward(self, f: Features, logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{'loss': the weighted total, term: its unweighted value} over the gathered batch."""
+        f = f.gathered()
+        if f.t_image is not None:
+            f = replace(f, t_image=F.normalize(f.t_image.float(), dim=-1), t_text=F.normalize(f.t_text.float(), dim=-1),
+                        t_syn=None if f.t_syn is None else F.normalize(f.t_syn.float(), dim=-1))
+        w, terms = self.weights, {}
+        sets = caption_sets(f)
+        if w.clip_web > 0:
+            terms["clip_web"] = self.clip(f.image, f.text, logit_scale)
+        synthetic = [self.clip(f.image[rows], text[rows], logit_scale) for rows, text, _, _ in sets[1:] if _enough(rows)]
+        if w.clip_synthetic > 0 and synthetic:
+            terms["clip_synthetic"] = torch.stack(synthetic).mean()
+        if self.pm is not None:
+            terms["pm"] = torch.stack([self.pm(_rows(f.image, r), _rows(t, r)) for r, t, _, _ in sets
+                                       if _enough(r)]).mean()
+        for name in ("fd", "crd", "icl"):
+            term = getattr(self, name)
+            if term is None:
+                continue
+            values = [term(_rows(f.image, r), _rows(t, r), logit_scale, _rows(f.t_image, r), _rows(tt, r))
+                      for _, t, r, tt in sets if tt is not None and _enough(r)]
+            if values:
+                terms[name] = torch.stack(values).mean()
+        terms["loss"] = sum(getattr(w, k) * v for k, v in terms.items())
+        return terms
+
+
+# ----------------------------------------------------------------------------- teachers
+
+
+def pixels_to_input(pixels: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """uint8 (B, 3, H, W) to a normalised float batch at size x size (resized when it differs)."""
+    x = pixels.float().div_(255)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp_(0, 1)
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class Teacher:
+    """Gives the teacher's embeddings of a batch; `image_size` > 0 when it needs the batch's teacher view."""
+
+    name: str = "teacher"
+    dim: int = 0
+    image_size: int = 0
+
+    def embed(self, batch: dict, device) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _online(self, batch: dict, device, encode_image, encode_text) -> dict[str, torch.Tensor]:
+        pixels = batch["teacher_pixels"].to(device)
+        image = F.normalize(encode_image(pixels).float(), dim=-1)
+        text = F.normalize(encode_text(batch["web"]).float(), dim=-1)
+        valid = batch["syn_valid"].to(device)
+        syn = torch.zeros(*valid.shape, self.dim, device=device)
+        flat = [c for caps in batch["synthetic"] for c in caps]
+        if flat:
+            syn[valid] = F.normalize(encode_text(flat).float(), dim=-1)
+        return {"t_image": image, "t_text": text, "t_syn": syn, "t_syn_valid": valid}
+
+    def to(self, device):
+        return self
+
+
+class SidecarTeacher(Teacher):
+    """Embeddings precomputed by `siclip teacher` and joined by the loader."""
+
+    def __init__(self, dim: int, description: str):
+        self.dim, self.name = dim, description
+
+    def embed(self, batch, device):
+        return {k: batch[k].to(device) for k in ("t_image", "t_text", "t_syn", "t_syn_valid")}
+
+
+class SiclipTeacher(Teacher):
+    """A trained siclip model (a run or one of its checkpoints)."""
+
+    def __init__(self, folder: Path):
+        from training.evaluate import load
+
+        self.model, self.tokenizer, self.preprocess = load(folder)
+        self.model.eval().requires_grad_(False)
+        self.name, self.dim = f"siclip {folder}", self.model.config.embed_dim
+        self.image_size = self.model.config.image.image_size
+        self.context = self.model.config.text.context_length
+
+    def to(self, device):
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def embed(self, batch, device):
+        p = self.preprocess
+        return self._online(
+            batch, device,
+            lambda px: self.model.encode_image(pixels_to_input(px, self.image_size, p.mean, p.std)),
+            lambda texts: self.model.encode_text(self.tokenizer(texts, self.context).to(device)))
+
+
+class TransformersTeacher(Teacher):
+    """A transformers CLIPModel (local folder or hub name) with its own tokenizer and image statistics."""
+
+    def __init__(self, name: str):
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        try:
+            self.model = CLIPModel.from_pretrained(name).eval().requires_grad_(False)
+            self.tokenizer = AutoTokenizer.from_pretrained(name)
+            processor = AutoImageProcessor.from_pretrained(name)
+        except (OSError, ValueError, KeyError, ImportError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SiclipError(f"teacher {name!r} does not load as a transformers CLIPModel: {first}") from None
+        self.name, self.dim = f"CLIPModel {name}", int(self.model.config.projection_dim)
+        self.image_size = int(self.model.config.vision_config.image_size)
+        self.mean, self.std = list(processor.image_mean), list(processor.image_std)
+        self.context = int(self.model.config.text_config.max_position_embeddings)
+
+    def to(self, device):
+        self.model.to(device)
+        return self
+
+    def _features(self, out):
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    @torch.no_grad()
+    def embed(self, batch, device):
+        def encode_image(px):
+            return self._features(self.model.get_image_features(
+                pixel_values=pixels_to_input(px, self.image_size, self.mean, self.std)))
+
+        def encode_text(texts):
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.context, return_tensors="pt")
+            return self._features(self.model.get_text_features(input_ids=enc["input_ids"].to(device),
+                                                               attention_mask=enc["attention_mask"].to(device)))
+
+        return self._online(batch, device, encode_image, encode_text)
+
+
+class OpenClipTeacher(Teacher):
+    """An open_clip model, `open_clip:NAME/PRETRAINED` (extra siclip[mobileclip])."""
+
+    def __init__(self, spec: str):
+        try:
+            import open_clip
+        except ImportError:
+            raise SiclipError(f"teacher {spec!r} needs open_clip: pip install 'siclip[mobileclip]'") from None
+        name, _, pretrained = spec[len("open_clip:"):].partition("/")
+        try:
+            self.model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
+        except Exception as e:
+            raise SiclipError(f"teacher {spec!r} does not load through open_clip: {e}") from None
+        self.model.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(name)
+        cfg = self.model.visual
+        size = getattr(cfg, "image_size", 224)
+        self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        self.mean = list(getattr(cfg, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+        self.std = list(getattr(cfg, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+        with torch.no_grad():
+            self.dim = int(self.model.encode_text(self.tokenizer(["a"])).shape[-1])
+        self.name = f"open_clip {spec}"
+
+    def to(self, device):
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def embed(self, batch, device):
+        return self._online(
+            batch, device,
+            lambda px: self.model.encode_image(pixels_to_input(px, self.image_size, self.mean, self.std)),
+            lambda texts: self.model.encode_text(self.tokenizer(texts).to(device)))
+
+
+def sidecar_dim(root) -> tuple[int, str]:
+    """(embedding width, description) of the teacher sidecars, from the teacher manifest."""
+    from manifests.manifest import StageManifest
+    from manifests.samples import read_sidecar
+
+    manifest = StageManifest.load(root, "teacher")
+    for entry in manifest.entries.values():
+        for rel in entry["files"]:
+            _, info = read_sidecar(root.abs(rel))
+            names = ", ".join(t.get("id", "?") for t in info.get("teachers", []))
+            return int(info["dim"]), f"teacher sidecars ({names})"
+    raise SiclipError(f"teacher = 'sidecar' but {root.manifest_path('teacher')} lists no sidecar "
+                      f"(run 'siclip teacher --data {root.root}' first)")
+
+
+def load_teacher(spec: str, root) -> Teacher | None:
+    """The teacher a stage names, loaded now so that a bad one stops the run before training starts."""
+    from training.runs import find_checkpoint
+
+    if spec == "none":
+        return None
+    if spec == "sidecar":
+        return SidecarTeacher(*sidecar_dim(root))
+    if spec.startswith("open_clip:"):
+        return OpenClipTeacher(spec)
+    checkpoint = find_checkpoint(spec)
+    if checkpoint is not None:
+        return SiclipTeacher(checkpoint)
+    path = Path(spec).expanduser()
+    if path.exists() and not (path / "config.json").is_file():
+        raise SiclipError(f"teacher {spec!r} is a folder with neither a siclip run or checkpoint nor a "
+                          f"transformers model (no config.json)")
+    source = str(path.absolute()) if path.exists() else spec
+    if path.exists() and json.loads((path / "config.json").read_text()).get("model_type") not in (None, "clip"):
+        raise SiclipError(f"teacher {spec!r} is not a CLIP model (model_type "
+                          f"{json.loads((path / 'config.json').read_text()).get('model_type')!r})")
+    return TransformersTeacher(source)

@@ -1,0 +1,280 @@
+"""A training run's folder under the data root, its checkpoints, metrics and plots.
+
+```
+DATA/runs/<name>/
+  config.toml, config.json       the resolved training config (TOML to read, JSON to compare on resume)
+  data.json                      training and held-out shards, the epoch plan
+  inherit_report.json            what inherit_weights copied, sliced or left fresh
+  metrics.jsonl                  one line per logged step (loss terms, lr, temperature, samples/s, memory) and per eval
+  plots/*.png                    loss terms, learning rate and temperature, eval metrics
+  checkpoints/step-000100/       model (config.json, model.safetensors), preprocess.json, objective.safetensors,
+                                 accelerate/ (optimizer, RNG, scaler), state.json (written last)
+  final/                         the model at the end of the schedule
+```
+A checkpoint is written into `.tmp-step-N/` and renamed when whole; it is recorded in the
+`train` manifest (bytes, sha256) and counts against the storage budget, which it never passes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from manifests.errors import SiclipError
+from manifests.io import atomic_write_bytes, fsync_dir
+from manifests.layout import DataRoot
+from manifests.manifest import StageManifest
+from manifests.storage import StorageBudget, format_size
+
+CHECKPOINT = re.compile(r"^step-(\d{6,})$")
+STATE = "state.json"
+FINAL = "final"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder`, so a rename that follows publishes whole files."""
+    for p in sorted(folder.rglob("*"), reverse=True):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            fsync_dir(p)
+    fsync_dir(folder)
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """The model folder a path names: a checkpoint or model folder itself, or a run's final model, or its
+    latest checkpoint; None when the path is no siclip run or checkpoint."""
+    from training.model import is_siclip_checkpoint
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return None
+    if is_siclip_checkpoint(path):
+        return path
+    if is_siclip_checkpoint(path / FINAL):
+        return path / FINAL
+    folder = path / "checkpoints"
+    steps = sorted((int(m.group(1)), p) for p in folder.glob("step-*") if (m := CHECKPOINT.match(p.name))
+                   and (p / STATE).is_file()) if folder.is_dir() else []
+    return steps[-1][1] if steps else None
+
+
+@dataclass
+class Run:
+    """The folder of one run, inside the data root so its checkpoints count against the budget."""
+
+    root: DataRoot
+    path: Path
+
+    @classmethod
+    def at(cls, root: DataRoot, out: str | Path) -> "Run":
+        """`out` is a name (DATA/runs/NAME) or a path inside the data root."""
+        out = Path(out)
+        path = out.absolute() if (out.is_absolute() or len(out.parts) > 1) else root.runs / out
+        try:
+            path.relative_to(root.root)
+        except ValueError:
+            raise SiclipError(f"--out {out}: a run lives inside its data root ({root.runs}/NAME), so its "
+                              f"checkpoints count against the storage budget") from None
+        return cls(root, path)
+
+    @property
+    def name(self) -> str:
+        return self.root.rel(self.path)
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """Whole checkpoints (state.json written), by step."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.checkpoints_dir.iterdir()
+                 if (m := CHECKPOINT.match(p.name)) and (p / STATE).is_file()]
+        return sorted(found)
+
+    def latest(self) -> tuple[int, Path] | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def unit(self, folder: Path) -> str:
+        return self.root.rel(folder)
+
+    # -- bringing the folder and the manifest into agreement after a crash
+
+    def reconcile(self, log=print) -> None:
+        """Drop half-written checkpoints, record whole ones a kill left unrecorded, forget removed ones."""
+        manifest = StageManifest.load(self.root, "train")
+        changed = False
+        if self.checkpoints_dir.is_dir():
+            for p in sorted(self.checkpoints_dir.iterdir()):
+                if p.name.startswith(".tmp-") or (CHECKPOINT.match(p.name) and not (p / STATE).is_file()):
+                    shutil.rmtree(p)
+                    log(f"train: removed {p.name}, a checkpoint an interrupted run did not finish")
+        for folder in [p for _, p in self.checkpoints()] + ([self.path / FINAL] if (self.path / FINAL / STATE).is_file() else []):
+            unit = self.unit(folder)
+            if unit not in manifest.entries or not manifest.entry_ok(self.root, unit):
+                manifest.add(self.root, unit, sorted(p for p in folder.rglob("*") if p.is_file()), samples=0,
+                             kind="checkpoint" if folder.name != FINAL else "final")
+                log(f"train: recorded {unit} in {self.root.manifest_path('train')}")
+                changed = True
+        prefix = self.name + "/"
+        for unit in [u for u in manifest.entries if u.startswith(prefix)]:
+            if not (self.root.abs(unit) / STATE).is_file():
+                del manifest.entries[unit]
+                changed = True
+        if changed:
+            manifest.save(self.root)
+
+    # -- checkpoints
+
+    def _to_drop(self, keep: int) -> list[tuple[int, Path]]:
+        """The oldest checkpoints to remove so that one more leaves `keep`; never the newest."""
+        found = self.checkpoints()
+        return found[:max(0, min(len(found) + 1 - keep, len(found) - 1))]
+
+    def room_for(self, step: int, estimate: int, keep: int) -> str | None:
+        """None when a checkpoint of about `estimate` bytes fits the budget (after dropping what `keep`
+        lets go), else the message that refuses it."""
+        budget = StorageBudget.load(self.root)
+        if not budget.budget_bytes:
+            return None
+        freed = sum(folder_bytes(p) for _, p in self._to_drop(keep))
+        left = budget.remaining_bytes + freed
+        if estimate <= left:
+            return None
+        latest = self.latest()
+        resume = f"the run can resume from {latest[1].name}" if latest else "no checkpoint was kept"
+        return (f"stopped at the budget: checkpoint {checkpoint_name(step)} needs about {format_size(estimate)} "
+                f"but only {format_size(left)} of the {format_size(budget.budget_bytes)} budget is left; {resume} "
+                f"once space is freed or the budget raised ('siclip manifest {self.root.root}' shows what is used)")
+
+    def drop_old(self, keep: int, after_write: bool = False) -> None:
+        """Before a write: remove the oldest checkpoints so that one more leaves `keep` (never the newest).
+        After it: remove all but the newest `keep`."""
+        found = self.checkpoints()
+        extra = found[:max(0, len(found) - keep)] if after_write else self._to_drop(keep)
+        if not extra:
+            return
+        manifest = StageManifest.load(self.root, "train")
+        for _, folder in extra:
+            manifest.entries.pop(self.unit(folder), None)
+        manifest.save(self.root)  # forget first: a file listed but gone would read as damage
+        for _, folder in extra:
+            shutil.rmtree(folder)
+
+    def publish(self, tmp: Path, final: Path, state: dict) -> Path:
+        """Write state.json last, flush, rename `tmp` to `final` and record it in the train manifest."""
+        atomic_write_bytes(tmp / STATE, (json.dumps(state, indent=1) + "\n").encode())
+        fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        manifest = StageManifest.load(self.root, "train")
+        manifest.add(self.root, self.unit(final), sorted(p for p in final.rglob("*") if p.is_file()), samples=0,
+                     step=state["step"], kind="final" if final.name == FINAL else "checkpoint")
+        manifest.save(self.root)
+        return final
+
+    # -- metrics
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.is_file():
+            return []
+        out = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line a kill cut short
+                pass
+        return out
+
+    def truncate_metrics(self, step: int, path: Path | None = None) -> None:
+        """Keep the lines up to `step` (a resumed run writes the later ones again)."""
+        path = path or self.metrics_path
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                pass
+        atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+
+def write_plots(run: Run) -> list[Path]:
+    """PNG plots of the loss terms, the learning rate and temperature, and the eval metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = run.read_metrics()
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval" in r]
+    folder = run.path / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig, name):
+        path = folder / name
+        fig.tight_layout()
+        fig.savefig(path.with_suffix(".tmp.png"), dpi=90)
+        plt.close(fig)
+        os.replace(path.with_suffix(".tmp.png"), path)
+        written.append(path)
+
+    if steps:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        terms = sorted({k for r in steps for k in r.get("terms", {})})
+        x = [r["step"] for r in steps]
+        ax.plot(x, [r["loss"] for r in steps], label="total", color="black", linewidth=1.5)
+        for term in terms:
+            pts = [(r["step"], r["terms"][term]) for r in steps if term in r.get("terms", {})]
+            ax.plot(*zip(*pts), label=term, linewidth=1)
+        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title(f"{run.name}: loss terms (unweighted)")
+        ax.legend(fontsize=8)
+        save(fig, "loss.png")
+
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.plot(x, [r["lr"] for r in steps], color="tab:blue")
+        ax.set_xlabel("step"), ax.set_ylabel("learning rate", color="tab:blue")
+        ax2 = ax.twinx()
+        ax2.plot(x, [r["temperature"] for r in steps], color="tab:red")
+        ax2.set_ylabel("exp(logit_scale)", color="tab:red")
+        ax.set_title(f"{run.name}: learning rate and logit scale")
+        save(fig, "lr.png")
+    if evals:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name in sorted({k for r in evals for k in r["eval"]}):
+            pts = [(r["step"], r["eval"][name]) for r in evals if name in r["eval"]]
+            ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xlabel("step"), ax.set_ylabel("recall"), ax.set_title(f"{run.name}: held-out retrieval")
+        ax.legend(fontsize=8)
+        save(fig, "eval.png")
+    return written
