@@ -89,7 +89,7 @@ def assemble(image: torch.Tensor, texts: torch.Tensor, valid: torch.Tensor, teac
 def forward_backward(model, objective: Objective, pixels, texts, valid, teacher: dict | None, micro: int,
                      accelerator) -> dict[str, torch.Tensor]:
     """The stage's loss over the whole batch and its gradients, holding activations for `micro` samples at a time."""
-    scale = model.logit_scale.exp()
+    scale = model.scale()
     if micro >= max(len(pixels), len(texts)):  # the batch fits: one plain forward and backward
         with accelerator.autocast():
             image, text = model.encode_image(pixels), model.encode_text(texts)
@@ -384,8 +384,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                                                        cfg.grad_clip) if cfg.grad_clip else None
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    with torch.no_grad():  # after the step, so the parameter keeps its gradient (open_clip's way)
-                        model.logit_scale.clamp_(0, math.log(model.config.max_logit_scale))
+                    model.clamp_logit_scale_()  # after the step, so the parameter keeps its gradient
                     step += 1
                     seconds = time.perf_counter() - t0
                     last = {k: float(v.detach()) for k, v in terms.items()}

@@ -32,15 +32,41 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class _GatherWithGradient(torch.autograd.Function):
+    """all_gather whose backward hands each process the sum, over processes, of the gradient of its own rows.
+
+    Every process computes the same loss from the gathered rows, so the sum is world × the
+    gradient of that loss: averaging the processes' parameter gradients (data parallelism) then
+    gives the exact gradient of the global loss. The backward all-reduces and slices, which
+    gloo (CPU) supports, where reduce_scatter would not be.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), len(x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_features(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """Concatenate each tensor across processes, keeping gradients; identity on one process."""
+    """Concatenate each tensor across processes (rows of process 0 first), keeping gradients; identity on one
+    process. Every process must pass the same number of rows."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(tensors)
-    from torch.distributed.nn.functional import all_gather
-
-    return [None if t is None else torch.cat(all_gather(t.contiguous()), dim=0) for t in tensors]
+    return [None if t is None else _GatherWithGradient.apply(t) for t in tensors]
 
 
 def _labels(n: int, device) -> torch.Tensor:

@@ -377,8 +377,14 @@ class SiCLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def scale(self) -> torch.Tensor:
-        """exp(logit_scale), clamped: the multiplier the contrastive losses take."""
-        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
+        """exp(logit_scale): the multiplier the contrastive losses take. Not clamped here, which would zero its
+        gradient past the cap for good; `clamp_logit_scale_` bounds the parameter after each optimizer step."""
+        return self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Keep exp(logit_scale) within [1, max_logit_scale], in place (open_clip's way)."""
+        self.logit_scale.clamp_(0, math.log(self.config.max_logit_scale))
 
     def forward(self, pixels: torch.Tensor, token_ids: torch.Tensor):
         """(image embeddings, text embeddings, exp(logit_scale)): the arguments of every loss in losses.py."""

@@ -1,0 +1,64 @@
+"""One training step on fixed tensors, the same in a test process and under `accelerate launch`:
+a small SiCLIP, every loss term on (teacher of another width, so FD and ICL have projections),
+some rows without synthetic captions. Run as a script, it writes rank 0's and rank 1's gradients."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from training.config import LossWeights
+from training.loop import average_gradients, forward_backward
+from training.model import build_model, load_config
+from training.objective import Objective
+
+GLOBAL_BATCH, K, TEACHER_DIM = 8, 2, 24
+WEIGHTS = LossWeights(clip_web=1.0, clip_synthetic=0.5, pm=0.3, fd=2.0, crd=1.0, icl=1.0)
+
+
+def small_model():
+    torch.manual_seed(0)
+    config = load_config("tiny", {"image.image_size": 16, "image.patch_size": 8, "image.width": 32, "image.depth": 2,
+                                  "image.heads": 2, "text.width": 32, "text.depth": 2, "text.heads": 2,
+                                  "text.context_length": 12, "embed_dim": 16, "image.share_attention": [[1, 2]],
+                                  "text.share_attention": [[1, 2]]})
+    model = build_model(config)
+    torch.manual_seed(1)
+    return model, Objective(WEIGHTS, 16, TEACHER_DIM, pm_k=3)
+
+
+def global_batch():
+    """Pixels, caption token ids and teacher embeddings of the whole global batch (rows without a synthetic caption)."""
+    g = torch.Generator().manual_seed(2)
+    pixels = torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=g)
+    web = torch.randint(1, 49400, (GLOBAL_BATCH, 12), generator=g)
+    syn = torch.randint(1, 49400, (GLOBAL_BATCH, K, 12), generator=g)
+    web[:, -1] = syn[..., -1] = 49407
+    valid = torch.ones(GLOBAL_BATCH, K, dtype=torch.bool)
+    valid[1, 0] = valid[5, :] = valid[6, 1] = False
+    teacher = {"t_image": torch.randn(GLOBAL_BATCH, TEACHER_DIM, generator=g),
+               "t_text": torch.randn(GLOBAL_BATCH, TEACHER_DIM, generator=g),
+               "t_syn": torch.randn(GLOBAL_BATCH, K, TEACHER_DIM, generator=g), "t_syn_valid": valid.clone()}
+    return pixels, web, syn, valid, teacher
+
+
+def step_gradients(rank: int, world: int, micro: int, accelerator):
+    """(loss terms, {name: gradient}) of this process's share of the global batch after gradient averaging."""
+    model, objective = small_model()
+    pixels, web, syn, valid, teacher = global_batch()
+    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    texts = torch.cat([web[rows], syn[rows][valid[rows]]])
+    terms = forward_backward(model, objective, pixels[rows], texts, valid[rows],
+                             {k: v[rows] for k, v in teacher.items()}, micro, accelerator)
+    named = list(model.named_parameters()) + [(f"objective.{n}", p) for n, p in objective.named_parameters()]
+    average_gradients([p for _, p in named], world)
+    return {k: float(v.detach()) for k, v in terms.items()}, {n: p.grad.clone() for n, p in named if p.grad is not None}
+
+
+if __name__ == "__main__":
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    terms, grads = step_gradients(accelerator.process_index, accelerator.num_processes, int(sys.argv[2]), accelerator)
+    torch.save({"terms": terms, "grads": grads}, f"{sys.argv[1]}.rank{accelerator.process_index}.pt")

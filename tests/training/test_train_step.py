@@ -1,0 +1,105 @@
+"""One step of the loop: gradient caching and several processes give the gradients of one big batch."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from siclip_testing import REPO
+from step_helpers import GLOBAL_BATCH, WEIGHTS, global_batch, small_model, step_gradients
+from training.loop import StageSpan, forward_backward, set_trainable
+from training.config import StageConfig
+from manifests.errors import SiclipError
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return Accelerator(cpu=True)
+
+
+@pytest.fixture(scope="module")
+def one_big_batch(accelerator):
+    return step_gradients(0, 1, GLOBAL_BATCH, accelerator)
+
+
+def assert_same_gradients(got, want, atol=1e-6):
+    terms, grads = got
+    want_terms, want_grads = want
+    assert set(terms) == set(want_terms) == {"loss", "clip_web", "clip_synthetic", "pm", "fd", "crd", "icl"}
+    for k in terms:
+        assert terms[k] == pytest.approx(want_terms[k], rel=1e-5, abs=1e-6), k
+    assert set(grads) == set(want_grads)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+def test_gradient_caching_gives_the_gradients_of_one_big_batch(accelerator, one_big_batch, micro):
+    got = step_gradients(0, 1, micro, accelerator)
+    assert_same_gradients(got, one_big_batch)
+    # and the loss terms' own parameters (PM's hyperplane, the projections) were reached
+    assert {"objective.pm.bias", "objective.fd.image_proj.weight", "objective.icl.text_proj.weight"} <= set(got[1])
+
+
+def test_two_real_processes_give_the_loss_and_gradients_of_one_process(tmp_path, one_big_batch):
+    out = tmp_path / "grads"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    # torchrun starts the processes; Accelerate finds them from the environment (gloo on the CPU)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", "127.0.0.1:0", str(HERE / "step_helpers.py"), str(out), "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [torch.load(f"{out}.rank{r}.pt") for r in (0, 1)]
+    for r in ranks:  # each process holds the global loss and the same, exact gradients
+        assert_same_gradients((r["terms"], r["grads"]), one_big_batch, atol=2e-6)
+
+
+def test_logit_scale_keeps_its_gradient_past_the_cap_and_is_clamped_after_the_step(accelerator):
+    model, objective = small_model()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(150.0))
+    pixels, web, syn, valid, teacher = global_batch()
+    texts = torch.cat([web, syn[valid]])
+    forward_backward(model, objective, pixels, texts, valid, teacher, 8, accelerator)
+    assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0
+    model.clamp_logit_scale_()
+    assert model.scale().item() == pytest.approx(100.0)
+
+
+def test_stage_globs_choose_what_trains_and_a_shared_attention_follows_any_of_its_names():
+    model, _ = small_model()
+    trainable, total = set_trainable(model, StageConfig(train=["text.*", "logit_scale"], freeze=["text.token_embed.*"]),
+                                     frozen_inherited=set())
+    on = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "logit_scale" in on and "text.token_embed.weight" not in on
+    assert not any(n.startswith("visual.") for n in on) and trainable < total
+    # blocks 0 and 1 share one attention: naming block 1's copy trains the shared tensor
+    set_trainable(model, StageConfig(train=["text.blocks.1.attn.*"]), frozen_inherited=set())
+    assert model.text.blocks[0].attn.q.weight.requires_grad
+    with pytest.raises(SiclipError, match="module glob 'text.blockz.*' matches no parameter"):
+        set_trainable(model, StageConfig(train=["text.blockz.*"]), frozen_inherited=set())
+
+
+def test_the_schedule_warms_up_then_follows_a_cosine_to_min_lr():
+    span = StageSpan(0, StageConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10, steps=110), 100, 210)
+    assert span.lr(100) == pytest.approx(1e-4) and span.lr(109) == pytest.approx(1e-3)
+    assert span.lr(110) == pytest.approx(1e-3) and span.lr(160) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert span.lr(209) == pytest.approx(1e-5, abs=1e-6)
+    assert all(span.lr(s) >= span.lr(s + 1) for s in range(110, 209))
+
+
+def test_weights_are_the_objective_the_stage_asks_for(accelerator):
+    # the total is the weighted sum of the reported terms
+    terms, _ = step_gradients(0, 1, GLOBAL_BATCH, accelerator)
+    total = sum(getattr(WEIGHTS, k) * v for k, v in terms.items() if k != "loss")
+    assert terms["loss"] == pytest.approx(total, rel=1e-6)
