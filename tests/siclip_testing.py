@@ -19,9 +19,10 @@ def write_list(path: Path, rows) -> Path:
     return path
 
 
-def siclip(*args, check=True, timeout=300, **popen) -> subprocess.CompletedProcess:
-    """Run the real `siclip` CLI in a subprocess, as a user would."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1"}
+def siclip(*args, check=True, timeout=300, env=None, **popen) -> subprocess.CompletedProcess:
+    """Run the real `siclip` CLI in a subprocess, as a user would (`env`: the environment, default os.environ)."""
+    env = {**(env or os.environ), "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONUNBUFFERED": "1"}
     res = subprocess.run([sys.executable, "-m", "manifests.cli", *map(str, args)], capture_output=True, text=True,
                          timeout=timeout, env=env, cwd=REPO, **popen)
     if check and res.returncode != 0:

@@ -427,10 +427,24 @@ class WorkerStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         n = len(self.plan.workers)
         physical = info.id if info is not None else 0
-        if info is not None:
-            torch.set_num_threads(1)
         # renumbered so that the DataLoader's first turn goes to the worker that is due
         yield from self.pipeline((physical + self.first) % n)
+
+
+def _loader_worker_init(worker_id: int) -> None:
+    """A loader worker dies with the training process: a killed job leaves no worker holding its files
+    (or the stage lock, whose descriptor a forked worker shares) while a rerun starts."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    info = torch.utils.data.get_worker_info()
+    if info is not None and os.getppid() == 1:  # the trainer died before prctl took effect
+        os._exit(1)
 
 
 def train_loader(root: DataRoot, plan: EpochPlan, settings: SampleSettings, local_batch: int, shuffle_buffer: int,
@@ -441,7 +455,8 @@ def train_loader(root: DataRoot, plan: EpochPlan, settings: SampleSettings, loca
     stream = WorkerStream(root, plan, settings, local_batch, shuffle_buffer, start_step)
     workers = 0 if in_process else len(plan.workers)
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                       prefetch_factor=2 if workers else None, persistent_workers=False)
+                                       prefetch_factor=2 if workers else None, persistent_workers=False,
+                                       worker_init_fn=_loader_worker_init if workers else None)
 
 
 def eval_batches(root: DataRoot, shards: list[Shard], settings: SampleSettings, batch_size: int):

@@ -44,7 +44,7 @@ from training.data import (SampleSettings, check_shards_intact, check_sidecars, 
                            train_loader)
 from training.evaluate import Preprocess, retrieval, to_input
 from training.objective import Features, Objective, load_teacher
-from training.runs import FINAL, Run, checkpoint_name, folder_bytes, write_plots
+from training.runs import FINAL, Run, checkpoint_name, failpoint, folder_bytes, write_plots
 
 # keys a resumed run may change; the rest decide the data order or the numbers
 RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys"}
@@ -382,6 +382,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                     average_gradients(all_params, world)
                     norm = accelerator.clip_grad_norm_([p for p in all_params if p.grad is not None],
                                                        cfg.grad_clip) if cfg.grad_clip else None
+                    failpoint(f"step:{step + 1}")
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     model.clamp_logit_scale_()  # after the step, so the parameter keeps its gradient

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,12 @@ from manifests.storage import StorageBudget, format_size
 CHECKPOINT = re.compile(r"^step-(\d{6,})$")
 STATE = "state.json"
 FINAL = "final"
+
+
+def failpoint(name: str) -> None:
+    """Tests kill the job at a named moment (SICLIP_FAILPOINT=name): a real SIGKILL, no cleanup, as a crash."""
+    if os.environ.get("SICLIP_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checkpoint_name(step: int) -> str:
@@ -183,12 +190,14 @@ class Run:
 
     def publish(self, tmp: Path, final: Path, state: dict) -> Path:
         """Write state.json last, flush, rename `tmp` to `final` and record it in the train manifest."""
+        failpoint(f"before-state:{final.name}")
         atomic_write_bytes(tmp / STATE, (json.dumps(state, indent=1) + "\n").encode())
         fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(final.parent)
+        failpoint(f"renamed:{final.name}")
         manifest = StageManifest.load(self.root, "train")
         manifest.add(self.root, self.unit(final), sorted(p for p in final.rglob("*") if p.is_file()), samples=0,
                      step=state["step"], kind="final" if final.name == FINAL else "checkpoint")

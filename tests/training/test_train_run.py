@@ -1,0 +1,355 @@
+"""`siclip train` and `siclip eval` as a user runs them, on shards made by the real stage 1 (img2dataset
+against a loopback server) with caption and teacher sidecars from the real stage 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from manifests.layout import DataRoot
+from manifests.manifest import StageManifest
+from manifests.storage import StorageBudget, write_storage
+from siclip_testing import REPO, siclip, write_list
+
+IMAGES, PER_SHARD = 160, 32  # five shards: four to train on, the last held out
+# a small SiCLIP (16 px images) for the runs whose point is the bookkeeping, not the learning
+SMALL_MODEL = ('model_set = ["image.image_size=16", "image.patch_size=8", "image.width=32", "image.depth=2", '
+               '"image.heads=2", "image.share_attention=[[1, 2]]", "text.width=32", "text.depth=2", "text.heads=2", '
+               '"text.share_attention=[[1, 2]]", "text.context_length=16", "embed_dim=16"]')
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A data root: five shards of generated pictures, their synthetic captions and tiny-teacher embeddings."""
+    from pipeline.loopback import serve_generated
+
+    d = tmp_path_factory.mktemp("train_data")
+    with serve_generated(IMAGES, seed=5) as (server, rows):
+        urls = write_list(d / "urls.parquet", [(f"{server.base}/{p}", c) for p, c in rows])
+        siclip("shards", "--urls", urls, "--data", d / "data", "--image-size", "64", "--samples-per-shard",
+               str(PER_SHARD), "--processes", "2", "--threads", "8", "--budget", "2GB", "--reserve", "0%",
+               "--set", "timeout=20")
+    siclip("captions", "--data", d / "data", "--model", "tiny", "--workers", "0", "--num-captions", "2")
+    siclip("teacher", "--data", d / "data", "--teacher", "tiny", "--workers", "0", "--augmentations", "2")
+    return d / "data"
+
+
+@pytest.fixture
+def root(data, tmp_path):
+    """A private copy of the data root (runs, manifests and budget change)."""
+    shutil.copytree(data, tmp_path / "data")
+    return DataRoot(tmp_path / "data")
+
+
+def config(path: Path, body: str, small: bool = True) -> Path:
+    path.write_text((SMALL_MODEL + "\n" if small else "") + body)
+    return path
+
+
+def run_args(root: DataRoot, cfg: Path, out: str, *extra) -> list:
+    return ["train", "--data", root.root, "--config", cfg, "--out", out, *extra]
+
+
+BOOKKEEPING = """
+batch_size = 16
+workers = 2
+val_shards = 1
+checkpoint_every = 3
+keep_checkpoints = 2
+eval_every = 0
+record_keys = true
+[[stages]]
+name = "one"
+steps = 10
+lr = 1e-3
+warmup_steps = 2
+[stages.loss]
+clip_web = 1.0
+clip_synthetic = 1.0
+pm = 0.1
+"""
+
+
+def weights(folder: Path) -> dict:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+def assert_same_end(a: Path, b: Path) -> None:
+    wa, wb = weights(a / "final"), weights(b / "final")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0, msg=lambda m: f"{k}: {m}")
+    assert [s for s, _ in losses(a)] == [s for s, _ in losses(b)]
+    assert [v for _, v in losses(a)] == pytest.approx([v for _, v in losses(b)], abs=1e-6)
+    ka = (a / "keys-rank0.jsonl").read_text().splitlines()
+    kb = (b / "keys-rank0.jsonl").read_text().splitlines()
+    assert ka == kb, "the resumed run trained on other samples, or repeated or skipped some"
+
+
+def test_the_tiny_preset_learns_loss_falls_and_retrieval_beats_chance_several_fold(root, tmp_path):
+    cfg = config(tmp_path / "learn.toml", """
+batch_size = 32
+workers = 2
+val_shards = 1
+eval_every = 40
+checkpoint_every = 40
+[[stages]]
+name = "clip"
+epochs = 15
+lr = 2e-3
+warmup_steps = 5
+[stages.loss]
+clip_web = 1.0
+clip_synthetic = 0.5
+pm = 0.1
+""", small=False)
+    res = siclip(*run_args(root, cfg, "learn"), timeout=600)
+    run = root.runs / "learn"
+    steps = losses(run)
+    assert len(steps) == 60  # 4 shards x 32 samples / 32 per step, 15 epochs
+    first, last = sum(v for _, v in steps[:5]) / 5, sum(v for _, v in steps[-5:]) / 5
+    assert last < 0.8 * first
+    ev = [r["eval"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval" in r][-1]
+    assert ev["samples"] == PER_SHARD and ev["chance_r1"] == pytest.approx(1 / PER_SHARD)
+    assert (ev["i2t_r1"] + ev["t2i_r1"]) / 2 >= 3 * ev["chance_r1"], ev
+    assert "train: done:" in res.stderr and "held-out retrieval" in res.stderr
+    assert {p.name for p in (run / "plots").iterdir()} == {"loss.png", "lr.png", "eval.png"}
+    # the run is recorded and counted: the final model and the kept checkpoints
+    manifest = StageManifest.load(root, "train")
+    assert {u for u in manifest.entries} == {"runs/learn/final", "runs/learn/checkpoints/step-000040",
+                                             "runs/learn/checkpoints/step-000060"}
+    assert StorageBudget.load(root).used_by_stage["train"] == manifest.total_bytes > 0
+    assert siclip("manifest", root.root, "--verify").returncode == 0
+
+    # evaluation of the run, by name, as JSON; and the model, usable in five lines
+    out = json.loads(siclip("eval", "--run", "learn", "--data", root.root, "--json").stdout)
+    assert out["retrieval"]["i2t_r1"] == pytest.approx(ev["i2t_r1"])
+    import training
+    from PIL import Image
+
+    model, tokenizer, preprocess = training.load(run)
+    with torch.no_grad():
+        images = model.encode_image(torch.stack([preprocess(Image.new("RGB", (80, 60), c)) for c in ("red", "blue")]))
+        texts = model.encode_text(tokenizer(["a red circle", "a blue square"]))
+    assert (images @ texts.T).shape == (2, 2) and torch.allclose(images.norm(dim=1), torch.ones(2))
+
+
+@pytest.mark.parametrize("failpoint", ["step:5", "before-state:step-000006", "renamed:step-000006", "renamed:final"])
+def test_kill_9_at_an_awkward_moment_then_resume_reaches_the_same_end(root, tmp_path, failpoint):
+    cfg = config(tmp_path / "c.toml", BOOKKEEPING)
+    siclip(*run_args(root, cfg, "whole"))
+    import os
+
+    env = {**os.environ, "SICLIP_FAILPOINT": failpoint}
+    res = siclip(*run_args(root, cfg, "killed"), check=False, env=env)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    res = siclip(*run_args(root, cfg, "killed", "--resume"))
+    assert_same_end(root.runs / "whole", root.runs / "killed")
+    if failpoint.startswith("before-state"):
+        assert "removed .tmp-step-000006" in res.stderr
+    if failpoint.startswith("renamed"):
+        assert "recorded runs/killed/" in res.stderr
+    assert siclip("manifest", root.root, "--verify").returncode == 0
+    kept = sorted(p.name for p in (root.runs / "killed" / "checkpoints").iterdir())
+    assert kept == ["step-000009", "step-000010"]
+
+
+def test_a_kill_from_outside_during_training_then_resume_reaches_the_same_end(root, tmp_path):
+    cfg = config(tmp_path / "c.toml", BOOKKEEPING)
+    siclip(*run_args(root, cfg, "whole"))
+    cmd = [sys.executable, "-m", "manifests.cli", *map(str, run_args(root, cfg, "killed"))]
+    import os
+
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 120
+    while not (root.runs / "killed" / "checkpoints" / "step-000003").is_dir():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    siclip(*run_args(root, cfg, "killed", "--resume"))
+    assert_same_end(root.runs / "whole", root.runs / "killed")
+
+
+def test_a_checkpoint_that_would_pass_the_budget_is_refused_and_nothing_is_lost(root, tmp_path):
+    cfg = config(tmp_path / "c.toml", BOOKKEEPING)
+    siclip(*run_args(root, cfg, "tight", "--max-steps", "3"))
+    first = root.runs / "tight" / "checkpoints" / "step-000003"
+    before = {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    manifest_before = (root.manifests / "train.json").read_text()
+    budget = StorageBudget.load(root)
+    write_storage(root, budget_bytes=budget.used_bytes + sum(len(b) for b in before.values()) // 2)
+    res = siclip(*run_args(root, cfg, "tight", "--resume"), check=False)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "stopped at the budget: checkpoint step-000006 needs about" in res.stderr
+    assert "the run can resume from step-000003" in res.stderr
+    assert {p: p.read_bytes() for p in first.rglob("*") if p.is_file()} == before
+    assert (root.manifests / "train.json").read_text() == manifest_before
+    assert not list((root.runs / "tight" / "checkpoints").glob(".tmp-*"))
+    assert StorageBudget.load(root).used_bytes <= StorageBudget.load(root).budget_bytes
+    # with room again, the run goes on from the checkpoint it kept
+    write_storage(root, budget_bytes=2 * 10**9)
+    siclip(*run_args(root, cfg, "tight", "--resume"))
+    siclip(*run_args(root, cfg, "whole"))
+    assert_same_end(root.runs / "whole", root.runs / "tight")
+
+
+def test_frozen_modules_stay_bit_identical_through_their_stage(root, tmp_path):
+    from training.model import build_model, load_config
+
+    cfg = config(tmp_path / "c.toml", """
+batch_size = 16
+workers = 1
+checkpoint_every = 4
+[[stages]]
+name = "image-only"
+steps = 4
+train = ["visual.*", "logit_scale"]
+lr = 1e-3
+[stages.loss]
+clip_web = 1.0
+clip_synthetic = 0.0
+[[stages]]
+name = "everything"
+steps = 2
+lr = 1e-3
+[stages.loss]
+clip_web = 1.0
+clip_synthetic = 0.0
+""")
+    siclip(*run_args(root, cfg, "frozen"))
+    torch.manual_seed(0)
+    from training.config import load_train_config
+
+    model_set = dict(item.split("=", 1) for item in load_train_config(cfg).model_set)
+    from training.config import parse_value
+
+    initial = build_model(load_config("tiny", {k: parse_value(v) for k, v in model_set.items()})).state_dict()
+    after_stage = weights(root.runs / "frozen" / "checkpoints" / "step-000004")
+    final = weights(root.runs / "frozen" / "final")
+    text = [k for k in after_stage if k.startswith("text.")]
+    assert text and all(torch.equal(after_stage[k], initial[k]) for k in text)
+    assert not all(torch.equal(after_stage[k], initial[k]) for k in after_stage if k.startswith("visual."))
+    assert not all(torch.equal(final[k], initial[k]) for k in text)
+
+
+def test_inheritance_and_distillation_from_sidecars_a_siclip_run_and_a_transformers_clip(root, tmp_path):
+    from captioning.models import save_tiny
+
+    siclip(*run_args(root, config(tmp_path / "t.toml", BOOKKEEPING), "teacher_run"))
+    clip_dir = save_tiny("clip", tmp_path / "tiny_clip")
+    cfg = config(tmp_path / "wikd.toml", f"""
+inherit_from = "{root.runs / 'teacher_run'}"
+batch_size = 16
+workers = 2
+checkpoint_every = 100
+[[stages]]
+name = "reinforced"
+steps = 2
+teacher = "sidecar"
+[stages.loss]
+clip_web = 1.0
+clip_synthetic = 1.0
+fd = 2000.0
+crd = 1.0
+icl = 1.0
+[[stages]]
+name = "online-siclip"
+steps = 2
+teacher = "{root.runs / 'teacher_run'}"
+[stages.loss]
+clip_web = 1.0
+clip_synthetic = 0.0
+crd = 1.0
+icl = 1.0
+[[stages]]
+name = "online-transformers"
+steps = 2
+teacher = "{clip_dir}"
+[stages.loss]
+clip_web = 1.0
+clip_synthetic = 0.0
+fd = 2000.0
+""")
+    res = siclip(*run_args(root, cfg, "student"))
+    report = json.loads((root.runs / "student" / "inherit_report.json").read_text())
+    assert report["counts"].get("copied", 0) > 0 and "siclip checkpoint" in report["teacher"]
+    records = [json.loads(x) for x in (root.runs / "student" / "metrics.jsonl").read_text().splitlines()]
+    by_stage = {r["stage"]: set(r["terms"]) for r in records if "terms" in r}
+    assert by_stage == {"reinforced": {"clip_web", "clip_synthetic", "fd", "crd", "icl"},
+                        "online-siclip": {"clip_web", "crd", "icl"}, "online-transformers": {"clip_web", "fd"}}
+    assert all(r["loss"] == r["loss"] and abs(r["loss"]) < 1e6 for r in records if "loss" in r)
+    assert "teacher: teacher sidecars" in res.stderr and "teacher: CLIPModel" in res.stderr
+
+
+@pytest.mark.parametrize("body, message", [
+    ("batch_size = 16\n[[stages]]\nname = 'a'\nsteps = 2\nlearning_rate = 1e-3\n",
+     "unknown key 'learning_rate'"),
+    ("batch_size = 16\n[[stages]]\nname = 'a'\nsteps = 2\n[stages.loss]\nclip_wbe = 1.0\n",
+     "unknown key 'clip_wbe' (did you mean 'clip_web'?)"),
+    ("batch_size = 16\n[[stages]]\nname = 'a'\nsteps = 2\nfreeze = ['text.blokcs.*']\n",
+     "module glob 'text.blokcs.*' matches no parameter"),
+    ("batch_size = 16\n[[stages]]\nname = 'a'\nsteps = 2\nteacher = '/no/such/teacher'\n[stages.loss]\nicl = 1.0\n",
+     "teacher '/no/such/teacher' does not load"),
+    ("batch_size = 16\n[[stages]]\nname = 'a'\nsteps = 2\nepochs = 1\n", "exactly one, positive"),
+    ("batch_size = 16\n[[stages]]\nname = 'a'\nsteps = 2\n[stages.loss]\nfd = 1.0\n", "need a teacher"),
+])
+def test_config_mistakes_are_one_line_errors_before_training(root, tmp_path, body, message):
+    res = siclip(*run_args(root, config(tmp_path / "bad.toml", body), "bad"), check=False)
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+    assert len(res.stderr.strip().splitlines()) == 1 or "Traceback" not in res.stderr
+    assert not (root.runs / "bad" / "checkpoints").exists()
+
+
+def test_a_stage_needing_sidecars_that_are_missing_stops_before_training(root, tmp_path):
+    shutil.rmtree(root.teacher)
+    (root.manifests / "teacher.json").unlink()
+    cfg = config(tmp_path / "c.toml", "batch_size = 16\n[[stages]]\nname = 'a'\nsteps = 2\nteacher = 'sidecar'\n"
+                                      "[stages.loss]\ncrd = 1.0\n")
+    res = siclip(*run_args(root, cfg, "nosidecar"), check=False)
+    assert res.returncode == 2 and "needs teacher sidecars, but 5 of 5 shards have none" in res.stderr
+
+
+def test_an_existing_run_is_not_overwritten_and_a_resume_with_another_config_is_refused(root, tmp_path):
+    cfg = config(tmp_path / "c.toml", BOOKKEEPING)
+    siclip(*run_args(root, cfg, "once", "--max-steps", "3"))
+    res = siclip(*run_args(root, cfg, "once"), check=False)
+    assert res.returncode == 2 and "already holds a run; pass --resume" in res.stderr
+    res = siclip(*run_args(root, cfg, "once", "--resume", "--set", "batch_size=8"), check=False)
+    assert res.returncode == 2 and "differs from the run's in batch_size" in res.stderr
+    res = siclip(*run_args(root, cfg, "once", "--resume", "--set", "checkpoint_every=5"))
+    assert "resuming from step-000003" in res.stderr
+
+
+def test_zero_shot_on_a_folder_of_classes(root, tmp_path):
+    from PIL import Image, ImageDraw
+
+    siclip(*run_args(root, config(tmp_path / "c.toml", BOOKKEEPING), "zs"))
+    folder = tmp_path / "classes"
+    for colour in ("red", "green", "blue"):
+        (folder / colour).mkdir(parents=True)
+        for i in range(3):
+            img = Image.new("RGB", (48, 48), "white")
+            ImageDraw.Draw(img).ellipse((4 + i, 4, 40, 40), fill=colour)
+            img.save(folder / colour / f"{i}.png")
+    out = json.loads(siclip("eval", "--run", root.runs / "zs", "--imagefolder", folder, "--json").stdout)
+    zs = out["zeroshot"]
+    assert zs["classes"] == 3 and zs["images"] == 9 and zs["chance_top1"] == pytest.approx(1 / 3)
+    assert 0 <= zs["top1"] <= zs["top5"] == 1.0 and 0 <= zs["mean_per_class_recall"] <= 1
+    assert "retrieval" not in out
