@@ -387,7 +387,7 @@ def inherit_weights(student: SiCLIP, teacher, *, freeze: bool = False, sasp_from
     report = InheritanceReport(description, entries, frozen=freeze, warnings=problems)
     if problems:
         warnings.warn(f"weight inheritance: {len(problems)} student tensor(s) start fresh although the teacher "
-                      f"has them, first {problems[0]}", stacklevel=2)
+                      f"has them, first {problems[0]}", stacklevel=3)  # past the no_grad wrapper
     if report_path is not None:
         report.save(report_path)
     return report
