@@ -163,15 +163,20 @@ def _one(name: str, model_path: Path, images: int, work: Path, workers: int, bat
     return res
 
 
-def bench_captions(quick: bool = False) -> dict:
-    """Images/s and bytes per caption of siclip captions against the pipeline; ratio = siclip over pipeline."""
+def bench_captions(quick: bool = False, work_dir: str | Path | None = None) -> dict:
+    """Images/s and bytes per caption of siclip captions against the pipeline; ratio = siclip over pipeline.
+
+    work_dir: where the models and data roots go (<work_dir>/<model>/data), kept for inspection;
+    default a temporary folder, removed at the end."""
+    import contextlib
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from captioning.models import _quiet_transformers, save_tiny
 
     _quiet_transformers()
-    with tempfile.TemporaryDirectory(prefix="siclip-bench-") as tmp:
+    place = contextlib.nullcontext(str(work_dir)) if work_dir else tempfile.TemporaryDirectory(prefix="siclip-bench-")
+    with place as tmp:
         work = Path(tmp)
         tiny = _one("tiny", save_tiny("captioner", work / "tiny-model"), 24 if quick else 128, work, 2, 16,
                     time_cap=4 if quick else 20)

@@ -1,8 +1,14 @@
-"""CLIP teachers: image and text embeddings, L2-normalised per teacher and concatenated for an ensemble."""
+"""CLIP teachers: image and text embeddings, unit length.
+
+An ensemble's embedding is each teacher's L2-normalised embedding, concatenated, then normalised
+again: the concatenation of T unit vectors has length √T, and the distillation losses assume unit
+vectors. The dot product of two such embeddings is the mean of the teachers' cosines.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from captioning.models import LoadedModel, load_clip
 
@@ -10,6 +16,12 @@ from captioning.models import LoadedModel, load_clip
 def _features(out) -> torch.Tensor:
     # transformers 5 returns a model output whose pooler_output is the projected embedding; 4.x a tensor
     return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def ensemble_embedding(per_teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Normalise each teacher's embeddings, concatenate, normalise the whole: the mean-cosine ensemble."""
+    unit = [F.normalize(e.float(), dim=-1) for e in per_teacher]
+    return F.normalize(torch.cat(unit, dim=-1), dim=-1)
 
 
 class TeacherEnsemble:
@@ -33,9 +45,8 @@ class TeacherEnsemble:
         outs = []
         for t, px in zip(self.teachers, pixels):
             dtype = next(t.model.parameters()).dtype
-            e = _features(t.model.get_image_features(pixel_values=px.to(self.device, dtype))).float()
-            outs.append(torch.nn.functional.normalize(e, dim=-1).cpu())
-        return torch.cat(outs, dim=-1)
+            outs.append(_features(t.model.get_image_features(pixel_values=px.to(self.device, dtype))).cpu())
+        return ensemble_embedding(outs)
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
@@ -43,10 +54,9 @@ class TeacherEnsemble:
         for t in self.teachers:
             max_len = int(getattr(t.model.config.text_config, "max_position_embeddings", 77))
             enc = t.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-            e = _features(t.model.get_text_features(input_ids=enc["input_ids"].to(self.device),
-                                                    attention_mask=enc["attention_mask"].to(self.device))).float()
-            outs.append(torch.nn.functional.normalize(e, dim=-1).cpu())
-        return torch.cat(outs, dim=-1)
+            outs.append(_features(t.model.get_text_features(input_ids=enc["input_ids"].to(self.device),
+                                                            attention_mask=enc["attention_mask"].to(self.device))).cpu())
+        return ensemble_embedding(outs)
 
 
 def build_teachers(names: list[str], device: str, seed: int, trust_remote_code: bool, threads: int = 0) -> TeacherEnsemble:

@@ -218,7 +218,8 @@ def teacher_shard(task: dict, teachers) -> dict:
         provenance = {"stage": "teacher", "shard": task["shard"], "teachers": teachers.describe(), "dim": dim,
                       "dtype": p["dtype"], "augmentations": K, "aug_params": ["x0", "y0", "w", "h", "flip"],
                       "text_emb": "web caption first, then each synthetic caption in caption-sidecar order",
-                      "image_emb": "plain image first, then each augmentation; L2-normalised per teacher, concatenated",
+                      "image_emb": "plain image first, then each augmentation; each teacher L2-normalised, concatenated, "
+                                   "normalised again (unit length: the mean-cosine ensemble)",
                       "params": p}
         write_teacher_sidecar(Path(task["out"]), out_keys, image, text, aug, statuses, p["dtype"], provenance)
     except Exception as e:

@@ -23,6 +23,7 @@ _TINY_WORDS = (
     "sitting standing walking running riding holding eating playing looking parked flying photo picture view close up"
 ).split()
 _SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+TINY_CLIP_DIM = 24  # the tiny CLIP teacher's embedding width
 
 
 def torch_dtype(name: str, device: str):
@@ -97,7 +98,7 @@ def build_tiny_clip(seed: int = 0):
                          pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=8),
-        projection_dim=24)
+        projection_dim=TINY_CLIP_DIM)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(cfg).eval()
@@ -193,6 +194,21 @@ def load_clip(name: str, device: str, seed: int, trust_remote_code: bool = False
     # the teacher runs in half precision on a GPU; embeddings are stored in half precision either way
     loaded.model.to(device=device, dtype=torch.float16 if device.startswith("cuda") else torch.float32)
     return loaded
+
+
+def clip_embedding_width(name: str, trust_remote_code: bool = False) -> int | None:
+    """A CLIP teacher's embedding width from its config alone (no weights), or None when that cannot be read."""
+    if name == TINY:
+        return TINY_CLIP_DIM
+    _quiet_transformers()
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(_hub_or_path(name), trust_remote_code=trust_remote_code)
+    except Exception:  # the model load proper reports why, with the whole context
+        return None
+    width = getattr(config, "projection_dim", None)
+    return int(width) if isinstance(width, int) and width > 0 else None
 
 
 def load_coca(spec: str, device: str, dtype: str):

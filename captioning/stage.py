@@ -32,17 +32,17 @@ class StageJob:
     setup: tuple[str, dict]  # ("module:function", kwargs) building the model on a worker
     job: str  # "module:function" run per shard: (task, model) -> result
     bytes_per_row: float  # a-priori sidecar size estimate, before any sidecar exists
+    bytes_per_file: float = 0  # and what each sidecar file adds whatever its rows (a-priori too)
     extra_task: dict = field(default_factory=dict)
     needs: Callable | None = None  # (root, shard) -> reason the shard cannot run yet, or None
 
 
-def _estimate_bytes(manifest: StageManifest, rows: int, prior_per_row: float) -> int:
-    # measured bytes per row of the sidecars made so far beat the a-priori guess
+def _estimate_bytes(manifest: StageManifest, rows: int, files: int, prior_per_row: float,
+                    prior_per_file: float = 0) -> int:
+    # measured bytes per row of the sidecars made so far (per-file costs included) beat the a-priori guess
     if manifest.total_samples:
-        per_row = manifest.total_bytes / manifest.total_samples
-    else:
-        per_row = prior_per_row
-    return int(rows * per_row) + 4096
+        return int(rows * manifest.total_bytes / manifest.total_samples) + 4096
+    return int(rows * prior_per_row + files * prior_per_file) + 4096
 
 
 def run_stage(job: StageJob) -> int:
@@ -84,7 +84,7 @@ def run_stage(job: StageJob) -> int:
                 continue
             todo.append(s)
         rows = sum(s.samples for s in todo)
-        _check_budget(root, stage, manifest, rows, job.bytes_per_row, out_dir)
+        _check_budget(root, stage, manifest, rows, len(todo), job, out_dir)
         # an entry whose sidecar is missing, damaged or made with replaced parameters lists nothing true
         stale_entries = [s.name for s in todo if manifest.entries.pop(s.name, None) is not None]
         if adopted or stale_entries:
@@ -187,8 +187,9 @@ def _adopt(root: DataRoot, manifest: StageManifest, job: StageJob, shard, path: 
     return True
 
 
-def _check_budget(root: DataRoot, stage: str, manifest: StageManifest, rows: int, prior: float, out_dir: Path) -> None:
-    need = _estimate_bytes(manifest, rows, prior) if rows else 0
+def _check_budget(root: DataRoot, stage: str, manifest: StageManifest, rows: int, files: int, job: StageJob,
+                  out_dir: Path) -> None:
+    need = _estimate_bytes(manifest, rows, files, job.bytes_per_row, job.bytes_per_file) if rows else 0
     budget = StorageBudget.load(root)
     if budget.budget_bytes and need > budget.remaining_bytes:
         raise SiclipError(

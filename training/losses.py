@@ -6,8 +6,10 @@
 - `image_features`, `text_features`: the student's embeddings, (N, D), L2-normalised
   (`SiCLIP.encode_image` / `encode_text`); row i of each is a matching pair.
 - `logit_scale`: the student's multiplier exp(logit_scale) (`SiCLIP.scale()`), a tensor.
-- `teacher_*`: the teacher's L2-normalised embeddings of the same batch, (N, D_t);
-  required by the distillation terms, ignored by the others.
+- `teacher_*`: the teacher's embeddings of the same batch, (N, D_t); required by the
+  distillation terms, ignored by the others. The distillation terms L2-normalise them
+  first: their scales (CRD's teacher temperature, ICL's logits, FD's floor) assume unit
+  vectors, and a concatenated ensemble of normalised teachers (older sidecars) is not one.
 
 Terms: `ClipLoss` (InfoNCE both ways), `PairMatchingLoss` (METHOD §5),
 `FeatureDistillLoss` (FD), `ContrastiveRelationDistillLoss` (CRD),
@@ -73,9 +75,11 @@ def _labels(n: int, device) -> torch.Tensor:
     return torch.arange(n, device=device)
 
 
-def _require(*tensors, name: str):
-    if any(t is None for t in tensors):
+def _teacher(image, text, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's features, checked present and L2-normalised."""
+    if image is None or text is None:
         raise ValueError(f"{name} needs teacher_image_features and teacher_text_features")
+    return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
 
 
 class _Term(nn.Module):
@@ -156,7 +160,8 @@ class FeatureDistillLoss(_Term):
 
     def forward(self, image_features, text_features, logit_scale=None, teacher_image_features=None,
                 teacher_text_features=None):
-        _require(teacher_image_features, teacher_text_features, name="FeatureDistillLoss")
+        teacher_image_features, teacher_text_features = _teacher(teacher_image_features, teacher_text_features,
+                                                                 "FeatureDistillLoss")
         image = F.normalize(self.image_proj(image_features), dim=-1)
         text = F.normalize(self.text_proj(text_features), dim=-1)
         return (F.mse_loss(image, teacher_image_features) + F.mse_loss(text, teacher_text_features)) / 2
@@ -175,7 +180,8 @@ class ContrastiveRelationDistillLoss(_Term):
 
     def forward(self, image_features, text_features, logit_scale, teacher_image_features=None,
                 teacher_text_features=None):
-        _require(teacher_image_features, teacher_text_features, name="ContrastiveRelationDistillLoss")
+        teacher_image_features, teacher_text_features = _teacher(teacher_image_features, teacher_text_features,
+                                                                 "ContrastiveRelationDistillLoss")
         image_features, text_features, teacher_image_features, teacher_text_features = self._maybe_gather(
             image_features, text_features, teacher_image_features, teacher_text_features)
         student = logit_scale * image_features @ text_features.T
@@ -202,7 +208,8 @@ class InteractiveContrastiveLoss(_Term):
 
     def forward(self, image_features, text_features, logit_scale, teacher_image_features=None,
                 teacher_text_features=None):
-        _require(teacher_image_features, teacher_text_features, name="InteractiveContrastiveLoss")
+        teacher_image_features, teacher_text_features = _teacher(teacher_image_features, teacher_text_features,
+                                                                 "InteractiveContrastiveLoss")
         image = F.normalize(self.image_proj(image_features), dim=-1)
         text = F.normalize(self.text_proj(text_features), dim=-1)
         image, text, teacher_image, teacher_text = self._maybe_gather(

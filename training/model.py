@@ -31,6 +31,9 @@ except ImportError:  # Python 3.10
 PRESETS_DIR = Path(__file__).parent / "presets"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 BLOCK_TYPES = ("preln", "sasp")
+# Tower keys added after checkpoints were first written, with the behaviour those checkpoints were built
+# with: a checkpoint's config.json without them loads as it was trained (presets get the new defaults).
+LEGACY_TOWER_KEYS = {"gain_mlp_init": 1.0, "first_layer_value": False}
 
 
 # ----------------------------------------------------------------------------- configs
@@ -49,6 +52,8 @@ class ImageTowerConfig:
     block: str | list[str] = "preln"  # one type for all layers, or one per layer
     share_attention: list[list[int]] = field(default_factory=list)
     ln_eps: float = 1e-5
+    gain_mlp_init: float = 0.1  # SAS-P g_m at init: He & Hofmann's skipless-parallel value, O(1/sqrt(depth))
+    first_layer_value: bool = True  # a SAS-P layer 1 keeps a value projection, as the authors' first layer does
 
 
 @dataclass
@@ -63,7 +68,12 @@ class TextTowerConfig:
     block: str | list[str] = "preln"
     share_attention: list[list[int]] = field(default_factory=list)
     ln_eps: float = 1e-5
-    causal: bool = True  # False: bidirectional attention that ignores the padding after the end token
+    gain_mlp_init: float = 0.1
+    first_layer_value: bool = True
+    causal: bool = True  # False: bidirectional attention
+    # Bidirectional only: attention ignores the padding after the end token. open_clip's non-causal
+    # towers (MobileCLIP's among them) attend to it, so a student inheriting one sets this False.
+    mask_padding: bool = True
     eot_token_id: int = 49407  # the text embedding is read at the first end token
 
 
@@ -92,6 +102,9 @@ def sharing_sources(cfg: ImageTowerConfig | TextTowerConfig) -> dict[int, int]:
         layers = [i - 1 for i in group]
         if len(layers) < 2 or any(not 0 <= i < cfg.depth for i in layers):
             raise ValueError(f"share_attention group {group} must name 2+ layers between 1 and {cfg.depth}")
+        if any(a >= b for a, b in zip(layers, layers[1:])):  # the owner is built first, and owns no copy of itself
+            raise ValueError(f"share_attention group {group} must list distinct layers in increasing order, "
+                             f"e.g. {sorted(set(group))}")
         if any(i in source or i in source.values() for i in layers):
             raise ValueError(f"share_attention groups overlap: {cfg.share_attention}")
         if len({types[i] for i in layers}) != 1:
@@ -183,27 +196,37 @@ def uniform_attention(x: torch.Tensor, causal: bool, valid: torch.Tensor | None)
 
 
 class ShapedAttention(nn.Module):
-    """Shaped attention without value or output projection: y = (α·I + β·softmax(QKᵀ/√d + mask) − γ·C)·x per head.
+    """Shaped attention without output projection: y = (α·I + β·softmax(QKᵀ/√d + mask) − γ·C)·V per head.
 
-    α, β, γ are per-head and start at 1; W_Q starts at 0, so softmax(...) equals C and the
-    block's attention is the identity at initialisation.
+    The values V are the inputs x, or with `value=True` (He & Hofmann keep one in the first
+    layer) x + W_V·x, W_V starting at 0: weight decay then pulls V toward the identity, as the
+    authors' reparametrised value does. α, β, γ are per-head and start at 1; W_Q starts at 0,
+    so softmax(...) equals C and the attention is the identity at initialisation.
     """
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, value: bool = False):
         super().__init__()
         self.heads = heads
         self.q, self.k = nn.Linear(width, width), nn.Linear(width, width)
+        self.value = nn.Linear(width, width, bias=False) if value else None
         self.alpha, self.beta, self.gamma = (nn.Parameter(torch.ones(heads)) for _ in range(3))
-        self.reset_query()
+        self.reset_identity()
 
     def reset_query(self):
         nn.init.zeros_(self.q.weight)
         nn.init.zeros_(self.q.bias)
 
+    def reset_identity(self):
+        """W_Q = 0 and W_V = 0: the attention is the identity map."""
+        self.reset_query()
+        if self.value is not None:
+            nn.init.zeros_(self.value.weight)
+
     def forward(self, x, causal: bool = False, valid: torch.Tensor | None = None, gain: torch.Tensor | None = None):
         """Shaped attention of x (B, N, D); `gain` (the block's g_a) is folded into α, β, γ to save a pass."""
         B, N, D = x.shape
-        xh = x.unflatten(2, (self.heads, D // self.heads))  # values are the inputs; (B, N, H, Dh), no copy
+        v = x if self.value is None else x + self.value(x)
+        xh = v.unflatten(2, (self.heads, D // self.heads))  # (B, N, H, Dh), no copy
         q, k = split_heads(self.q(x), self.heads), split_heads(self.k(x), self.heads)
         attended = F.scaled_dot_product_attention(q, k, xh.transpose(1, 2), attn_mask=padding_mask(valid),
                                                   is_causal=causal).transpose(1, 2)
@@ -216,15 +239,18 @@ class SASPBlock(nn.Module):
     """SAS-P block: attention and MLP in parallel on one normalised input, no skip connection.
 
     y = g_a·ShapedAttn(N(x)) + g_m·MLP(N(x)); the identity path lives inside the shaped attention (α·I).
+    g_a starts at 1, g_m at `gain_mlp_init` (0.1: He & Hofmann's skipless-parallel setting, so
+    that at init the block is close to the identity on N(x) whatever the depth).
     """
 
-    def __init__(self, width, heads, mlp_ratio, act, ln_eps, attn: ShapedAttention | None = None):
+    def __init__(self, width, heads, mlp_ratio, act, ln_eps, attn: ShapedAttention | None = None,
+                 gain_mlp_init: float = 0.1, value: bool = False):
         super().__init__()
         self.ln = nn.LayerNorm(width, eps=ln_eps)
-        self.attn = attn if attn is not None else ShapedAttention(width, heads)
+        self.attn = attn if attn is not None else ShapedAttention(width, heads, value=value)
         self.mlp = MLP(width, mlp_ratio, act)
         self.gain_attn = nn.Parameter(torch.ones(()))
-        self.gain_mlp = nn.Parameter(torch.ones(()))
+        self.gain_mlp = nn.Parameter(torch.tensor(float(gain_mlp_init)))
 
     def forward(self, x, causal: bool = False, valid: torch.Tensor | None = None):
         h = self.ln(x)
@@ -232,18 +258,23 @@ class SASPBlock(nn.Module):
 
 
 def build_blocks(cfg: ImageTowerConfig | TextTowerConfig) -> nn.ModuleList:
-    """The tower's blocks; a layer in a share_attention group reuses the first member's attention module."""
+    """The tower's blocks; a layer in a share_attention group reuses the first member's attention module
+    (with layer 1's value projection, where it has one)."""
     types, source = block_types(cfg), sharing_sources(cfg)
     blocks = []
     for i, kind in enumerate(types):
         shared = blocks[source[i]].attn if i in source else None
-        cls = SASPBlock if kind == "sasp" else Block
-        blocks.append(cls(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps, attn=shared))
+        if kind == "sasp":
+            block = SASPBlock(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps, attn=shared,
+                              gain_mlp_init=cfg.gain_mlp_init, value=i == 0 and cfg.first_layer_value)
+        else:
+            block = Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.ln_eps, attn=shared)
+        blocks.append(block)
     return nn.ModuleList(blocks)
 
 
 def init_weights(module: nn.Module):
-    """CLIP-style normal init; applied children first, so ShapedAttention re-zeroes its W_Q afterwards."""
+    """CLIP-style normal init; applied children first, so ShapedAttention re-zeroes its W_Q (and W_V) afterwards."""
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         nn.init.normal_(module.weight, std=0.02)
         if module.bias is not None:
@@ -251,7 +282,7 @@ def init_weights(module: nn.Module):
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02)
     elif isinstance(module, ShapedAttention):
-        module.reset_query()
+        module.reset_identity()
 
 
 # ----------------------------------------------------------------------------- towers
@@ -332,6 +363,7 @@ class TextTransformer(nn.Module):
     def __init__(self, cfg: TextTowerConfig, embed_dim: int):
         super().__init__()
         self.causal, self.eot_token_id = cfg.causal, cfg.eot_token_id
+        self.mask_padding = cfg.mask_padding and not cfg.causal  # causal attention never sees the padding
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
         self.blocks = build_blocks(cfg)
@@ -343,8 +375,7 @@ class TextTransformer(nn.Module):
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         B, N = token_ids.shape
         eot = (token_ids == self.eot_token_id).int().argmax(dim=-1)  # first end token of each row
-        # Causal attention never sees the padding that follows the end token; bidirectional must mask it.
-        valid = None if self.causal else torch.arange(N, device=token_ids.device) <= eot[:, None]
+        valid = torch.arange(N, device=token_ids.device) <= eot[:, None] if self.mask_padding else None
         x = self.token_embed(token_ids) + self.pos_embed[:N]
         for block in self.blocks:
             x = block(x, self.causal, valid)
@@ -411,7 +442,9 @@ class SiCLIP(nn.Module):
             raise ValueError(f"{directory} is not a siclip checkpoint (no {CONFIG_FILE} with format 'siclip')")
         payload = json.loads((directory / CONFIG_FILE).read_text())
         payload.pop("format")
-        model = cls(config_from_dict(payload))
+        for tower in ("image", "text"):
+            payload[tower] = {**LEGACY_TOWER_KEYS, **payload.get(tower, {})}
+        model = cls(config_from_dict(payload, where=str(directory / CONFIG_FILE)))
         load_model(model, str(directory / WEIGHTS_FILE), device=device)
         return model.to(device)
 
@@ -443,9 +476,22 @@ def config_from_dict(data: dict[str, Any], where: str = "model config") -> SiCLI
     image = _from_dict(ImageTowerConfig, data.pop("image", {}), f"[image] of {where}")
     text = _from_dict(TextTowerConfig, data.pop("text", {}), f"[text] of {where}")
     config = _from_dict(SiCLIPConfig, {**data, "image": image, "text": text}, where)
-    for tower in (config.image, config.text):  # fail at load time, not at build time
-        sharing_sources(tower)
+    for name, tower in (("image", config.image), ("text", config.text)):  # fail at load time, not at build time
+        try:
+            sharing_sources(tower)
+            _check_switches(tower)
+        except ValueError as e:
+            raise ValueError(f"[{name}] of {where}: {e}") from None
     return config
+
+
+def _check_switches(tower: ImageTowerConfig | TextTowerConfig) -> None:
+    for key in ("first_layer_value", "causal", "mask_padding"):
+        if not isinstance(getattr(tower, key, False), bool):
+            raise ValueError(f"{key} must be true or false, got {getattr(tower, key)!r}")
+    if isinstance(tower.gain_mlp_init, bool) or not isinstance(tower.gain_mlp_init, (int, float)) \
+            or not math.isfinite(tower.gain_mlp_init):
+        raise ValueError(f"gain_mlp_init must be a finite number, got {tower.gain_mlp_init!r}")
 
 
 def list_presets() -> list[str]:

@@ -2,10 +2,11 @@
 
 Reads OpenAI CLIP's merge list shipped in `training/assets/` (MIT, see
 `assets/LICENSE-clip-bpe.txt`) and reproduces CLIP's token ids: text is cleaned
-(HTML entities, whitespace, lower case; `ftfy` repairs mojibake when installed),
-split by CLIP's pre-tokenisation pattern, mapped byte by byte to printable
-characters and merged by rank. Ids: 49406 = start of text, 49407 = end of text,
-0 = padding.
+with `ftfy` (mojibake, curly quotes, ligatures, full-width letters, composed
+accents), HTML entities unescaped, whitespace collapsed, lower-cased), split by
+CLIP's pre-tokenisation pattern, mapped byte by byte to printable characters and
+merged by rank. Ids: 49406 = `<|startoftext|>`, 49407 = `<|endoftext|>`, 0 = padding.
+As in OpenAI's tokenizer, those two strings in a text are the special tokens.
 """
 
 from __future__ import annotations
@@ -15,17 +16,18 @@ import html
 from functools import lru_cache
 from pathlib import Path
 
+import ftfy
 import regex
 import torch
 
 DEFAULT_VOCAB = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
-SOT, EOT = "<start_of_text>", "<end_of_text>"
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"  # OpenAI's strings
 WORD_END = "</w>"
 # CLIP's vocabulary: 256 byte symbols, the same with an end-of-word mark, the merges, two specials.
 N_MERGES = 49152 - 256 - 2
 
 _SPLIT = regex.compile(
-    r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
     regex.IGNORECASE,
 )
 
@@ -46,13 +48,8 @@ def byte_symbols() -> tuple[list[str], list[int]]:
 
 def clean(text: str) -> str:
     """Normalise text the way CLIP was trained: fixed encoding, unescaped, single spaces, lower case."""
-    try:  # optional: repairs mojibake; CLIP used it, most captions don't need it
-        import ftfy
-
-        text = ftfy.fix_text(text)
-    except ImportError:
-        pass
-    text = html.unescape(html.unescape(text))
+    # ftfy is a dependency, not an option: without it "women’s" and friends get ids CLIP never saw
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
 
 
@@ -72,6 +69,15 @@ class ClipTokenizer:
         self.merge_rank = {pair: i for i, pair in enumerate(merges)}
         self.sot_id, self.eot_id = self.encoder[SOT], self.encoder[EOT]
         self.vocab_size = len(vocab)
+        self._bpe = lru_cache(maxsize=100_000)(self._bpe_uncached)
+
+    # The cache wraps a bound method and cannot be pickled (spawned data-loader workers pickle the
+    # tokenizer): send everything else and rebuild an empty cache on arrival.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_bpe"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
         self._bpe = lru_cache(maxsize=100_000)(self._bpe_uncached)
 
     def _bpe_uncached(self, word: str) -> tuple[str, ...]:
@@ -98,6 +104,9 @@ class ClipTokenizer:
         """Token ids of one text, without start/end tokens."""
         ids = []
         for piece in _SPLIT.findall(clean(text)):
+            if piece in (SOT, EOT):
+                ids.append(self.encoder[piece])
+                continue
             word = "".join(self.byte_to_symbol[b] for b in piece.encode("utf-8"))
             ids.extend(self.encoder[token] for token in self._bpe(word))
         return ids

@@ -13,7 +13,7 @@ from manifests.layout import DataRoot
 from manifests.manifest import StageManifest
 from manifests.cli import main
 
-from captions_helpers import all_sidecars, captions
+from captions_helpers import all_sidecars, captions, sidecar_rows
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,13 +25,31 @@ def _start(root: DataRoot) -> subprocess.Popen:
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _kill_when(proc: subprocess.Popen, ready, timeout: float = 60) -> None:
-    t0 = time.monotonic()
-    while not ready() and proc.poll() is None and time.monotonic() - t0 < timeout:
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    """SIGKILL the job at the moment `ready()` first holds; fail if it never comes or the job ends first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"the job exited ({proc.returncode}) before the moment to kill it")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"the moment to kill the job never came within {timeout} s")
         time.sleep(0.005)
-    assert proc.poll() is None, "the job finished before the moment to kill it"
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL, "the job had already exited when the kill landed"
+
+
+def _consistent_after_kill(root: DataRoot, expected: dict) -> set:
+    """What a kill may leave: complete sidecars (listed or not) and temp files, never a listed entry that
+    does not check out nor a truncated sidecar under its final name. Returns the shards listed."""
+    listed = StageManifest.load(root, "captions")
+    for name in listed.entries:
+        assert listed.entry_ok(root, name, rehash=True), f"manifest lists {name} but its sidecar does not check out"
+    for path in root.captions.glob("*.arrow"):
+        rows = sidecar_rows(path)
+        assert rows == expected[path.name], f"{path.name} is not the complete sidecar"
+    return set(listed.entries)
 
 
 def test_sigkill_at_several_moments_then_rerun(shards_root, tmp_path):
@@ -41,18 +59,22 @@ def test_sigkill_at_several_moments_then_rerun(shards_root, tmp_path):
     shutil.copytree(shards_root.root, reference.root)
     assert captions(reference, "--workers", "0") == 0
 
+    expected = all_sidecars(reference)
+    names = sorted(StageManifest.load(shards_root, "shards").entries)
     captions_dir = shards_root.captions
     # 1: while the first sidecar is being written (its temp file exists) or right after
     _kill_when(_start(shards_root), lambda: any(captions_dir.glob(".*.tmp-*")) or any(captions_dir.glob("*.arrow")))
-    # 2: after one shard is recorded, while the next one is under way
+    first = _consistent_after_kill(shards_root, expected)
+    assert len(first) < len(names)
+    # 2: once a shard is recorded and the next sidecar exists: the job was killed with work left
     _kill_when(_start(shards_root), lambda: len(StageManifest.load(shards_root, "captions").entries) >= 1
                and len(list(captions_dir.glob("*.arrow"))) >= 2)
-    assert len(list(captions_dir.glob("*.arrow"))) < 3 or len(StageManifest.load(shards_root, "captions").entries) < 3
+    second = _consistent_after_kill(shards_root, expected)
+    assert first <= second and len(second) >= 1
 
     assert captions(shards_root, "--workers", "0") == 0
-    names = sorted(StageManifest.load(shards_root, "shards").entries)
     assert sorted(p.name for p in captions_dir.iterdir()) == [f"{n}.arrow" for n in names] + ["_config.toml"]
-    assert all_sidecars(shards_root) == all_sidecars(reference)
+    assert all_sidecars(shards_root) == expected
     assert sorted(StageManifest.load(shards_root, "captions").entries) == names
     assert main(["manifest", str(shards_root.root), "--verify"]) == 0
 

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from captioning.config import TeacherConfig
 from captioning.embed import build_teachers
 from captioning.jobs import apply_crop
-from captioning.models import save_tiny
+from captioning.models import build_tiny_clip, save_tiny
+from captioning.sidecar import storage_array
+from captioning.teacher_cli import sidecar_size
 from manifests.cli import main
 from manifests.manifest import StageManifest
 from manifests.samples import embeddings, iter_samples, read_sidecar
+from manifests.storage import format_size
 
 from captions_helpers import captions
 
@@ -21,11 +29,68 @@ def _teacher(root, *extra: str) -> int:
     return main(["teacher", "--data", str(root.root), "--workers", "0", *extra])
 
 
-def test_teacher_sidecar_shapes_dtypes_and_replayable_augmentations(shards_root, tmp_path, capsys):
+def _text_embeddings(table) -> list[np.ndarray]:
+    """text_emb of each row as a float32 (texts, dim) array, decoded as `embeddings` decodes image_emb."""
+    col = table.column("text_emb").combine_chunks()
+    flat = embeddings(pa.table({"e": col.flatten()}), "e")
+    offsets = col.offsets.to_numpy()
+    return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+class OwnTeachers:
+    """The teachers run the way their authors' code runs them (transformers, each with its own processor and
+    tokenizer), then combined as the mean-cosine ensemble: each unit length, concatenated, unit length again."""
+
+    def __init__(self, folders_or_tiny: list[str]):
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        self.parts = []
+        for name in folders_or_tiny:
+            if name == "tiny":
+                model, (ip, tok) = build_tiny_clip(seed=0)
+            else:
+                model = CLIPModel.from_pretrained(name).eval()
+                ip, tok = AutoImageProcessor.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+            self.parts.append((model, ip, tok))
+
+    @staticmethod
+    def _combine(outs):
+        outs = [o if isinstance(o, torch.Tensor) else o.pooler_output for o in outs]
+        return F.normalize(torch.cat([F.normalize(o, dim=-1) for o in outs], dim=-1), dim=-1).numpy()
+
+    @torch.no_grad()
+    def images(self, images) -> np.ndarray:
+        return self._combine([m.get_image_features(pixel_values=ip(images=images, return_tensors="pt")["pixel_values"])
+                              for m, ip, _ in self.parts])
+
+    @torch.no_grad()
+    def texts(self, texts) -> np.ndarray:
+        outs = []
+        for m, _, tok in self.parts:
+            enc = tok(texts, padding=True, truncation=True, return_tensors="pt",
+                      max_length=m.config.text_config.max_position_embeddings)
+            outs.append(m.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]))
+        return self._combine(outs)
+
+
+def _check_estimate(root, capsys_err: str, cfg: TeacherConfig) -> None:
+    """The a-priori sidecar estimate is within a factor of 2 of what the stage wrote."""
+    m = StageManifest.load(root, "teacher")
+    per_row, per_file, assumed = sidecar_size(cfg)
+    estimate = m.total_samples * per_row + m.total_files * per_file
+    assert assumed == [] and 0.5 < m.total_bytes / estimate < 2, (m.total_bytes, estimate)
+    printed = re.search(r"teacher: estimated (.+?) of sidecars", capsys_err).group(1)
+    assert printed == format_size(estimate + 4096)
+
+
+def test_teacher_sidecar_shapes_dtypes_unit_embeddings_and_replayable_augmentations(shards_root, tmp_path, capsys):
     assert captions(shards_root, "--workers", "0") == 0
     folder = save_tiny("clip", tmp_path / "clip-by-path", seed=5)
     teachers = f"tiny,{folder}"  # an ensemble of two, one loaded by path
-    assert _teacher(shards_root, "--teacher", teachers, "--augmentations", "2", "--dtype", "bfloat16") == 0
+    capsys.readouterr()
+    assert _teacher(shards_root, "--teacher", teachers, "--augmentations", "3", "--dtype", "bfloat16") == 0
+    _check_estimate(shards_root, capsys.readouterr().err,
+                    TeacherConfig(data=str(shards_root.root), teacher=teachers, augmentations=3, dtype="bfloat16"))
 
     shards = StageManifest.load(shards_root, "shards")
     rows = shards.entries["00000"]["samples"]
@@ -33,28 +98,38 @@ def test_teacher_sidecar_shapes_dtypes_and_replayable_augmentations(shards_root,
     assert [t["dim"] for t in info["teachers"]] == [24, 24] and info["dim"] == 48
     assert info["teachers"][1]["id"] == str(folder) and info["dtype"] == "bfloat16"
     assert table.schema.field("image_emb").metadata[b"dtype"] == b"bfloat16"
-    assert str(table.schema.field("image_emb").type) == "fixed_size_list<item: fixed_size_list<item: uint16>[48]>[3]"
+    assert str(table.schema.field("image_emb").type) == "fixed_size_list<item: fixed_size_list<item: uint16>[48]>[4]"
     img = embeddings(table, "image_emb")
-    assert img.shape == (rows, 3, 48) and img.dtype == np.float32
-    # L2-normalised per teacher, then concatenated
-    np.testing.assert_allclose(np.linalg.norm(img[..., :24], axis=-1), 1, atol=1e-2)
-    np.testing.assert_allclose(np.linalg.norm(img[..., 24:], axis=-1), 1, atol=1e-2)
-    aug = np.asarray(table.column("aug_params").to_pylist(), np.float32)
-    assert aug.shape == (rows, 2, 5) and (aug[..., :4] >= 0).all() and (aug[..., :2] + aug[..., 2:4] <= 1 + 1e-6).all()
+    assert img.shape == (rows, 4, 48) and img.dtype == np.float32
+    # unit length as a whole (the distillation losses' scale); each teacher contributes 1/√2 of it
+    np.testing.assert_allclose(np.linalg.norm(img, axis=-1), 1, atol=1e-2)
+    np.testing.assert_allclose(np.linalg.norm(img[..., :24], axis=-1), 2 ** -0.5, atol=1e-2)
 
-    # text_emb: the web caption, then the 3 synthetic ones
+    # the stored vectors are the teachers' own embeddings of the same inputs, ensembled
     samples = list(iter_samples(shards_root, "00000", ("captions", "teacher")))
-    assert [len(s["teacher"]["text_emb"]) for s in samples] == [4] * rows
+    images = [Image.open(io.BytesIO(s["jpg"])).convert("RGB") for s in samples]
+    own = OwnTeachers(["tiny", str(folder)])
+    np.testing.assert_allclose(img[:, 0], own.images(images), atol=1e-2)
+    texts = _text_embeddings(table)
+    assert [len(t) for t in texts] == [4] * rows  # the web caption, then the 3 synthetic ones
+    for s, stored in zip(samples, texts):
+        wanted = own.texts([s["txt"].decode(), *s["captions"]["captions"]])
+        np.testing.assert_allclose(stored, wanted, atol=1e-2)
 
-    # training can replay an augmentation from its recorded parameters and meet the stored embedding
+    # K distinct recorded crops per sample, different from sample to sample, none of them the whole image
+    aug = np.asarray(table.column("aug_params").to_pylist(), np.float32)
+    assert aug.shape == (rows, 3, 5) and (aug[..., :4] >= 0).all() and (aug[..., :2] + aug[..., 2:4] <= 1 + 1e-6).all()
+    assert len({tuple(p) for p in aug.reshape(-1, 5).round(6).tolist()}) == rows * 3
+    assert (aug[..., 2] * aug[..., 3] < 0.999).all()
+    # replaying each crop gives an embedding nearest its own slot, for every sample and every k (rounded to
+    # bfloat16 as stored, so that two similar crops are not confused by the rounding alone)
     ens = build_teachers(["tiny", str(folder)], "cpu", 0, False)
-    s = samples[1]
-    image = Image.open(io.BytesIO(s["jpg"])).convert("RGB")
-    replay = ens.embed_images(ens.prepare([apply_crop(image, aug[1, 1].tolist())]))[0]
-    np.testing.assert_allclose(replay.numpy(), img[1, 2], atol=2e-2)
-    web = ens.embed_texts([s["txt"].decode()])[0]
-    stored_web = (np.asarray(s["teacher"]["text_emb"][0], np.uint16).astype(np.uint32) << 16).view(np.float32)
-    np.testing.assert_allclose(web.numpy(), stored_web, atol=2e-2)
+    for r, image in enumerate(images):
+        replayed = ens.embed_images(ens.prepare([apply_crop(image, p.tolist()) for p in aug[r]]))
+        np.testing.assert_allclose(replayed.numpy(), img[r, 1:], atol=1e-2)
+        as_stored = (storage_array(replayed, "bfloat16").astype(np.uint32) << 16).view(np.float32)
+        distances = np.linalg.norm(as_stored[:, None, :] - img[r][None, :, :], axis=-1)  # (K, 1 + K slots)
+        assert distances.argmin(axis=1).tolist() == [1, 2, 3], (r, distances)
 
     m = StageManifest.load(shards_root, "teacher")
     assert m.total_files == len(shards.entries) and m.total_samples == shards.total_samples
@@ -62,19 +137,54 @@ def test_teacher_sidecar_shapes_dtypes_and_replayable_augmentations(shards_root,
     assert "inputs" in m.entries["00000"]  # which caption sidecar it embedded
 
     # rerun: nothing to do
-    capsys.readouterr()
-    assert _teacher(shards_root, "--teacher", teachers, "--augmentations", "2", "--dtype", "bfloat16") == 0
+    assert _teacher(shards_root, "--teacher", teachers, "--augmentations", "3", "--dtype", "bfloat16") == 0
     assert f"{len(shards.entries)} done already, 0 to do" in capsys.readouterr().err
 
 
 def test_teacher_float16_web_captions_only(shards_root, capsys):
     assert _teacher(shards_root, "--teacher", "tiny", "--set", "captions=false") == 0
+    _check_estimate(shards_root, capsys.readouterr().err, TeacherConfig(data=str(shards_root.root), teacher="tiny",
+                                                                        captions=False))
     table, info = read_sidecar(shards_root.teacher / "00001.arrow")
     assert str(table.schema.field("image_emb").type) == "fixed_size_list<item: fixed_size_list<item: halffloat>[24]>[1]"
     assert "aug_params" not in table.column_names
     rows = StageManifest.load(shards_root, "shards").entries["00001"]["samples"]
-    assert embeddings(table, "image_emb").shape == (rows, 1, 24)
-    assert [len(t) for t in table.column("text_emb").to_pylist()] == [1] * rows
+    img = embeddings(table, "image_emb")
+    assert img.shape == (rows, 1, 24)
+    texts = _text_embeddings(table)
+    assert [len(t) for t in texts] == [1] * rows
+    # float16 holds the teacher's own embedding (unit length, so not zeros), to float16 precision
+    samples = list(iter_samples(shards_root, "00001", ("teacher",)))
+    own = OwnTeachers(["tiny"])
+    np.testing.assert_allclose(img[:, 0], own.images([Image.open(io.BytesIO(s["jpg"])).convert("RGB") for s in samples]),
+                               atol=2e-3)
+    np.testing.assert_allclose(np.concatenate(texts), own.texts([s["txt"].decode() for s in samples]), atol=2e-3)
+
+
+def test_a_recaptioned_shard_is_re_embedded_and_the_others_are_not(shards_root, capsys):
+    assert captions(shards_root, "--workers", "0") == 0
+    assert _teacher(shards_root, "--teacher", "tiny") == 0
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in shards_root.teacher.glob("*.arrow")}
+    old_texts = _text_embeddings(read_sidecar(shards_root.teacher / "00001.arrow")[0])
+
+    # new synthetic captions for one shard only
+    assert captions(shards_root, "--workers", "0", "--seed", "7", "--overwrite", "--set", 'shards=["00001"]') == 0
+    capsys.readouterr()
+    assert _teacher(shards_root, "--teacher", "tiny") == 0
+    assert "2 done already, 1 to do" in capsys.readouterr().err
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in shards_root.teacher.glob("*.arrow")}
+    assert after["00000.arrow"] == before["00000.arrow"] and after["00002.arrow"] == before["00002.arrow"]
+    assert after["00001.arrow"][1] != before["00001.arrow"][1]
+
+    table, _ = read_sidecar(shards_root.teacher / "00001.arrow")
+    new_texts = _text_embeddings(table)
+    samples = list(iter_samples(shards_root, "00001", ("captions",)))
+    own = OwnTeachers(["tiny"])
+    for s, old, new in zip(samples, old_texts, new_texts):
+        np.testing.assert_allclose(new, own.texts([s["txt"].decode(), *s["captions"]["captions"]]), atol=2e-3)
+        np.testing.assert_array_equal(new[0], old[0])  # the web caption is the same ...
+        assert not np.allclose(new[1:], old[1:], atol=1e-2)  # ... the synthetic ones are the new captions'
+    assert StageManifest.load(shards_root, "teacher").entry_ok(shards_root, "00001")
 
 
 def test_teacher_needs_caption_sidecars_and_names_the_shard(shards_root, capsys):

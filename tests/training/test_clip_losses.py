@@ -146,3 +146,19 @@ def test_gathering_is_the_identity_in_one_process(batch):
     gathered = gather_features(img, txt, None)
     assert gathered[0] is img and gathered[1] is txt and gathered[2] is None
     assert torch.equal(ClipLoss(gather=True)(img, txt, torch.tensor(10.0)), ClipLoss()(img, txt, torch.tensor(10.0)))
+
+
+@pytest.mark.parametrize("term", ALL_TERMS[2:], ids=lambda t: type(t).__name__)
+def test_distillation_terms_read_teacher_features_at_unit_length(batch, term):
+    """A two-teacher concatenation of unit vectors has length √2 (older sidecars): it must count as its direction."""
+    img, txt, scale, t_img, t_txt = batch
+    half = D_T // 2
+    ensemble = lambda t: torch.cat([F.normalize(t[:, :half], dim=-1), F.normalize(t[:, half:], dim=-1)], dim=-1)
+    long_img, long_txt = ensemble(t_img), ensemble(t_txt)
+    assert torch.allclose(long_img.norm(dim=-1), torch.full((N,), math.sqrt(2)))
+    unit_img, unit_txt = F.normalize(long_img, dim=-1), F.normalize(long_txt, dim=-1)
+    assert torch.allclose(term(img, txt, scale, long_img, long_txt), term(img, txt, scale, unit_img, unit_txt),
+                          atol=1e-6)
+    # and the length does not leak in through any other scale
+    assert torch.allclose(term(img, txt, scale, 3 * unit_img, 0.5 * unit_txt), term(img, txt, scale, unit_img, unit_txt),
+                          atol=1e-6)

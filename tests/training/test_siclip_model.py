@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from training.model import (
     Block,
+    CONFIG_FILE,
     ImageTowerConfig,
     SASPBlock,
     ShapedAttention,
@@ -27,11 +28,12 @@ WIDTH, HEADS = 32, 4
 
 
 def explicit_shaped_attention(attn: ShapedAttention, x, causal=False, valid=None):
-    """(α·I + β·softmax(QKᵀ/√d + mask) − γ·C) x, with every matrix written out."""
+    """(α·I + β·softmax(QKᵀ/√d + mask) − γ·C) V, with every matrix written out; V = x, or x + W_V x."""
     B, N, D = x.shape
     H, Dh = attn.heads, D // attn.heads
     heads = lambda t: t.view(B, N, H, Dh).transpose(1, 2)
-    q, k, v = heads(attn.q(x)), heads(attn.k(x)), heads(x)
+    values = x if attn.value is None else x + x @ attn.value.weight.T
+    q, k, v = heads(attn.q(x)), heads(attn.k(x)), heads(values)
     allowed = torch.ones(B, 1, N, N, dtype=torch.bool)
     if causal:
         allowed &= torch.ones(N, N).tril().bool()
@@ -45,23 +47,28 @@ def explicit_shaped_attention(attn: ShapedAttention, x, causal=False, valid=None
     return (A @ v).transpose(1, 2).reshape(B, N, D)
 
 
+@pytest.mark.parametrize("value", [False, True], ids=["no_value", "value"])
 @pytest.mark.parametrize("mode", ["bidirectional", "causal", "padded"])
-def test_shaped_attention_is_the_identity_at_init(mode):
+def test_shaped_attention_is_the_identity_at_init(mode, value):
     torch.manual_seed(0)
-    attn = ShapedAttention(WIDTH, HEADS)
+    attn = ShapedAttention(WIDTH, HEADS, value=value)
     x = torch.randn(3, 7, WIDTH)
     valid = torch.arange(7) < torch.tensor([[7], [4], [1]]) if mode == "padded" else None
     y = attn(x, causal=mode == "causal", valid=valid)
     assert torch.allclose(y, x, atol=1e-5)
     assert attn.q.weight.eq(0).all() and attn.alpha.eq(1).all() and attn.beta.eq(1).all() and attn.gamma.eq(1).all()
+    assert (attn.value is None) != value and (not value or attn.value.weight.eq(0).all())
 
 
+@pytest.mark.parametrize("value", [False, True], ids=["no_value", "value"])
 @pytest.mark.parametrize("mode", ["bidirectional", "causal", "padded"])
-def test_shaped_attention_matches_its_formula_after_training_moves_it(mode):
+def test_shaped_attention_matches_its_formula_after_training_moves_it(mode, value):
     torch.manual_seed(1)
-    attn = ShapedAttention(WIDTH, HEADS)
+    attn = ShapedAttention(WIDTH, HEADS, value=value)
     with torch.no_grad():
         attn.q.weight.normal_(std=0.3)
+        if value:
+            attn.value.weight.normal_(std=0.3)
         for p in (attn.alpha, attn.beta, attn.gamma):
             p.uniform_(0.5, 1.5)
     x = torch.randn(3, 7, WIDTH)
@@ -80,6 +87,32 @@ def test_sasp_block_runs_attention_and_mlp_in_parallel_without_skip():
     x = torch.randn(2, 5, WIDTH)
     h = F.layer_norm(x, (WIDTH,), block.ln.weight, block.ln.bias, 1e-5)
     assert torch.allclose(block(x), 0.7 * h + 0.3 * block.mlp(h), atol=1e-6)  # attention = identity at init
+
+
+@pytest.mark.parametrize("value", [False, True], ids=["no_value", "value"])
+def test_a_fresh_sasp_block_is_the_identity_plus_a_small_mlp_branch(value):
+    """He & Hofmann's skipless-parallel init: g_a = 1, g_m = 0.1, attention (with or without V) the identity."""
+    torch.manual_seed(0)
+    block = SASPBlock(WIDTH, HEADS, 4.0, "gelu", 1e-5, value=value)
+    x = torch.randn(2, 5, WIDTH)
+    h = F.layer_norm(x, (WIDTH,), eps=1e-5)
+    assert block.gain_attn.item() == 1 and block.gain_mlp.item() == pytest.approx(0.1)
+    assert torch.allclose(block(x), h + 0.1 * block.mlp(h), atol=1e-6)
+
+
+def test_tower_config_sets_the_mlp_gain_and_the_first_layers_value_projection():
+    cfg = tiny_text("sasp", share=[(1, 2)])
+    cfg.gain_mlp_init = 0.25
+    tower = TextTransformer(cfg, 16)
+    assert [b.gain_mlp.item() for b in tower.blocks] == [0.25] * 4
+    values = [b.attn.value for b in tower.blocks]
+    assert values[0] is not None and values[1] is values[0] and values[2] is None and values[3] is None
+    assert values[0].weight.eq(0).all() and tower.blocks[0].attn.q.weight.eq(0).all()  # after the tower's init
+    cfg.first_layer_value = False
+    assert all(b.attn.value is None for b in TextTransformer(cfg, 16).blocks)
+    # layer 1 standard: it has its own value projection, and no SAS-P layer gets one
+    mixed = TextTransformer(tiny_text(["preln", "sasp", "sasp", "sasp"]), 16)
+    assert all(b.attn.value is None for b in mixed.blocks[1:])
 
 
 def tiny_text(block, share=(), depth=4):
@@ -117,10 +150,11 @@ def test_sasp_with_sharing_has_fewer_parameters_than_preln_at_the_same_width_and
     preln_block = 2 * 2 * D + 4 * (D * D + D) + mlp
     sasp_block_without_attention = 2 * D + 2 + mlp
     shaped_attention = 2 * (D * D + D) + 3 * H
+    first_layer_value = D * D  # shared by layer 2 with the rest of layer 1's attention
     preln = TextTransformer(tiny_text("preln"), 16)
     sasp = TextTransformer(tiny_text("sasp", share=[(1, 2), (3, 4)]), 16)
     assert count_parameters(preln.blocks) == 4 * preln_block
-    assert count_parameters(sasp.blocks) == 4 * sasp_block_without_attention + 2 * shaped_attention
+    assert count_parameters(sasp.blocks) == 4 * sasp_block_without_attention + 2 * shaped_attention + first_layer_value
     assert count_parameters(sasp.blocks) / count_parameters(preln.blocks) < 0.85
     vit = dict(image_size=32, patch_size=8, width=D, depth=4, heads=H)
     image_preln = VisionTransformer(ImageTowerConfig(**vit, block="preln"), 16)
@@ -134,10 +168,27 @@ def test_layers_can_mix_block_types():
 
 
 @pytest.mark.parametrize("share, message", [([(1, 2), (2, 3)], "overlap"), ([(1, 5)], "between 1 and 4"),
-                                            ([(2, 3)], "mixes block types")])
+                                            ([(2, 3)], "mixes block types"), ([(2, 1)], "increasing order"),
+                                            ([(1, 1)], "distinct layers")])
 def test_invalid_sharing_groups_are_refused(share, message):
     with pytest.raises(ValueError, match=message):
         TextTransformer(tiny_text(["sasp", "sasp", "preln", "preln"], share=share), 16)
+
+
+@pytest.mark.parametrize("group", [[2, 1], [1, 1]])
+def test_a_sharing_group_out_of_order_is_refused_when_the_config_loads(group, tmp_path):
+    with pytest.raises(ValueError, match=r"\[text\] of .*share_attention group .* distinct layers in increasing order"):
+        load_config("tiny", overrides={"text.share_attention": [group]})
+    (tmp_path / "bad.toml").write_text(f'name = "bad"\n[image]\nblock = "sasp"\nshare_attention = [{group}]\n')
+    with pytest.raises(ValueError, match=r"\[image\] of .*bad.toml.*increasing order"):
+        load_config(tmp_path / "bad.toml")
+
+
+@pytest.mark.parametrize("key, value", [("first_layer_value", "yes"), ("mask_padding", 1), ("gain_mlp_init", "0.1"),
+                                        ("gain_mlp_init", float("nan"))])
+def test_sasp_switches_of_the_wrong_type_are_refused(key, value):
+    with pytest.raises(ValueError, match=key):
+        load_config("tiny", overrides={f"text.{key}": value})
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -157,6 +208,56 @@ def test_text_embedding_ignores_everything_after_the_end_token(causal):
     changed = ids.clone()
     changed[:, 3] = (changed[:, 3] % 98) + 1
     assert not torch.allclose(text(ids), text(changed), atol=1e-5)
+
+
+class OpenClipStyleText(torch.nn.Module):
+    """open_clip's text tower with no_causal_mask (MobileCLIP's): pre-LN blocks around torch's
+    MultiheadAttention, no padding mask, pooled at the largest id (the end token); open_clip's tensor names."""
+
+    def __init__(self, vocab, context, width, heads, depth, embed_dim):
+        super().__init__()
+        self.token_embedding = torch.nn.Embedding(vocab, width)
+        self.positional_embedding = torch.nn.Parameter(0.1 * torch.randn(context, width))
+        self.transformer = torch.nn.Module()
+        self.transformer.resblocks = torch.nn.ModuleList()
+        for _ in range(depth):
+            block = torch.nn.Module()
+            block.ln_1, block.ln_2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+            block.attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+            block.mlp = torch.nn.Module()
+            block.mlp.c_fc, block.mlp.c_proj = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
+            self.transformer.resblocks.append(block)
+        self.ln_final = torch.nn.LayerNorm(width)
+        self.text_projection = torch.nn.Parameter(torch.randn(width, embed_dim) / width**0.5)
+
+    def forward(self, ids):
+        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+        for b in self.transformer.resblocks:
+            h = b.ln_1(x)
+            x = x + b.attn(h, h, h, need_weights=False)[0]
+            x = x + b.mlp.c_proj(F.gelu(b.mlp.c_fc(b.ln_2(x))))
+        return self.ln_final(x)[torch.arange(len(ids)), ids.argmax(-1)] @ self.text_projection
+
+
+@pytest.mark.parametrize("mask_padding", [False, True])
+def test_mask_padding_is_its_own_switch_so_a_tower_can_compute_what_its_open_clip_teacher_did(mask_padding):
+    from training.inherit import from_open_clip_state
+    from training.model import TextTowerConfig
+
+    torch.manual_seed(0)
+    teacher = OpenClipStyleText(100, 16, WIDTH, HEADS, 2, 16).eval()
+    cfg = TextTowerConfig(vocab_size=100, context_length=16, width=WIDTH, depth=2, heads=HEADS, block="preln",
+                          causal=False, mask_padding=mask_padding, eot_token_id=99)
+    student = TextTransformer(cfg, 16).eval()
+    state = {k.removeprefix("text."): v for k, v in from_open_clip_state(teacher.state_dict()).items()}
+    assert student.load_state_dict(state, strict=True)
+    ids = torch.randint(1, 98, (3, 16))
+    ids[:, 5] = 99  # the end token; zeros (padding) after it
+    ids[:, 6:] = 0
+    with torch.no_grad():
+        same = torch.allclose(student(ids), teacher(ids), atol=1e-5)
+    # the teacher attends to the padding: only the unmasked student reproduces it
+    assert same == (not mask_padding)
 
 
 def test_tiny_preset_encodes_normalised_embeddings_and_trains(tokenizer):
@@ -185,13 +286,64 @@ def test_checkpoint_round_trip_keeps_outputs_and_sharing(tmp_path, tokenizer):
     assert torch.equal(loaded.encode_text(ids), model.encode_text(ids))
 
 
-def test_every_preset_file_loads_and_the_vit_ones_build():
-    assert {"tiny", "s0", "vit_b16_student"} <= set(list_presets())
-    for name in list_presets():
+def test_a_checkpoint_written_before_the_sasp_init_keys_loads_as_it_was_built(tmp_path, tokenizer):
+    """config.json without gain_mlp_init / first_layer_value: no value projection, as those models were built."""
+    import json
+
+    torch.manual_seed(0)
+    old = build_model(load_config("tiny", overrides={f"{t}.{k}": v for t in ("image", "text") for k, v in
+                                                    (("first_layer_value", False), ("gain_mlp_init", 1.0))})).eval()
+    old.save_pretrained(tmp_path / "old")
+    payload = json.loads((tmp_path / "old" / CONFIG_FILE).read_text())
+    for tower in ("image", "text"):
+        del payload[tower]["first_layer_value"], payload[tower]["gain_mlp_init"]
+    (tmp_path / "old" / CONFIG_FILE).write_text(json.dumps(payload))
+    loaded = SiCLIP.from_pretrained(tmp_path / "old").eval()
+    assert loaded.config == old.config
+    assert loaded.text.blocks[0].attn.value is None
+    ids = tokenizer(["a cat"])
+    assert torch.equal(loaded.encode_text(ids), old.encode_text(ids))
+    # the same keys missing from a preset or config file mean the paper's defaults
+    assert load_config("tiny_preln").text.first_layer_value is True and load_config("tiny_preln").text.gain_mlp_init == 0.1
+
+
+def _check_tower(tower, cfg, embed_dim):
+    """The built tower is the one its config describes: layer types, sharing, gains, value projection, width."""
+    types = [cfg.block] * cfg.depth if isinstance(cfg.block, str) else cfg.block
+    assert [type(b) for b in tower.blocks] == [SASPBlock if t == "sasp" else Block for t in types]
+    for i, block in enumerate(tower.blocks):
+        group = next((g for g in cfg.share_attention if i + 1 in g), [i + 1])  # layers count from 1 in configs
+        assert [j + 1 for j, other in enumerate(tower.blocks) if other.attn is block.attn] == group
+        assert block.attn.heads == cfg.heads and block.attn.q.in_features == cfg.width
+        if isinstance(block, SASPBlock):
+            assert block.gain_mlp.item() == pytest.approx(cfg.gain_mlp_init)
+            assert (block.attn.value is not None) == (1 in group and cfg.first_layer_value)
+    assert tower.proj.out_features == embed_dim
+
+
+def test_every_preset_builds_the_towers_its_file_describes():
+    presets = list_presets()
+    assert {"tiny", "tiny_preln", "s0", "vit_b16_student", "vit_b16_student_sasp"} <= set(presets)
+    for name in presets:
         config = load_config(name)
         assert config.name == name
-        if config.image.kind == "vit" and name.startswith("tiny"):
-            build_model(config)
+        text = TextTransformer(config.text, config.embed_dim)  # every text tower builds without extras
+        _check_tower(text, config.text, config.embed_dim)
+        assert text.causal == config.text.causal
+        assert text.mask_padding == (config.text.mask_padding and not config.text.causal)
+        ids = torch.zeros(1, config.text.context_length, dtype=torch.long)
+        ids[0, :3] = torch.tensor([49406, 320, 49407])
+        with torch.no_grad():
+            assert text(ids).shape == (1, config.embed_dim)
+        if config.image.kind == "vit":
+            image = VisionTransformer(config.image, config.embed_dim)
+            _check_tower(image, config.image, config.embed_dim)
+            assert image.pos_embed.shape == ((config.image.image_size // config.image.patch_size) ** 2 + 1,
+                                             config.image.width)
+    # what the files say in words
+    assert load_config("tiny_preln").text.block == "preln" and load_config("tiny").image.share_attention == [[1, 2], [3, 4]]
+    assert not load_config("s0").text.mask_padding and not load_config("s0").text.causal
+    assert load_config("vit_b16_student_sasp").text.first_layer_value is False
 
 
 def test_s0_has_the_papers_shape():

@@ -94,12 +94,21 @@ def test_sasp_blocks_can_be_seeded_from_the_teachers_norm_keys_and_mlp(hf_teache
     report = inherit_weights(student, hf_teacher_dir, sasp_from_teacher=True)
     teacher = hf_teacher.state_dict()
     assert report["text.blocks.2.mlp.fc1.weight"].source == "text.blocks.2.mlp.fc1.weight"
-    assert report["text.blocks.2.ln.weight"].source == "text.blocks.2.ln_1.weight"
+    # the norm the teacher's MLP was trained behind
+    assert report["text.blocks.2.ln.weight"].source == "text.blocks.2.ln_2.weight"
+    assert torch.equal(student.text.blocks[2].ln.bias, teacher["text_model.encoder.layers.2.layer_norm2.bias"])
     assert report["text.blocks.2.attn.k.weight"].how == "copied"
     teacher_key = teacher["text_model.encoder.layers.2.self_attn.k_proj.weight"]
     assert torch.equal(student.text.blocks[2].attn.k.weight, teacher_key)
     assert report["text.blocks.2.attn.q.weight"].how == "fresh" and student.text.blocks[2].attn.q.weight.eq(0).all()
     assert report["text.blocks.0.attn.alpha"].how == "fresh"
+    assert report["text.blocks.0.attn.value.weight"].how == "fresh" and student.text.blocks[0].attn.value.weight.eq(0).all()
+
+    student = SiCLIP(student_config(text__block="sasp"))
+    report = inherit_weights(student, hf_teacher_dir, sasp_from_teacher=True, sasp_norm="ln_1")
+    assert report["text.blocks.2.ln.weight"].source == "text.blocks.2.ln_1.weight"
+    with pytest.raises(ValueError, match="sasp_norm"):
+        inherit_weights(student, hf_teacher_dir, sasp_norm="ln_3")
 
 
 def test_freezing_stops_gradients_to_inherited_tensors_only(hf_teacher_dir):
@@ -109,14 +118,96 @@ def test_freezing_stops_gradients_to_inherited_tensors_only(hf_teacher_dir):
     assert not params["visual.blocks.0.attn.q.weight"].requires_grad
     assert not params["text.token_embed.weight"].requires_grad
     assert params["text.blocks.2.attn.q.weight"].requires_grad
-    assert {n for n, p in params.items() if not p.requires_grad} == set(report.inherited_names()) & set(params)
+    assert params["logit_scale"].requires_grad and report["logit_scale"].how == "copied"
+    frozen = {n for n, p in params.items() if not p.requires_grad}
+    assert frozen == set(report.frozen_names()) & set(params)
+    assert frozen == set(report.inherited_names()) & set(params) - {"logit_scale"}
 
 
-def test_a_different_image_size_interpolates_the_position_table(hf_teacher_dir):
-    student = SiCLIP(student_config(image__image_size=48))
-    report = inherit_weights(student, hf_teacher_dir)
+def test_freezing_leaves_sasp_blocks_seeded_from_the_teacher_trainable(hf_teacher_dir):
+    student = SiCLIP(student_config(text__block=["preln", "preln", "sasp", "sasp"], text__share_attention=[[3, 4]]))
+    report = inherit_weights(student, hf_teacher_dir, freeze=True, sasp_from_teacher=True)
+    params = dict(student.named_parameters())
+    seeded = ["text.blocks.2.ln.weight", "text.blocks.2.attn.k.weight", "text.blocks.2.mlp.fc1.weight",
+              "text.blocks.3.mlp.fc2.bias"]
+    assert all(report[n].how == "copied" for n in seeded)  # inherited values ...
+    assert all(params[n].requires_grad and not report[n].frozen for n in seeded)  # ... in a new module that trains
+    assert params["logit_scale"].requires_grad
+    assert not params["text.blocks.1.mlp.fc1.weight"].requires_grad and report["text.blocks.1.mlp.fc1.weight"].frozen
+    assert "frozen" in report.summary() and "new modules train" in report.summary()
+
+
+def test_a_different_image_size_interpolates_the_position_table():
+    """Teacher channels that are the patch's row, its column, or a constant keep that meaning on the new grid."""
+    teacher = SiCLIP(student_config())  # 32 px, patch 8: a 4 x 4 grid
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    with torch.no_grad():
+        teacher.visual.pos_embed[1:, 0::3] = rows.reshape(16, 1)
+        teacher.visual.pos_embed[1:, 1::3] = cols.reshape(16, 1)
+        teacher.visual.pos_embed[1:, 2::3] = 0.5
+    student = SiCLIP(student_config(image__image_size=48))  # a 6 x 6 grid
+    report = inherit_weights(student, teacher)
     entry = report["visual.pos_embed"]
     assert (entry.how, entry.shape, entry.source_shape) == ("interpolated", [37, 64], [17, 64])
+
+    table = student.visual.pos_embed.detach()
+    assert torch.equal(table[0], teacher.visual.pos_embed[0].detach())  # the class position is no grid cell
+    grid = table[1:].reshape(6, 6, 64)
+    row, col, const = grid[..., 0], grid[..., 1], grid[..., 2]
+    torch.testing.assert_close(const, torch.full((6, 6), 0.5))
+    # the row channel varies down the rows only, rising with them; the column channel across the columns only
+    torch.testing.assert_close(row, row[:, :1].expand(6, 6))
+    torch.testing.assert_close(col, col[:1, :].expand(6, 6))
+    torch.testing.assert_close(col, row.T)
+    assert (row[1:, 0] > row[:-1, 0]).all()
+    # student cell i lies at teacher coordinate (i + 0.5) * 4/6 - 0.5; bicubic stays near it inside the grid
+    at = torch.tensor([(i + 0.5) * 4 / 6 - 0.5 for i in range(6)])
+    assert (row[1:5, 0] - at[1:5]).abs().max() < 0.1
+    assert row.min() > -0.3 and row.max() < 3.3
+    assert all(torch.equal(grid[..., c], grid[..., c % 3]) for c in range(64))  # every copy of a channel alike
+
+
+def test_narrower_heads_are_sliced_per_head_not_across_heads(hf_teacher_dir, hf_teacher):
+    """Teacher: 4 heads of 16 channels. Student: 4 heads of 8: each keeps the first 8 channels of its teacher head."""
+    student = SiCLIP(student_config(text__width=32, text__heads=4))
+    report = inherit_weights(student, hf_teacher_dir)
+    teacher = hf_teacher.state_dict()
+    layer = "text_model.encoder.layers.0.self_attn"
+    for part in "qkv":
+        weight = teacher[f"{layer}.{part}_proj.weight"].view(4, 16, 64)[:, :8, :32].reshape(32, 32)
+        assert torch.equal(getattr(student.text.blocks[0].attn, part).weight, weight)
+        bias = teacher[f"{layer}.{part}_proj.bias"].view(4, 16)[:, :8].reshape(32)
+        assert torch.equal(getattr(student.text.blocks[0].attn, part).bias, bias)
+    out = teacher[f"{layer}.out_proj.weight"].view(64, 4, 16)[:32, :, :8].reshape(32, 32)
+    assert torch.equal(student.text.blocks[0].attn.out.weight, out)
+    assert report["text.blocks.0.attn.q.weight"].how == "sliced" and "per head" in report["text.blocks.0.attn.q.weight"].note
+    assert report.warnings == []
+
+
+def test_heads_that_do_not_fit_start_fresh_with_a_warning(hf_teacher_dir):
+    """8 heads of 8 channels cannot come from 4 heads of 16 without splitting heads: refused, and said so."""
+    student = SiCLIP(student_config(text__heads=8))
+    fresh_q = student.text.blocks[0].attn.q.weight.clone()
+    with pytest.warns(UserWarning, match="start fresh although the teacher has them"):
+        report = inherit_weights(student, hf_teacher_dir)
+    entry = report["text.blocks.0.attn.q.weight"]
+    assert entry.how == "fresh" and "8 heads of 8 channels do not fit" in entry.note
+    assert torch.equal(student.text.blocks[0].attn.q.weight, fresh_q)
+    assert report["text.blocks.0.mlp.fc1.weight"].how == "copied"  # head-free tensors still inherit
+    # q, k, v (weights and biases) and the output weight of each of 4 layers; the output bias is head-free
+    assert len(report.warnings) == 4 * 7 and "28 warning(s)" in report.summary()
+
+
+def test_a_wider_student_with_another_patch_grid_falls_back_to_fresh_instead_of_crashing(hf_teacher_dir, tmp_path):
+    student = SiCLIP(student_config(image__width=96, image__heads=6, image__image_size=48))
+    with pytest.warns(UserWarning):
+        report = inherit_weights(student, hf_teacher_dir, report_path=tmp_path / "report.json")
+    entry = report["visual.pos_embed"]
+    assert entry.how == "fresh" and "wider student" in entry.note
+    assert any(w.startswith("visual.pos_embed:") for w in report.warnings)
+    assert report["text.blocks.0.attn.q.weight"].how == "copied"
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["warnings"] == report.warnings and len(saved["warnings"]) > 0
 
 
 def test_a_siclip_checkpoint_is_a_teacher_too(tmp_path, tokenizer):
