@@ -263,6 +263,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
             raise SiclipError(f"model {cfg.model!r}: {e}") from None
         torch.manual_seed(cfg.seed)
         model = build_model(model_config)
+        model.set_grad_checkpointing(cfg.grad_checkpointing)
         report_path = run.path / "inherit_report.json"
         inherited: set[str] = set()
         if cfg.inherit_from:

@@ -288,6 +288,15 @@ def init_weights(module: nn.Module):
 # ----------------------------------------------------------------------------- towers
 
 
+def run_block(block: nn.Module, x: torch.Tensor, *args, grad_checkpointing: bool = False) -> torch.Tensor:
+    """block(x, *args); with gradient checkpointing, its activations are recomputed in the backward pass."""
+    if grad_checkpointing and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(block, x, *args, use_reentrant=False)
+    return block(x, *args)
+
+
 class VisionTransformer(nn.Module):
     """ViT image tower: patches + class token + positions, blocks, the class token projected to embed_dim."""
 
@@ -301,6 +310,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(n_patches + 1, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.blocks = build_blocks(cfg)
+        self.grad_checkpointing = False
         self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         self.apply(init_weights)
@@ -312,7 +322,7 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], 1, -1), x], dim=1) + self.pos_embed
         x = self.ln_pre(x)
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x, grad_checkpointing=self.grad_checkpointing)
         return self.proj(self.ln_post(x[:, 0]))
 
 
@@ -353,6 +363,14 @@ class MCi0Tower(nn.Module):
                 sasp[i].apply(init_weights)
                 stage.blocks[i] = TokenBlock(sasp[i])
 
+    @property
+    def grad_checkpointing(self) -> bool:
+        return bool(getattr(self.trunk, "grad_checkpointing", False))
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enable: bool) -> None:
+        self.trunk.set_grad_checkpointing(enable)
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.trunk(pixels)
 
@@ -367,6 +385,7 @@ class TextTransformer(nn.Module):
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
         self.blocks = build_blocks(cfg)
+        self.grad_checkpointing = False
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         self.apply(init_weights)
@@ -378,7 +397,7 @@ class TextTransformer(nn.Module):
         valid = torch.arange(N, device=token_ids.device) <= eot[:, None] if self.mask_padding else None
         x = self.token_embed(token_ids) + self.pos_embed[:N]
         for block in self.blocks:
-            x = block(x, self.causal, valid)
+            x = run_block(block, x, self.causal, valid, grad_checkpointing=self.grad_checkpointing)
         x = self.ln_final(x)
         return self.proj(x[torch.arange(B, device=x.device), eot])
 
@@ -398,6 +417,11 @@ class SiCLIP(nn.Module):
         self.visual = towers[config.image.kind](config.image, config.embed_dim)
         self.text = TextTransformer(config.text, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass: less memory for more compute."""
+        self.visual.grad_checkpointing = enable
+        self.text.grad_checkpointing = enable
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         x = self.visual(pixels)

@@ -48,9 +48,10 @@ def global_batch():
     return pixels, web, syn, valid, teacher
 
 
-def step_gradients(rank: int, world: int, micro: int, accelerator):
+def step_gradients(rank: int, world: int, micro: int, accelerator, grad_checkpointing: bool = False):
     """(loss terms, {name: gradient}) of this process's share of the global batch after gradient averaging."""
     model, objective = small_model()
+    model.set_grad_checkpointing(grad_checkpointing)
     pixels, web, syn, valid, teacher = global_batch()
     rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     texts = torch.cat([web[rows], syn[rows][valid[rows]]])

@@ -50,6 +50,15 @@ def test_gradient_caching_gives_the_gradients_of_one_big_batch(accelerator, one_
     assert {"objective.pm.bias", "objective.fd.image_proj.weight", "objective.icl.text_proj.weight"} <= set(got[1])
 
 
+def test_gradient_checkpointing_changes_memory_not_gradients(accelerator, one_big_batch, monkeypatch):
+    import torch.utils.checkpoint as ckpt
+
+    calls, real = [], ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert_same_gradients(step_gradients(0, 1, 3, accelerator, grad_checkpointing=True), one_big_batch)
+    assert len(calls) == 2 * (3 + 7)  # both towers' two blocks, per recomputed chunk (3 of images, 7 of captions)
+
+
 def test_two_real_processes_give_the_loss_and_gradients_of_one_process(tmp_path, one_big_batch):
     out = tmp_path / "grads"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE), os.environ.get("PYTHONPATH", "")]),
