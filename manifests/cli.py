@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import sys
 
@@ -25,6 +26,9 @@ BENCHES = {
     "shards": ("pipeline.bench", "bench_shards", "siclip shards against raw img2dataset.download"),
     "captions": ("captioning.bench", "bench_captions", "siclip captions against a transformers pipeline"),
     "blocks": ("training.bench", "bench_blocks", "SAS-P blocks with sharing against pre-LN blocks"),
+    "train": ("training.bench_train", "bench_train",
+              "siclip train against a plain PyTorch loop; the loader; gradient caching's memory; --device cuda: the "
+              "paper preset"),
 }
 
 
@@ -59,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=sorted(BENCHES) + ["all"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quick", action="store_true", help="a smaller run (for smoke tests)")
+    p.add_argument("--device", default="cpu", help="where benches that can run on a GPU run (cpu or cuda)")
     p.set_defaults(handler=_run_bench)
     return parser
 
@@ -90,7 +95,9 @@ def _run_bench(args) -> int:
         mod = _stage_module(modname)
         if mod is None:
             raise SiclipError(f"bench {name}: not built yet")
-        results[name] = getattr(mod, fn)(quick=args.quick)
+        bench = getattr(mod, fn)
+        kwargs = {"device": args.device} if "device" in inspect.signature(bench).parameters else {}
+        results[name] = bench(quick=args.quick, **kwargs)
     out = results[names[0]] if len(names) == 1 else results
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))
     return 0

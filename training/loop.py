@@ -400,6 +400,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                             "lr": lr, "temperature": float(model.logit_scale.exp()),
                             "grad_norm": None if norm is None else float(norm),
                             "samples_per_s": round(cfg.batch_size / seconds, 2),
+                            "seconds": round(time.monotonic() - started, 3),
                             "peak_memory_mb": round(peak_memory_mb(device), 1),
                             "no_synthetic": batch["no_synthetic"]})
                     if progress and (progress.due() or step == stop):

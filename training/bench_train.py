@@ -1,0 +1,291 @@
+"""`siclip bench train`: the training loop against named baselines measured in the same run.
+
+CPU (default), on generated shards with caption sidecars, the `tiny` preset:
+- `ratio`: samples/s of `siclip train` (loader, objective, AdamW, logging, checkpoints at the end) over
+  a plain PyTorch loop on the same model, batch and objective with the data already in memory;
+- `loader_ratio`: samples/s the loader delivers (decode, crop, join, tokenise, its worker processes) over
+  samples/s the training step consumes;
+- `caching_memory_ratio`: activation memory (the peak of what autograd holds for the backward pass) of
+  gradient caching at an effective batch of 8 micro-batches, over plain training at one micro-batch:
+  gradient caching keeps memory flat in the effective batch.
+`--device cuda`: the `paper` preset's model (s0, needs timm) with every loss term, on random tensors, in
+bf16: samples/s and peak GPU memory at effective batch 256 and 512 through gradient caching, and plain
+training at 256 for comparison.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from manifests.layout import DataRoot, shard_name
+from manifests.manifest import StageManifest
+from manifests.storage import write_storage
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def make_bench_root(folder: Path, shards: int, per_shard: int, size: int = 160, seed: int = 0) -> DataRoot:
+    """Shards of noisy JPEGs (the decode cost of real photos) with captions sidecars, listed in manifests."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = DataRoot(folder)
+    root.shards.mkdir(parents=True, exist_ok=True)
+    root.captions.mkdir(parents=True, exist_ok=True)
+    shards_m, captions_m = StageManifest.load(root, "shards"), StageManifest.load(root, "captions")
+    for s in range(shards):
+        name, keys = shard_name(s), [f"{s:05d}{i:04d}" for i in range(per_shard)]
+        tar = root.shards / f"{name}.tar"
+        with tarfile.open(tar, "w") as tf:
+            for k in keys:
+                pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+                for ext, data in (("jpg", buf.getvalue()), ("txt", f"a photo of sample {k}".encode())):
+                    info = tarfile.TarInfo(f"{k}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        shards_m.add(root, name, [tar], per_shard)
+        table = pa.table({"key": keys, "captions": [[f"synthetic {j} of {k}" for j in range(3)] for k in keys],
+                          "status": ["ok"] * per_shard})
+        path = root.captions / f"{name}.arrow"
+        with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+        captions_m.add(root, name, [path], per_shard)
+    shards_m.save(root)
+    captions_m.save(root)
+    write_storage(root, budget_bytes=10**12, reserve_bytes=0)
+    return root
+
+
+def _plain_loop(cfg, batch: dict, steps: int, warmup: int) -> float:
+    """Samples/s of a plain PyTorch loop: the same model, objective and batch, the data in memory."""
+    from training.evaluate import to_input
+    from training.loop import assemble
+    from training.model import build_model, load_config
+    from training.objective import Objective
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(load_config(cfg.model))
+    objective = Objective(cfg.stages[0].loss, model.config.embed_dim, None, cfg.pm_k)
+    optimizer = torch.optim.AdamW(list(model.parameters()) + list(objective.parameters()), lr=1e-4,
+                                  weight_decay=cfg.weight_decay)
+    pixels = to_input(batch["pixels"], cfg.image_mean, cfg.image_std)
+    valid = batch["syn_valid"]
+    texts = torch.cat([batch["text"], batch["syn_text"][valid]])
+    start = None
+    for step in range(warmup + steps):
+        if step == warmup:
+            start = time.perf_counter()
+        terms = objective(assemble(model.encode_image(pixels), model.encode_text(texts), valid, None), model.scale())
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(objective.parameters()), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return steps * len(pixels) / (time.perf_counter() - start)
+
+
+def _siclip_train(cfg, root: DataRoot, out: str, steps: int, warmup: int) -> float:
+    """Samples/s of `siclip train` itself, from its own metrics (wall clock between steps, loader waits included)."""
+    from training.loop import train
+
+    train(cfg, root.root, out, max_steps=warmup + steps)
+    records = [json.loads(x) for x in (root.runs / out / "metrics.jsonl").read_text().splitlines()]
+    times = {r["step"]: r["seconds"] for r in records if "seconds" in r}
+    return steps * cfg.batch_size / (times[warmup + steps] - times[warmup])
+
+
+def _loader_rate(cfg, root: DataRoot, batches: int) -> tuple[float, dict]:
+    """Samples/s the loader delivers with the config's workers, and one batch to train the plain loop on."""
+    from training.data import SampleSettings, plan_epoch, split_shards, train_loader
+    from training.model import load_config
+
+    mc = load_config(cfg.model)
+    shards, _ = split_shards(root, 0)
+    settings = SampleSettings(seed=0, image_size=mc.image.image_size, context_length=mc.text.context_length,
+                              synthetic_captions=cfg.synthetic_captions, crop_scale=tuple(cfg.crop_scale),
+                              captions=True)
+    plan = plan_epoch(shards, 0, 0, 0, 1, cfg.workers, cfg.batch_size)
+    first, n, start = None, 0, None
+    for i, batch in enumerate(train_loader(root, plan, settings, cfg.batch_size, cfg.shuffle_buffer)):
+        if i == 1:  # after the workers' start-up and the shuffle buffer's first fill
+            start = time.perf_counter()
+        first = first or batch
+        n += len(batch["keys"]) if i >= 1 else 0
+        if i == batches:
+            break
+    return n / (time.perf_counter() - start), first
+
+
+class SavedActivations:
+    """Counts the bytes autograd holds for the backward pass (tensors saved by the graph), now and at the peak.
+
+    Device-independent and exact where process RSS is not: a saved tensor counts from the moment
+    the forward pass saves it until its graph is freed; tensors sharing storage count once; the
+    storages of `exclude` (the parameters, the input batch: held anyway) do not count.
+    """
+
+    def __init__(self, exclude=()):
+        self.live: dict[int, list] = {}  # storage pointer -> [bytes, references]
+        self.now = self.peak = 0
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def _release(self, ptr: int) -> None:
+        entry = self.live[ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[ptr]
+
+    def pack(self, tensor: torch.Tensor):
+        import weakref
+
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self.exclude:
+            return _Box([tensor])
+        if ptr in self.live:
+            self.live[ptr][1] += 1
+        else:
+            self.live[ptr] = [storage.nbytes(), 1]
+            self.now += storage.nbytes()
+            self.peak = max(self.peak, self.now)
+        holder = [tensor]
+        box = _Box(holder)
+        weakref.finalize(box, self._release, ptr)
+        return box
+
+    @staticmethod
+    def unpack(box):
+        return box.holder[0]
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+class _Box:
+    __slots__ = ("holder", "__weakref__")
+
+    def __init__(self, holder):
+        self.holder = holder
+
+
+def _activation_memory(batch: int, micro: int) -> int:
+    """Peak bytes autograd holds in one training step of the tiny model (96 px) at `batch`, `micro` at a time."""
+    from accelerate import Accelerator
+
+    from training.config import LossWeights
+    from training.loop import forward_backward
+    from training.model import build_model, load_config
+    from training.objective import Objective
+
+    torch.manual_seed(0)
+    model = build_model(load_config("tiny", {"image.image_size": 96, "image.patch_size": 8}))
+    objective = Objective(LossWeights(clip_web=1.0, clip_synthetic=0.0, pm=0.1), model.config.embed_dim, None, 8)
+    pixels, texts = torch.randn(batch, 3, 96, 96), torch.randint(1, 49000, (batch, 77))
+    texts[:, 30] = 49407
+    with SavedActivations(exclude=[pixels, texts, *model.parameters(), *objective.parameters()]) as saved:
+        forward_backward(model, objective, pixels, texts, torch.zeros(batch, 0, dtype=torch.bool), None, micro,
+                         Accelerator(cpu=True))
+    return saved.peak
+
+
+def bench_train(quick: bool = False, device: str = "cpu") -> dict:
+    """Run the benchmark; print a short table to stderr and return the figures."""
+    if device.startswith("cuda"):
+        return bench_train_gpu(quick)
+    from training.config import load_train_config
+
+    steps, warmup = (6, 2) if quick else (30, 5)
+    micro = 16 if quick else 32
+    with tempfile.TemporaryDirectory(prefix="siclip-bench-train-") as tmp:
+        shards = 4
+        per_shard = max(64, (steps + warmup + 2) * 64 // shards + 64)
+        root = make_bench_root(Path(tmp) / "data", shards, per_shard)
+        cfg = load_train_config("tiny", ["val_shards=0", "eval_every=0", f"checkpoint_every={10**6}",
+                                         "stages.0.epochs=1", "log_every=1"])
+        loader_rate, batch = _loader_rate(cfg, root, 8 if quick else 24)
+        plain = _plain_loop(cfg, batch, steps, warmup)
+        real = _siclip_train(cfg, root, "bench", steps, warmup)
+    plain_mem = _activation_memory(micro, micro)
+    cached_mem = _activation_memory(8 * micro, micro)
+    out = {
+        "ratio": real / plain, "loader_ratio": loader_rate / plain, "caching_memory_ratio": cached_mem / plain_mem,
+        "samples_per_s": {"siclip_train": real, "plain_loop": plain, "loader": loader_rate},
+        "activation_bytes": {f"plain_batch_{micro}": plain_mem, f"caching_batch_{8 * micro}_micro_{micro}": cached_mem},
+        "setup": {"preset": "tiny", "batch": cfg.batch_size, "workers": cfg.workers, "steps": steps,
+                  "threads": torch.get_num_threads(), "load_average": round(os.getloadavg()[0], 2)},
+    }
+    _log(f"train: siclip train {real:.1f} samples/s vs a plain loop {plain:.1f} (ratio {out['ratio']:.3f}); loader "
+         f"{loader_rate:.1f} samples/s ({out['loader_ratio']:.2f}x the step's need); gradient caching at batch "
+         f"{8 * micro} in micro-batches of {micro}: {cached_mem / 2**20:.0f} MB of activations vs {plain_mem / 2**20:.0f}"
+         f" MB plain at {micro} (x{out['caching_memory_ratio']:.2f}); load average {out['setup']['load_average']}")
+    return out
+
+
+def bench_train_gpu(quick: bool = False) -> dict:
+    """The paper preset on random tensors on a GPU: samples/s and peak memory by effective batch."""
+    from accelerate import Accelerator
+
+    from training.config import load_train_config
+    from training.loop import average_gradients, forward_backward
+    from training.model import build_model, load_config
+    from training.objective import Objective
+
+    cfg = load_train_config("paper")
+    acc = Accelerator(mixed_precision="bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    device = acc.device
+    torch.manual_seed(0)
+    model = build_model(load_config(cfg.model)).to(device)
+    objective = Objective(cfg.stages[-1].loss, model.config.embed_dim, 1536, cfg.pm_k).to(device)
+    params = list(model.parameters()) + list(objective.parameters())
+    optimizer = acc.prepare(torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1))
+    size, k, steps = model.config.image.image_size, cfg.synthetic_captions, 10 if quick else 40
+    results = {}
+    for batch, micro in ((256, cfg.micro_batch), (512, cfg.micro_batch), (256, 256)):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        pixels = torch.randn(batch, 3, size, size, device=device)
+        texts = torch.randint(1, 49000, (batch * (1 + k), 77), device=device)
+        texts[:, 20] = 49407
+        valid = torch.ones(batch, k, dtype=torch.bool, device=device)
+        teacher = {"t_image": torch.randn(batch, 1536, device=device), "t_text": torch.randn(batch, 1536, device=device),
+                   "t_syn": torch.randn(batch, k, 1536, device=device), "t_syn_valid": valid}
+        try:
+            for i in range(3 + steps):
+                if i == 3:
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                forward_backward(model, objective, pixels, texts, valid, teacher, micro, acc)
+                average_gradients(params, 1)
+                acc.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            rate = steps * batch / (time.perf_counter() - start)
+            results[f"batch_{batch}_micro_{micro}"] = {
+                "samples_per_s": round(rate, 1), "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
+        except torch.cuda.OutOfMemoryError:
+            results[f"batch_{batch}_micro_{micro}"] = {"out_of_memory": True}
+        _log(f"train (GPU, {torch.cuda.get_device_name(device)}): paper preset, batch {batch} in micro-batches of "
+             f"{micro}: {results[f'batch_{batch}_micro_{micro}']}")
+    return {"device": torch.cuda.get_device_name(device), "precision": acc.mixed_precision, **results}
