@@ -39,8 +39,9 @@ class ShardRef:
     tar_record: dict  # {"bytes", "sha256"} from the shards manifest
 
 
-def finished_shards(root: DataRoot) -> list[ShardRef]:
+def finished_shards(root: DataRoot | str | Path) -> list[ShardRef]:
     """The shards stage 1 finished, by name; a shard missing from its manifest is not finished."""
+    root = _data_root(root)
     m = StageManifest.load(root, "shards")
     out = []
     for name, entry in sorted(m.entries.items()):
@@ -49,6 +50,10 @@ def finished_shards(root: DataRoot) -> list[ShardRef]:
             raise SiclipError(f"{root.manifest_path('shards')}: entry {name!r} lists {len(tars)} tar files, expected 1")
         out.append(ShardRef(name, root.abs(tars[0]), int(entry.get("samples", 0)), entry["files"][tars[0]]))
     return out
+
+
+def _data_root(root: DataRoot | str | Path) -> DataRoot:
+    return root if isinstance(root, DataRoot) else DataRoot(root)
 
 
 def sidecar_path(root: DataRoot, stage: str, shard: str) -> Path:
@@ -214,7 +219,7 @@ def iter_samples(root: DataRoot | str | Path, shard: str, sidecars: tuple[str, .
 
     Raises SidecarMismatchError naming the shard, the sidecar and the first key without a match.
     """
-    root = root if isinstance(root, DataRoot) else DataRoot(root)
+    root = _data_root(root)
     tar_path = Path(tar_path) if tar_path else root.shards / f"{shard}.tar"
     lookup = ShardSidecars(root, shard, tuple(sidecars))
     used: set[str] = set()
@@ -229,15 +234,22 @@ def iter_samples(root: DataRoot | str | Path, shard: str, sidecars: tuple[str, .
 
 
 def decode_sample(sample: dict) -> dict:
-    """Decode the usual members in place: 'jpg'/'png'/'webp' to a PIL image, 'txt' to str, 'json' to dict."""
+    """Decode the usual members in place: 'jpg'/'png'/'webp' to a PIL image, 'txt' to str, 'json' to dict.
+
+    Raises CorruptShardError naming the sample when an image member cannot be decoded.
+    """
     import io
 
     from PIL import Image
 
     for ext in ("jpg", "jpeg", "png", "webp"):
         if ext in sample and isinstance(sample[ext], bytes):
-            img = Image.open(io.BytesIO(sample[ext]))
-            img.load()
+            try:
+                img = Image.open(io.BytesIO(sample[ext]))
+                img.load()
+            except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for truncated or foreign data
+                raise CorruptShardError(f"sample {sample.get('__key__')}: its {ext} member is not a readable image "
+                                        f"({e})") from None
             sample[ext] = img
     if isinstance(sample.get("txt"), bytes):
         sample["txt"] = sample["txt"].decode("utf-8", errors="replace")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from manifests.errors import SiclipError
-from manifests.storage import parse_reserve, parse_size
+from manifests.storage import format_size, parse_reserve, parse_size
 
 DEFAULT_CONFIG = Path(__file__).with_name("shards.toml")
 RESIZE_MODES = ["center_crop", "border", "keep_ratio", "keep_ratio_largest", "no"]
@@ -51,10 +51,20 @@ class ShardsConfig:
     def validate(self) -> None:
         if not self.urls:
             raise SiclipError("no URL list given: pass --urls FILE")
-        parse_reserve(self.reserve, parse_size(self.budget))
+        budget = parse_size(self.budget)
+        reserve = parse_reserve(self.reserve, budget)
+        if reserve >= budget:  # caught here, before the pilot downloads anything
+            raise SiclipError(f"the reserve {format_size(reserve)} leaves nothing of the budget {format_size(budget)} "
+                              "for the shards: lower --reserve or raise --budget")
         for name in ("image_size", "samples_per_shard", "threads"):
             if getattr(self, name) <= 0:
                 raise SiclipError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.processes < 0:
+            raise SiclipError(f"processes must be 0 (one per core) or more, got {self.processes}")
+        if not self.timeout > 0:
+            raise SiclipError(f"timeout must be more than 0 seconds, got {self.timeout}")
+        if self.retries < 0:
+            raise SiclipError(f"retries must be 0 or more, got {self.retries}")
         if not 1 <= self.quality <= 100:
             raise SiclipError(f"quality must be within 1..100, got {self.quality}")
         if self.resize_mode not in RESIZE_MODES:

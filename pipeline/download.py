@@ -9,13 +9,13 @@ verifies and deleted when it does not, so a killed run, rerun, leaves every samp
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import re
 import shutil
 import signal
 import sys
 import tarfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -58,32 +58,94 @@ def make_downloader(cfg, output_folder: Path):
                       disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"])
 
 
-# --- worker side (spawned processes) -------------------------------------------------------------
+# --- download processes ------------------------------------------------------------------------
+#
+# Each worker is a spawned process that takes shards from its own pipe, one at a time, for the
+# whole run. Workers are started and reaped only by the thread that runs ShardRunner.run, which
+# outlives them: Linux sends the parent-death signal that _die_with_parent asks for when the
+# *thread* that started a process ends, not its process. (A multiprocessing.Pool with
+# maxtasksperchild started replacement workers from its handler thread, and terminate() ended that
+# thread first: the kernel killed those workers, one while it held the task queue's lock, and
+# terminate() then waited for that lock for ever.)
 
-_DOWNLOADER = None
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when its parent dies, so a killed job leaves no orphan
-    still writing into the staging folder that the rerun cleans."""
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this worker when the thread that started it ends, so a killed job leaves
+    no orphan still writing into the staging folder that the rerun cleans."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
 
 
-def _init_worker(cfg, staging: str) -> None:
-    global _DOWNLOADER
-    _die_with_parent()
-    _DOWNLOADER = make_downloader(cfg, Path(staging))
+def _worker_main(cfg, staging: str, parent_pid: int, conn) -> None:
+    """Download each (shard id, input file) received on `conn` and answer (shard id, ok); None ends."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the runner stops us
+    # img2dataset's per-shard ThreadPool takes a multiprocessing lock. Under the "spawn" default this
+    # process inherits, that lock is registered with the job's resource tracker, and a worker killed
+    # mid-shard ends the job with a "leaked semaphore" warning after its summary. This process never
+    # starts another, so it can use "fork" locks, which are unlinked as soon as they are made.
+    multiprocessing.set_start_method("fork", force=True)
+    downloader = make_downloader(cfg, Path(staging))
+    try:
+        while (job := conn.recv()) is not None:
+            ok, _ = downloader(job)  # img2dataset prints a failed shard's error itself
+            conn.send((job[0], ok))
+    except EOFError:  # the runner closed the pipe without a word: nothing left to do
+        pass
 
 
-def _run_shard(shard_id: int, input_path: str):
-    ok, _ = _DOWNLOADER((shard_id, input_path))
-    return shard_id, ok
+def exit_reason(exitcode: int | None) -> str:
+    """How a worker process ended, in words."""
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        return f"killed by {name}" + (", as the out-of-memory killer does" if name == "SIGKILL" else "")
+    return f"exit status {exitcode}"
+
+
+class _Worker:
+    """One download process, the pipe it takes shards from, and the shard it runs (if any)."""
+
+    def __init__(self, ctx, cfg, staging: Path):
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(cfg, str(staging), os.getpid(), child), daemon=True)
+        self.process.start()
+        child.close()  # the worker holds the only other end: its death reads as end-of-file here
+        self.job: tuple[int, int] | None = None  # (shard id, worst-case bytes) while it runs a shard
+
+    def start(self, shard_id: int, bound: int, input_path: str) -> bool:
+        """Hand it a shard; False when it is already gone."""
+        try:
+            self.conn.send((shard_id, input_path))
+        except OSError:
+            return False
+        self.job = (shard_id, bound)
+        return True
+
+    def result(self) -> tuple[int, bool] | None:
+        """(shard id, ok) once it has answered; None while it works; EOFError (or a reset pipe's
+        OSError) when it died."""
+        if self.conn.poll():
+            answer = self.conn.recv()
+            self.job = None
+            return answer
+        if not self.process.is_alive():
+            raise EOFError
+        return None
+
+    def stop(self, wait_s: float) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.process.join(wait_s)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
 
 
 # --- main side -----------------------------------------------------------------------------------
@@ -203,14 +265,23 @@ class ShardRunner:
             w.write_table(table)
         return str(path)
 
+    def _fail(self, shard_id: int, reason: str) -> None:
+        print(f"shards: shard {shard_name(shard_id)} failed: {reason}", file=sys.stderr, flush=True)
+        for p in shard_files(self.staging, shard_id):
+            p.unlink(missing_ok=True)
+        self.failed.append(shard_id)
+
     def _commit(self, shard_id: int, extra: dict) -> None:
         try:
             commit_staged(self.root, self.staging, self.manifest, shard_id, self.cfg.encode_format, **extra)
         except SiclipError as e:
-            print(f"shards: shard {shard_name(shard_id)} failed: {e}", file=sys.stderr)
-            for p in shard_files(self.staging, shard_id):
-                p.unlink(missing_ok=True)
-            self.failed.append(shard_id)
+            self._fail(shard_id, str(e))
+
+    def _done(self, shard_id: int, ok: bool, extra: dict) -> None:
+        if ok:
+            self._commit(shard_id, extra)
+        else:
+            self._fail(shard_id, "img2dataset could not download it (its error is above)")
 
     def run_in_process(self, shard_id: int, table: pa.Table, bound: int, extra: dict | None = None) -> bool:
         """Download one shard in this process (the pilot); False when its worst case does not fit."""
@@ -219,50 +290,82 @@ class ShardRunner:
             return False
         self.staging.mkdir(parents=True, exist_ok=True)
         ok, _ = make_downloader(self.cfg, self.staging)((shard_id, self._write_input(shard_id, table)))
-        if ok:
-            self._commit(shard_id, extra or {})
-        else:
-            self.failed.append(shard_id)
+        self._done(shard_id, ok, extra or {})
         return True
 
     def run(self, jobs: list[tuple[int, pa.Table, int]], extra: dict | None = None) -> None:
         """Download `jobs` (shard id, rows, worst-case bytes) in parallel; a shard starts only when the
-        bytes in use plus the worst case of every shard in flight, its own included, fit the budget."""
+        bytes in use plus the worst case of every shard in flight, its own included, fit the budget.
+        A worker that dies fails its shard by name and is replaced, until as many have died as run at
+        once (at least 2): then the shards not started yet fail too, rather than die the same way."""
         if not jobs:
             return
         self.staging.mkdir(parents=True, exist_ok=True)
         os.environ.update(worker_env(self.cfg))
         if self.cfg.distributor != "multiprocessing":
             return self._run_waves(jobs, extra or {})
-        import multiprocessing
+        from multiprocessing.connection import wait
 
         ctx = multiprocessing.get_context("spawn")
-        procs = min(self.cfg.process_count, len(jobs))
+        slots = min(self.cfg.process_count, len(jobs))
         queue = list(jobs)
-        in_flight: dict[int, tuple] = {}
+        workers: list[_Worker] = []
+        lost = 0
         used = self.used_bytes()
-        with ctx.Pool(procs, initializer=_init_worker, initargs=(self.cfg, str(self.staging)), maxtasksperchild=5) as pool:
-            while queue or in_flight:
-                while queue and len(in_flight) < procs:
-                    sid, table, bound = queue[0]
-                    if used + sum(b for _, b, _ in in_flight.values()) + bound > self.budget_bytes:
-                        break
-                    queue.pop(0)
-                    in_flight[sid] = (pool.apply_async(_run_shard, (sid, self._write_input(sid, table))), bound, len(table))
-                if not in_flight:
-                    self.stopped_by_budget = (queue[0][0], queue[0][2])
+        try:
+            while True:
+                while queue and len(workers) < slots and lost < max(2, slots):
+                    workers.append(_Worker(ctx, self.cfg, self.staging))
+                dead = self._admit(queue, workers, used)
+                if dead:  # found when handing them a shard: replace them before going on
+                    lost += dead
+                    continue
+                busy = [w for w in workers if w.job]
+                if not busy:
                     break
-                time.sleep(0.05)
-                for sid in [s for s, (r, _, _) in in_flight.items() if r.ready()]:
-                    result, _, _ = in_flight.pop(sid)
-                    if result.successful() and result.get()[1]:
-                        self._commit(sid, extra or {})
-                    else:
-                        self.failed.append(sid)
-                    used = self.used_bytes()
+                wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=0.5)
+                for w in busy:
+                    try:
+                        answer = w.result()
+                    except (EOFError, OSError):
+                        workers.remove(w)
+                        lost += 1
+                        w.process.join()
+                        self._fail(w.job[0], f"its download process (pid {w.process.pid}) died "
+                                             f"({exit_reason(w.process.exitcode)})")
+                        continue
+                    if answer:
+                        self._done(*answer, extra or {})
+                        used = self.used_bytes()
                 if self.progress:
                     self.progress(self._staged_bytes())
-            pool.terminate()
+        finally:
+            for w in workers:
+                w.stop(0 if w.job else 10)  # a worker still busy here means the run is being abandoned
+        if queue and not workers:
+            print(f"shards: {lost} download processes died; not starting the other {len(queue)} shard(s) "
+                  "(is the machine out of memory?)", file=sys.stderr, flush=True)
+            self.failed += [sid for sid, _, _ in queue]
+        elif queue:
+            self.stopped_by_budget = (queue[0][0], queue[0][2])
+
+    def _admit(self, queue: list, workers: list[_Worker], used: int) -> int:
+        """Hand queued shards to idle workers while `used` plus the worst case of every shard in
+        flight fits the budget; return how many workers were found dead (dropped; the shard stays queued)."""
+        in_flight = sum(w.job[1] for w in workers if w.job)
+        dead = 0
+        for w in [w for w in workers if not w.job]:
+            if not queue or used + in_flight + queue[0][2] > self.budget_bytes:
+                break
+            sid, table, bound = queue[0]
+            if not w.start(sid, bound, self._write_input(sid, table)):
+                workers.remove(w)
+                w.process.join()
+                dead += 1
+                continue
+            queue.pop(0)
+            in_flight += bound
+        return dead
 
     def _run_waves(self, jobs, extra) -> None:
         """pyspark/ray: img2dataset's own distributor, fed waves of shards that fit the budget together."""

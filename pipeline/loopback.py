@@ -49,11 +49,13 @@ def make_image(index: int, seed: int = 0, min_side: int = 48, max_side: int = 40
     return buf.getvalue(), ext, f"a {fg} {shape} on a {bg} background"
 
 
-def free_port() -> int:
-    """A port with nothing listening on it (connections to it are refused)."""
+@contextmanager
+def refusing_port():
+    """A loopback port that refuses connections, for as long as the block runs: bound but never
+    listening, so no other program can start listening on it meanwhile."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 class _QuietServer(ThreadingHTTPServer):

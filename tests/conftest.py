@@ -8,7 +8,7 @@ import os
 import shutil
 
 import pytest
-from siclip_testing import SMALL, siclip, write_list
+from siclip_testing import SMALL, fault_rows, siclip, write_list
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -50,25 +50,18 @@ def good_rows(image_server):
 
 
 @pytest.fixture(scope="session")
-def bad_rows(image_server):
-    """(url, caption, expected outcome): every way a row of a web URL list goes wrong."""
-    from pipeline.loopback import free_port
+def refused_url():
+    """A loopback URL whose connections are refused, its port held for the whole run."""
+    from pipeline.loopback import refusing_port
 
-    b = image_server.base
-    return [
-        (f"{b}/status/404", "missing", "http_404"),
-        (f"{b}/status/500", "server error", "http_5xx"),
-        (f"http://127.0.0.1:{free_port()}/refused.jpg", "refused", "connection_error"),
-        (f"{b}/bad/text.jpg", "text named jpg", "decode_error"),
-        (f"{b}/bad/truncated.jpg", "truncated jpeg", "decode_error"),
-        (f"{b}/empty", "empty body", "empty_body"),
-        (f"{b}/bad/one.png", "one pixel", "success"),
-        (f"{b}/bad/bomb.png", "decompression bomb", "decompression_bomb"),
-        (f"{b}/slow/4/img/000000.jpg", "too slow", "timeout"),
-        (f"{b}/redirect-loop", "redirect loop", "redirect_loop"),
-        ("file:///etc/hostname", "local file", "scheme_file"),
-        (None, "no url", "no_url"),
-    ]
+    with refusing_port() as port:
+        yield f"http://127.0.0.1:{port}/refused.jpg"
+
+
+@pytest.fixture(scope="session")
+def bad_rows(image_server, refused_url):
+    """(url, caption, expected outcome) on the shared server: see siclip_testing.fault_rows."""
+    return fault_rows(image_server.base, refused_url)
 
 
 @pytest.fixture(scope="session")

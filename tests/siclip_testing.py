@@ -31,4 +31,27 @@ def siclip(*args, check=True, timeout=300, env=None, **popen) -> subprocess.Comp
 
 
 SMALL = ["--image-size", "64", "--samples-per-shard", "8", "--processes", "2", "--threads", "8",
-         "--budget", "1GB", "--reserve", "0%", "--set", "timeout=2"]
+         "--budget", "1GB", "--reserve", "0%", "--set", "timeout=10"]
+
+# The slow fault row answers after SLOW_S seconds and must time out, so a run with it adds
+# FAULT_TIMEOUT; every other row still has 5 s to answer, which loopback manages on a loaded machine.
+SLOW_S = 30
+FAULT_TIMEOUT = ["--set", "timeout=5"]
+
+
+def fault_rows(base: str, refused: str) -> list[tuple]:
+    """(url, caption, expected outcome): every way a row of a web URL list goes wrong, on server `base`."""
+    return [
+        (f"{base}/status/404", "missing", "http_404"),
+        (f"{base}/status/500", "server error", "http_5xx"),
+        (refused, "refused", "connection_error"),
+        (f"{base}/bad/text.jpg", "text named jpg", "decode_error"),
+        (f"{base}/bad/truncated.jpg", "truncated jpeg", "decode_error"),
+        (f"{base}/empty", "empty body", "empty_body"),
+        (f"{base}/bad/one.png", "one pixel", "success"),
+        (f"{base}/bad/bomb.png", "decompression bomb", "decompression_bomb"),
+        (f"{base}/slow/{SLOW_S}/img/000000.jpg", "too slow", "timeout"),  # with FAULT_TIMEOUT
+        (f"{base}/redirect-loop", "redirect loop", "redirect_loop"),
+        ("file:///etc/hostname", "local file", "scheme_file"),
+        (None, "no url", "no_url"),
+    ]

@@ -33,6 +33,10 @@ def test_unknown_key_lists_the_valid_ones(tmp_path):
     ("quality", "expected key=value"),
     ("resize_mode=squash", "resize_mode 'squash': choose one of center_crop"),
     ("quality=0", "quality must be within 1..100"),
+    ("processes=-1", "processes must be 0 (one per core) or more, got -1"),
+    ("timeout=-1", "timeout must be more than 0 seconds, got -1.0"),
+    ("timeout=0", "timeout must be more than 0 seconds, got 0.0"),
+    ("retries=-1", "retries must be 0 or more, got -1"),
 ])
 def test_bad_values_are_one_line_errors(item, fragment):
     with pytest.raises(SiclipError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
@@ -54,9 +58,18 @@ def test_sizes():
         parse_size("lots")
 
 
-def test_a_distributor_whose_package_is_missing_is_refused_before_any_work():
+@pytest.mark.parametrize("budget, reserve", [("1GB", "2GB"), ("1GB", "1GB")])
+def test_a_reserve_that_leaves_no_budget_for_shards_is_refused(budget, reserve):
+    with pytest.raises(SiclipError, match=f"the reserve {reserve[0]} GB leaves nothing of the budget 1 GB for the shards"):
+        resolve(ShardsConfig, None, [], {"urls": "a.csv", "budget": budget, "reserve": reserve})
+
+
+@pytest.mark.parametrize("name", ["pyspark", "ray"])
+def test_a_distributor_is_refused_before_any_work_exactly_when_its_package_is_missing(name):
     import importlib.util
 
-    assert importlib.util.find_spec("pyspark") is None  # the test machine has no pyspark
-    with pytest.raises(SiclipError, match=r"--distributor pyspark needs its package: pip install 'siclip\[pyspark\]'"):
-        resolve(ShardsConfig, None, ["distributor=pyspark"], {"urls": "a.csv"})
+    if importlib.util.find_spec(name) is not None:  # the extra is installed here: the flag is accepted
+        assert resolve(ShardsConfig, None, [f"distributor={name}"], {"urls": "a.csv"}).distributor == name
+        return
+    with pytest.raises(SiclipError, match=rf"--distributor {name} needs its package: pip install 'siclip\[{name}\]'"):
+        resolve(ShardsConfig, None, [f"distributor={name}"], {"urls": "a.csv"})

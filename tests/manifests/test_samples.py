@@ -12,8 +12,8 @@ import pytest
 
 from manifests.layout import DataRoot
 from manifests.manifest import StageManifest
-from manifests.samples import (CorruptShardError, SidecarMismatchError, embeddings, finished_shards, iter_samples,
-                               iter_shard, read_sidecar)
+from manifests.samples import (CorruptShardError, SidecarMismatchError, decode_sample, embeddings, finished_shards,
+                               iter_samples, iter_shard, read_sidecar)
 from manifests.errors import SiclipError
 
 KEYS = ["000000000", "000000001", "000000003"]
@@ -52,6 +52,41 @@ def test_iter_shard_groups_members_by_key(tmp_path):
     assert [s.name for s in finished_shards(root)] == ["00000"]
 
 
+def _tar(path, members):
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_a_key_whose_members_are_not_together_is_a_corrupt_shard(tmp_path):
+    tar = _tar(tmp_path / "00000.tar", [("a.jpg", b"1"), ("a.txt", b"x"), ("b.jpg", b"2"), ("a.json", b"{}")])
+    got = iter_shard(tar)
+    assert next(got)["__key__"] == "a" and next(got)["__key__"] == "b"
+    with pytest.raises(CorruptShardError, match=f"{tar}: key a appears twice"):
+        next(got)
+
+
+def test_decode_sample_turns_members_into_an_image_a_caption_and_metadata():
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (5, 3), (10, 200, 30)).save(buf, "PNG")
+    sample = decode_sample({"__key__": "k", "png": buf.getvalue(), "txt": "caf\u00e9".encode() + b" \xff",
+                            "json": b'{"url": "http://x/y.png"}', "npy": b"raw"})
+    assert sample["png"].size == (5, 3) and sample["png"].getpixel((0, 0)) == (10, 200, 30)
+    assert sample["txt"] == "caf\u00e9 \ufffd"  # an undecodable byte is replaced, not fatal
+    assert sample["json"] == {"url": "http://x/y.png"} and sample["npy"] == b"raw" and sample["__key__"] == "k"
+    assert decode_sample(sample) is sample  # decoding twice changes nothing
+
+
+def test_decode_sample_names_the_sample_whose_image_is_unreadable():
+    with pytest.raises(CorruptShardError, match="sample 000000007: its jpg member is not a readable image"):
+        decode_sample({"__key__": "000000007", "jpg": b"\xff\xd8 not really a jpeg"})
+
+
 def test_samples_joined_with_captions_by_key(tmp_path):
     root = DataRoot(tmp_path)
     _shard(root)
@@ -61,6 +96,9 @@ def test_samples_joined_with_captions_by_key(tmp_path):
     got = list(iter_samples(root, "00000", ("captions",)))
     assert [s["__key__"] for s in got] == KEYS
     assert [s["captions"]["captions"][0] for s in got] == [f"c {k}" for k in KEYS]
+    # the data root may be given as a path, as everywhere else
+    assert [s["__key__"] for s in iter_samples(str(tmp_path), "00000", ("captions",))] == KEYS
+    assert [r.name for r in finished_shards(str(tmp_path))] == ["00000"]
 
 
 def test_missing_key_names_shard_sidecar_and_first_missing_key(tmp_path):
