@@ -7,6 +7,8 @@ DATA   ?= data/demo
 URLS   ?=
 BUDGET ?= 1TB
 ARGS   ?=
+CONFIG ?= tiny
+RUN    ?= $(CONFIG)
 export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
@@ -32,11 +34,12 @@ captions: install
 teacher: install
 	$(SICLIP) teacher --data $(DATA) $(ARGS)
 
+# a rerun continues the run where it stopped (or says it is finished)
 train: install
-	$(SICLIP) train --data $(DATA) $(ARGS)
+	$(SICLIP) train --data $(DATA) --config $(CONFIG) --out $(RUN) --resume $(ARGS)
 
 eval: install
-	$(SICLIP) eval --data $(DATA) $(ARGS)
+	$(SICLIP) eval --data $(DATA) --run $(RUN) $(ARGS)
 
 manifests: install
 	$(SICLIP) manifest $(DATA) $(ARGS)
@@ -48,11 +51,14 @@ test: install
 	$(PY) -m pytest -q $(ARGS)
 
 # The main job on the embedded default data, on a CPU: generated images served on 127.0.0.1 and downloaded
-# into shards, synthetic captions and teacher embeddings from tiny offline models, then the storage table.
+# into shards, synthetic captions and teacher embeddings from tiny offline models, the tiny SiCLIP trained
+# and evaluated on a held-out shard, then the storage table.
 demo: install
 	$(PY) -m pipeline.demo --data $(DATA)
 	$(SICLIP) captions --data $(DATA) --model tiny --workers 2
 	$(SICLIP) teacher --data $(DATA) --teacher tiny --workers 2
+	$(SICLIP) train --data $(DATA) --config tiny --out tiny --resume
+	$(SICLIP) eval --data $(DATA) --run tiny
 	$(SICLIP) manifest $(DATA)
 
 clean-demo:
