@@ -67,7 +67,8 @@ def load(path: str | Path, device: str = "cpu"):
     if folder is None:
         raise SiclipError(f"{path}: not a siclip run (no final/ or checkpoints/step-*/) nor a checkpoint folder")
     model = SiCLIP.from_pretrained(folder, device=device).eval()
-    return model, ClipTokenizer(), Preprocess.for_model(folder, model.config.image.image_size)
+    tokenizer = ClipTokenizer(context_length=model.config.text.context_length)
+    return model, tokenizer, Preprocess.for_model(folder, model.config.image.image_size)
 
 
 def to_input(pixels: torch.Tensor, mean, std) -> torch.Tensor:

@@ -224,8 +224,15 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
     micro = min(cfg.micro_batch or local_batch, local_batch)
 
     with ExitStack() as stack:
+        locked = None
         if main:
-            stack.enter_context(stage_lock(root, "train"))
+            try:
+                stack.enter_context(stage_lock(root, "train"))
+            except SiclipError as e:
+                locked = str(e)
+        locked = _broadcast_message(locked, accelerator)  # every process stops, none waits for the others
+        if locked:
+            raise SiclipError(locked)
         saved = run.path / "config.json"
         if saved.is_file() and not resume:
             raise SiclipError(f"{run.path} already holds a run; pass --resume to continue it, or choose another --out")
@@ -235,12 +242,14 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
             if changed:
                 raise SiclipError(f"--resume with a config that differs from the run's in {', '.join(changed)} "
                                   f"(see {run.path / 'config.toml'}); these decide the data order or the numbers")
+        accelerator.wait_for_everyone()  # every process has looked at the run folder before it changes
         if main:
             say(f"# siclip train: resolved config ({run.path / 'config.toml'})\n{to_toml(cfg)}")
             run.path.mkdir(parents=True, exist_ok=True)
             run.reconcile(log=say)
             (run.path / "config.toml").write_text(to_toml(cfg))
             saved.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+        accelerator.wait_for_everyone()  # the others read the run folder only once it is in order
 
         # -- data ---------------------------------------------------------------------------------------
         train_shards, val_shards = split_shards(root, cfg.val_shards)
@@ -397,7 +406,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                         run.append_metrics({
                             "step": step, "epoch": round(step / steps_per_epoch, 4), "stage": span.cfg.name,
                             "loss": last["loss"], "terms": {k: v for k, v in last.items() if k != "loss"},
-                            "lr": lr, "temperature": float(model.logit_scale.exp()),
+                            "lr": lr, "temperature": float(model.scale().detach()),
                             "grad_norm": None if norm is None else float(norm),
                             "samples_per_s": round(cfg.batch_size / seconds, 2),
                             "seconds": round(time.monotonic() - started, 3),
@@ -515,8 +524,9 @@ def _load_checkpoint(folder: Path, model, objectives, accelerator, world: int) -
     if state.get("processes", 1) != world:
         raise SiclipError(f"{folder} was written by {state.get('processes')} process(es); resume with the same "
                           f"number (the data split depends on it), not {world}")
-    load_model(model, str(folder / "model.safetensors"), device=str(accelerator.device))
-    objectives.load_state_dict(load_file(str(folder / "objective.safetensors"), device=str(accelerator.device)))
+    device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # safetensors refuses "cpu:0"
+    load_model(model, str(folder / "model.safetensors"), device=device)
+    objectives.load_state_dict(load_file(str(folder / "objective.safetensors"), device=device))
     accelerator.load_state(str(folder / "accelerate"))
     return int(state["step"])
 

@@ -54,9 +54,10 @@ def clean(text: str) -> str:
 
 
 class ClipTokenizer:
-    """`tokenizer(list_of_texts, context_length=77) -> LongTensor [n, context_length]`."""
+    """`tokenizer(list_of_texts) -> LongTensor [n, context_length]` (77 unless the model it serves says otherwise)."""
 
-    def __init__(self, vocab_path: str | Path = DEFAULT_VOCAB):
+    def __init__(self, vocab_path: str | Path = DEFAULT_VOCAB, context_length: int = 77):
+        self.context_length = context_length
         with gzip.open(vocab_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")[1 : N_MERGES + 1]  # first line is a version header
         merges = [tuple(line.split()) for line in lines]
@@ -128,8 +129,9 @@ class ClipTokenizer:
                 data.extend(b" ")
         return data.decode("utf-8", errors="replace").strip()
 
-    def __call__(self, texts: str | list[str], context_length: int = 77) -> torch.Tensor:
+    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
         """Ids [len(texts), context_length]: start, tokens, end, zero padding; too long keeps its end token."""
+        context_length = context_length or self.context_length
         if isinstance(texts, str):
             texts = [texts]
         out = torch.zeros(len(texts), context_length, dtype=torch.long)

@@ -50,6 +50,16 @@ def root(data, tmp_path):
     return DataRoot(tmp_path / "data")
 
 
+@pytest.fixture(scope="module")
+def whole(data, tmp_path_factory):
+    """The uninterrupted run of BOOKKEEPING that interrupted ones must match (in a data root of its own)."""
+    folder = tmp_path_factory.mktemp("reference")
+    shutil.copytree(data, folder / "data")
+    root = DataRoot(folder / "data")
+    siclip(*run_args(root, config(folder / "c.toml", BOOKKEEPING), "whole"))
+    return root.runs / "whole"
+
+
 def config(path: Path, body: str, small: bool = True) -> Path:
     path.write_text((SMALL_MODEL + "\n" if small else "") + body)
     return path
@@ -100,10 +110,14 @@ def assert_same_end(a: Path, b: Path) -> None:
     assert ka == kb, "the resumed run trained on other samples, or repeated or skipped some"
 
 
-def test_the_tiny_preset_learns_loss_falls_and_retrieval_beats_chance_several_fold(root, tmp_path):
+def test_a_small_siclip_learns_loss_falls_and_retrieval_beats_chance_several_fold(root, tmp_path):
     cfg = config(tmp_path / "learn.toml", """
+model_set = ["image.image_size=32", "image.patch_size=8", "image.width=64", "image.depth=2", "image.heads=2",
+             "image.share_attention=[[1, 2]]", "text.width=64", "text.depth=2", "text.heads=2",
+             "text.share_attention=[[1, 2]]", "text.context_length=24", "embed_dim=64"]
 batch_size = 32
 workers = 2
+shuffle_buffer = 256
 val_shards = 1
 eval_every = 40
 checkpoint_every = 40
@@ -149,16 +163,15 @@ pm = 0.1
 
 
 @pytest.mark.parametrize("failpoint", ["step:5", "before-state:step-000006", "renamed:step-000006", "renamed:final"])
-def test_kill_9_at_an_awkward_moment_then_resume_reaches_the_same_end(root, tmp_path, failpoint):
+def test_kill_9_at_an_awkward_moment_then_resume_reaches_the_same_end(root, tmp_path, whole, failpoint):
     cfg = config(tmp_path / "c.toml", BOOKKEEPING)
-    siclip(*run_args(root, cfg, "whole"))
     import os
 
     env = {**os.environ, "SICLIP_FAILPOINT": failpoint}
     res = siclip(*run_args(root, cfg, "killed"), check=False, env=env)
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     res = siclip(*run_args(root, cfg, "killed", "--resume"))
-    assert_same_end(root.runs / "whole", root.runs / "killed")
+    assert_same_end(whole, root.runs / "killed")
     if failpoint.startswith("before-state"):
         assert "removed .tmp-step-000006" in res.stderr
     if failpoint.startswith("renamed"):
@@ -168,9 +181,8 @@ def test_kill_9_at_an_awkward_moment_then_resume_reaches_the_same_end(root, tmp_
     assert kept == ["step-000009", "step-000010"]
 
 
-def test_a_kill_from_outside_during_training_then_resume_reaches_the_same_end(root, tmp_path):
+def test_a_kill_from_outside_during_training_then_resume_reaches_the_same_end(root, tmp_path, whole):
     cfg = config(tmp_path / "c.toml", BOOKKEEPING)
-    siclip(*run_args(root, cfg, "whole"))
     cmd = [sys.executable, "-m", "manifests.cli", *map(str, run_args(root, cfg, "killed"))]
     import os
 
@@ -184,10 +196,10 @@ def test_a_kill_from_outside_during_training_then_resume_reaches_the_same_end(ro
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     siclip(*run_args(root, cfg, "killed", "--resume"))
-    assert_same_end(root.runs / "whole", root.runs / "killed")
+    assert_same_end(whole, root.runs / "killed")
 
 
-def test_a_checkpoint_that_would_pass_the_budget_is_refused_and_nothing_is_lost(root, tmp_path):
+def test_a_checkpoint_that_would_pass_the_budget_is_refused_and_nothing_is_lost(root, tmp_path, whole):
     cfg = config(tmp_path / "c.toml", BOOKKEEPING)
     siclip(*run_args(root, cfg, "tight", "--max-steps", "3"))
     first = root.runs / "tight" / "checkpoints" / "step-000003"
@@ -206,8 +218,7 @@ def test_a_checkpoint_that_would_pass_the_budget_is_refused_and_nothing_is_lost(
     # with room again, the run goes on from the checkpoint it kept
     write_storage(root, budget_bytes=2 * 10**9)
     siclip(*run_args(root, cfg, "tight", "--resume"))
-    siclip(*run_args(root, cfg, "whole"))
-    assert_same_end(root.runs / "whole", root.runs / "tight")
+    assert_same_end(whole, root.runs / "tight")
 
 
 def test_frozen_modules_stay_bit_identical_through_their_stage(root, tmp_path):
@@ -353,3 +364,31 @@ def test_zero_shot_on_a_folder_of_classes(root, tmp_path):
     assert zs["classes"] == 3 and zs["images"] == 9 and zs["chance_top1"] == pytest.approx(1 / 3)
     assert 0 <= zs["top1"] <= zs["top5"] == 1.0 and 0 <= zs["mean_per_class_recall"] <= 1
     assert "retrieval" not in out
+
+
+def test_two_processes_split_the_shards_and_resume_to_the_same_end(root, tmp_path):
+    import os
+
+    cfg = config(tmp_path / "c.toml", BOOKKEEPING.replace("steps = 10", "steps = 6").replace("workers = 2",
+                                                                                               "workers = 1"))
+
+    def launch(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+               "--rdzv_endpoint", "127.0.0.1:0", "-m", "manifests.cli", *map(str, run_args(root, cfg, out, *extra))]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+        assert res.returncode == 0, "\n".join(ln for ln in res.stderr.splitlines() if "siclip" in ln)[-3000:]
+        return res
+
+    launch("two")
+    run = root.runs / "two"
+    steps0 = [json.loads(x)["keys"] for x in (run / "keys-rank0.jsonl").read_text().splitlines()]
+    steps1 = [json.loads(x)["keys"] for x in (run / "keys-rank1.jsonl").read_text().splitlines()]
+    assert len(steps0) == len(steps1) == 6 and all(len(k) == 8 for k in steps0 + steps1)  # 16 = 2 x 8
+    per_epoch = json.loads((run / "data.json").read_text())["steps_per_epoch"]
+    for e in range(0, 6, per_epoch):  # within an epoch, no sample twice, across processes too
+        keys = [k for s in steps0[e:e + per_epoch] + steps1[e:e + per_epoch] for k in s]
+        assert len(keys) == len(set(keys))
+    launch("two-resumed", "--max-steps", "4")
+    launch("two-resumed", "--resume")
+    assert_same_end(run, root.runs / "two-resumed")
