@@ -87,7 +87,7 @@ def _base_blip(path: Path) -> Path:
     return path
 
 
-def _pipeline_rate(model_path: Path, jpegs: list[bytes], time_cap: float) -> tuple[float, int]:
+def _pipeline_rate(model_path: Path, jpegs: list[bytes], time_cap: float, device: str = "cpu") -> tuple[float, int]:
     """Images/s of transformers' pipeline, one image per call, after one warm-up call.
 
     Measured with torch's default threads and with one thread, the better one kept: on small CPUs
@@ -101,17 +101,18 @@ def _pipeline_rate(model_path: Path, jpegs: list[bytes], time_cap: float) -> tup
 
     gen = dict(do_sample=True, top_p=GEN["top_p"], temperature=GEN["temperature"],
                num_return_sequences=GEN["num_captions"], max_new_tokens=GEN["max_new_tokens"])
+    on_gpu = {"device": device, "dtype": torch.float16} if device.startswith("cuda") else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:  # transformers 5 folded image-to-text into image-text-to-text
-            pipe, kw = pipeline("image-text-to-text", model=str(model_path)), {"text": ""}
+            pipe, kw = pipeline("image-text-to-text", model=str(model_path), **on_gpu), {"text": ""}
         except (KeyError, ValueError):
-            pipe, kw = pipeline("image-to-text", model=str(model_path)), {}
+            pipe, kw = pipeline("image-to-text", model=str(model_path), **on_gpu), {}
     images = [Image.open(io.BytesIO(b)).convert("RGB") for b in jpegs]
     default_threads = torch.get_num_threads()
     best = (0.0, default_threads)
     try:
-        for threads in sorted({default_threads, 1}, reverse=True):
+        for threads in [default_threads] if on_gpu else sorted({default_threads, 1}, reverse=True):
             torch.set_num_threads(threads)
             pipe(images[0], generate_kwargs=gen, **kw)
             t0, n = time.perf_counter(), 0
@@ -128,14 +129,17 @@ def _pipeline_rate(model_path: Path, jpegs: list[bytes], time_cap: float) -> tup
     return best
 
 
-def _siclip_rate(model_path: Path, jpegs: list[bytes], work: Path, workers: int, batch_size: int) -> dict:
+def _siclip_rate(model_path: Path, jpegs: list[bytes], work: Path, workers: int, batch_size: int,
+                 device: str = "cpu") -> dict:
     from captioning.cli import run_config
     from captioning.config import CaptionsConfig
     from manifests.layout import DataRoot
     from manifests.manifest import StageManifest
 
     root = _data_root(work / "data", jpegs, shards=max(2, 2 * workers))
-    cfg = CaptionsConfig(data=str(root.root), model=str(model_path), workers=workers, batch_size=batch_size, **GEN)
+    cfg = CaptionsConfig(data=str(root.root), model=str(model_path), workers=workers, batch_size=batch_size,
+                         device="cuda" if device.startswith("cuda") else "cpu",
+                         dtype="float16" if device.startswith("cuda") else "auto", **GEN)
     cfg.validate()
     t0 = time.perf_counter()
     rc = run_config(cfg)
@@ -150,11 +154,12 @@ def _siclip_rate(model_path: Path, jpegs: list[bytes], work: Path, workers: int,
             "bytes_per_caption": m.total_bytes / captions, "sidecar_bytes": m.total_bytes}
 
 
-def _one(name: str, model_path: Path, images: int, work: Path, workers: int, batch_size: int, time_cap: float) -> dict:
+def _one(name: str, model_path: Path, images: int, work: Path, workers: int, batch_size: int, time_cap: float,
+         device: str = "cpu") -> dict:
     jpegs = _images(images)
-    base, threads = _pipeline_rate(model_path, jpegs, time_cap)
+    base, threads = _pipeline_rate(model_path, jpegs, time_cap, device)
     _log(f"{name}: pipeline one image at a time: {base:.3f} images/s ({threads} torch threads)")
-    ours = _siclip_rate(model_path, jpegs, work / name, workers, batch_size)
+    ours = _siclip_rate(model_path, jpegs, work / name, workers, batch_size, device)
     res = {"images": images, "pipeline_images_per_s": base, "pipeline_threads": threads, **ours,
            "ratio": ours["images_per_s"] / base}
     _log(f"{name}: siclip captions ({workers} workers, batch {batch_size}): {ours['images_per_s']:.2f} images/s "
@@ -163,11 +168,12 @@ def _one(name: str, model_path: Path, images: int, work: Path, workers: int, bat
     return res
 
 
-def bench_captions(quick: bool = False, work_dir: str | Path | None = None) -> dict:
+def bench_captions(quick: bool = False, work_dir: str | Path | None = None, device: str = "cpu") -> dict:
     """Images/s and bytes per caption of siclip captions against the pipeline; ratio = siclip over pipeline.
 
     work_dir: where the models and data roots go (<work_dir>/<model>/data), kept for inspection;
-    default a temporary folder, removed at the end."""
+    default a temporary folder, removed at the end. device "cuda": the base-size BLIP only, in float16,
+    batches of 64 on one dask worker against the pipeline on the same GPU."""
     import contextlib
     import os
 
@@ -178,6 +184,11 @@ def bench_captions(quick: bool = False, work_dir: str | Path | None = None) -> d
     place = contextlib.nullcontext(str(work_dir)) if work_dir else tempfile.TemporaryDirectory(prefix="siclip-bench-")
     with place as tmp:
         work = Path(tmp)
+        if device.startswith("cuda"):
+            base = _one("base", _base_blip(work / "base-model"), 64 if quick else 512, work, 1, 64, time_cap=30,
+                        device=device)
+            return {"ratio": base["ratio"], "images_per_s": base["images_per_s"], "model": "blip-base(random)",
+                    "device": device, "base": base}
         tiny = _one("tiny", save_tiny("captioner", work / "tiny-model"), 24 if quick else 128, work, 2, 16,
                     time_cap=4 if quick else 20)
         result = {"ratio": tiny["ratio"], "images_per_s": tiny["images_per_s"],

@@ -136,6 +136,16 @@ class TrainConfig:
             if not s.train:
                 raise bad(f"{at}: train lists no parameter globs; use ['*'] for everything")
 
+    def model_overrides(self) -> dict:
+        """`model_set` as the dotted overrides `training.model.load_config` takes, values typed."""
+        out = {}
+        for item in self.model_set:
+            key, sep, value = str(item).partition("=")
+            if not sep:
+                raise SiclipError(f"model_set entry {item!r}: expected key=value (e.g. image.image_size=32)")
+            out[key.strip()] = parse_value(value.strip())
+        return out
+
     @property
     def micro(self) -> int:
         """Samples whose activations are held at once (the whole per-process batch without caching)."""

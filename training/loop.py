@@ -39,7 +39,7 @@ from manifests.layout import DataRoot
 from manifests.manifest import stage_lock
 from manifests.progress import Progress, format_duration
 from manifests.storage import format_size
-from training.config import StageConfig, TrainConfig, match_globs, parse_value, to_toml
+from training.config import StageConfig, TrainConfig, match_globs, to_toml
 from training.data import (SampleSettings, check_shards_intact, check_sidecars, plan_epoch, split_shards,
                            train_loader)
 from training.evaluate import Preprocess, retrieval, to_input
@@ -262,12 +262,8 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
             check_sidecars(root, "teacher", train_shards, "teacher = 'sidecar'")
 
         # -- model, inheritance, teachers, objectives ---------------------------------------------------
-        overrides = {}
-        for item in cfg.model_set:
-            key, _, value = str(item).partition("=")
-            overrides[key.strip()] = parse_value(value.strip())
         try:
-            model_config = load_config(cfg.model, overrides)
+            model_config = load_config(cfg.model, cfg.model_overrides())
         except (FileNotFoundError, ValueError) as e:
             raise SiclipError(f"model {cfg.model!r}: {e}") from None
         torch.manual_seed(cfg.seed)

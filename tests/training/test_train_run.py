@@ -248,10 +248,7 @@ clip_synthetic = 0.0
     torch.manual_seed(0)
     from training.config import load_train_config
 
-    model_set = dict(item.split("=", 1) for item in load_train_config(cfg).model_set)
-    from training.config import parse_value
-
-    initial = build_model(load_config("tiny", {k: parse_value(v) for k, v in model_set.items()})).state_dict()
+    initial = build_model(load_config("tiny", load_train_config(cfg).model_overrides())).state_dict()
     after_stage = weights(root.runs / "frozen" / "checkpoints" / "step-000004")
     final = weights(root.runs / "frozen" / "final")
     text = [k for k in after_stage if k.startswith("text.")]
