@@ -440,7 +440,9 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
             ev = (f"; held-out retrieval i2t R@1 {evals[-1]['i2t_r1']:.3f}, t2i R@1 {evals[-1]['t2i_r1']:.3f} "
                   f"(chance {evals[-1]['chance_r1']:.3f})") if evals else ""
             where = run.path / FINAL if step == total else run.latest()[1] if run.latest() else run.path
-            say(f"train: {'stopped at the budget after' if status else 'done:'} {step - start_step} steps "
+            how = ("stopped at the budget after" if status else "done:" if step == total
+                   else f"stopped at --max-steps {stop} (--resume goes on) after")
+            say(f"train: {how} {step - start_step} steps "
                 f"(to step {step} of {total}) in {format_duration(time.monotonic() - started)}, "
                 f"{(step - start_step) * cfg.batch_size / max(elapsed, 1e-9):,.1f} samples/s; "
                 f"loss {last.get('loss', float('nan')):.4f}{ev}; model: {where}; plots: {run.path / 'plots'}")
