@@ -267,6 +267,7 @@ inherit_from = "{root.runs / 'teacher_run'}"
 batch_size = 16
 workers = 2
 checkpoint_every = 100
+record_keys = true
 [[stages]]
 name = "reinforced"
 steps = 2
@@ -304,6 +305,13 @@ fd = 2000.0
                         "online-siclip": {"clip_web", "crd", "icl"}, "online-transformers": {"clip_web", "fd"}}
     assert all(r["loss"] == r["loss"] and abs(r["loss"]) < 1e6 for r in records if "loss" in r)
     assert "teacher: teacher sidecars" in res.stderr and "teacher: CLIPModel" in res.stderr
+    # killed before its first checkpoint, the resumed run inherits again and ends the same
+    import os
+
+    res = siclip(*run_args(root, cfg, "student-killed"), check=False, env={**os.environ, "SICLIP_FAILPOINT": "step:3"})
+    assert res.returncode == -signal.SIGKILL
+    siclip(*run_args(root, cfg, "student-killed", "--resume"))
+    assert_same_end(root.runs / "student", root.runs / "student-killed")
 
 
 @pytest.mark.parametrize("body, message", [
