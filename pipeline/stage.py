@@ -17,6 +17,7 @@ from manifests.manifest import StageManifest, stage_lock
 from manifests.progress import Progress
 from manifests.storage import StorageBudget, disk_free_bytes, format_size, parse_reserve, parse_size, write_storage
 from pipeline.download import ShardRunner, budget_stop_message, params_of, reconcile, shard_files
+from pipeline.config import ALLOW_PRIVATE_FLAG
 from pipeline.plan import Plan, check_fits, reencoded_bytes, rows_that_fit, shard_bound
 from pipeline.reasons import RETRYABLE, classify
 from pipeline.urls import read_url_list
@@ -260,6 +261,9 @@ def _finish(root, cfg, manifest: StageManifest, runner: ShardRunner, t0: float) 
     ok = manifest.total_samples
     fail_txt = ", ".join(f"{r} {n}" for r, n in sorted(failures.items(), key=lambda x: -x[1])) or "none"
     secs = time.monotonic() - t0
+    if failures.get("private_address"):
+        log(f"shards: {failures['private_address']:,} row(s) point at loopback, private, link-local or other non-public "
+            f"addresses and were not fetched; pass {ALLOW_PRIVATE_FLAG} if the images are served on your own network")
     log(f"shards: done: {len(manifest.entries)} shards, {ok:,}/{rows:,} images ({100 * ok / max(1, rows):.1f}%), "
         f"{format_size(manifest.total_bytes)} in {secs:.1f} s; failures: {fail_txt}; "
         f"budget {format_size(storage.used_bytes)} of {format_size(storage.budget_bytes)} used")
