@@ -221,7 +221,12 @@ def commit_staged(root: DataRoot, staging: Path, manifest: StageManifest, shard_
 def reconcile(root: DataRoot, manifest: StageManifest, encode_format: str, log=print) -> None:
     """Bring shards/ and the manifest into agreement after a crash: drop staging, drop manifest
     entries whose files are gone, adopt whole unlisted shards, delete partial ones."""
-    staging = root.work / "shards" / "staging"
+    # every listed file and every folder cleaned here must lie inside the root, checked before
+    # anything changes: a link planted in a data root must not turn a rerun into a deletion elsewhere
+    for rel, _ in manifest.files():
+        root.abs(rel)
+    staging = root.inside(root.work / "shards" / "staging")
+    root.inside(root.shards)
     if staging.exists():
         shutil.rmtree(staging)
     changed = False
@@ -260,8 +265,8 @@ class ShardRunner:
 
     def __init__(self, root: DataRoot, cfg, manifest: StageManifest, budget_bytes: int, progress=None):
         self.root, self.cfg, self.manifest, self.budget_bytes = root, cfg, manifest, budget_bytes
-        self.staging = root.work / "shards" / "staging"
-        self.inputs = root.work / "shards" / "input"
+        self.staging = root.inside(root.work / "shards" / "staging")
+        self.inputs = root.inside(root.work / "shards" / "input")  # img2dataset deletes each input when done
         self.progress = progress
         self.failed: list[int] = []
         self.stopped_by_budget: tuple[int, int] | None = None  # (shard id, its worst case) that did not fit

@@ -13,7 +13,7 @@ from manifests.config import print_config, to_toml
 from manifests.errors import SiclipError
 from manifests.io import atomic_write_bytes
 from manifests.layout import DataRoot, shard_name
-from manifests.manifest import StageManifest, stage_lock
+from manifests.manifest import SHARD_UNIT, StageManifest, stage_lock
 from manifests.progress import Progress
 from manifests.storage import StorageBudget, disk_free_bytes, format_size, parse_reserve, parse_size, write_storage
 from pipeline.download import ShardRunner, budget_stop_message, params_of, reconcile, shard_files
@@ -217,8 +217,10 @@ def _pending_retry_jobs(root, cfg, manifest: StageManifest) -> list:
 
     jobs = []
     for name in sorted(manifest.info.get("retry", {}).get("shards", {})):
+        if not SHARD_UNIT.match(name):
+            raise SiclipError(f"{root.manifest_path('shards')}: retry shard {name!r} is not a shard name")
         if name not in manifest.entries:
-            part = pq.read_table(root.work / "shards" / "retry" / f"{name}.parquet")
+            part = pq.read_table(root.inside(root.work / "shards" / "retry" / f"{name}.parquet"))
             jobs.append((int(name), part, shard_bound(part, cfg)))
     return jobs
 
