@@ -66,8 +66,12 @@ class _QuietServer(ThreadingHTTPServer):
         pass
 
 
+class _QuietServer6(_QuietServer):
+    address_family = socket.AF_INET6
+
+
 class ImageServer:
-    """A threaded HTTP server on 127.0.0.1 (or another loopback `host`) serving `files` (path -> bytes)
+    """A threaded HTTP server on 127.0.0.1 (or another loopback `host`, such as ::1) serving `files` (path -> bytes)
     plus fault routes: /status/<code>, /slow/<seconds>/<path>, /redirect-loop, /empty, /redirect/<url>,
     and hostile ones, for stage 1's fetch: /trickle/<path> (one byte of the body every half second),
     /trickle-headers (the same, inside the headers), /endless (a body without a length that never
@@ -161,9 +165,9 @@ class ImageServer:
                     return self._send(404, b"not found")
                 return self._send(200, body, {"Content-Type": "application/octet-stream"})
 
-        self.httpd = _QuietServer((host, port), Handler)
+        self.httpd = (_QuietServer6 if ":" in host else _QuietServer)((host, port), Handler)
         self.port = self.httpd.server_address[1]
-        self.base = f"http://{host}:{self.port}"
+        self.base = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
 
     def __enter__(self) -> "ImageServer":

@@ -54,11 +54,13 @@ def row_outcomes(data: Path) -> dict[str, tuple[str, str | None]]:
 
 @pytest.fixture
 def servers(image_server):
-    """The hostile routes on 127.0.0.1, and a second server on 127.0.0.2 that redirects point at."""
+    """The hostile routes on 127.0.0.1, and two more servers that redirects point at, on 127.0.0.2 and
+    ::1: loopback addresses, so that even a fetch that failed to refuse them would stay on the machine."""
     from pipeline.loopback import ImageServer
 
-    with ImageServer(dict(image_server.files)) as near, ImageServer(dict(image_server.files), host="127.0.0.2") as far:
-        yield near, far, image_server.good_rows
+    with ImageServer(dict(image_server.files)) as near, ImageServer(dict(image_server.files), host="127.0.0.2") as far, \
+            ImageServer(dict(image_server.files), host="::1") as far6:
+        yield near, (far, far6), image_server.good_rows
 
 
 def test_hostile_rows_fail_with_their_reason_within_the_deadline_and_the_cap(tmp_path, servers):
@@ -70,9 +72,8 @@ def test_hostile_rows_fail_with_their_reason_within_the_deadline_and_the_cap(tmp
         (f"{near.base}/endless", "never ends", "too_large"),
         (f"{near.base}/huge/{HUGE}", "huge, honest length", "too_large"),
         (f"{near.base}/lying/{HUGE}", "huge, lying length", "too_large"),
-        (f"{near.base}/redirect/{far.base}/{good[1][0]}", "redirects to another loopback address", "private_address"),
-        (f"{near.base}/redirect/http://169.254.169.254/latest/meta-data/", "redirects to cloud metadata",
-         "private_address"),
+        (f"{near.base}/redirect/{far[0].base}/{good[1][0]}", "redirects to another loopback address", "private_address"),
+        (f"{near.base}/redirect/{far[1].base}/{good[2][0]}", "redirects to IPv6 loopback", "private_address"),
     ]
     good_rows = [(f"{near.base}/{p}", c) for p, c in good[:17]]
     # shard 0, the pilot, is good rows only and runs in the main process; the hostile rows go to the
@@ -104,7 +105,7 @@ def test_hostile_rows_fail_with_their_reason_within_the_deadline_and_the_cap(tmp
     # the honest length was refused before any of the body was read
     assert "Content-Length 400,000,000" in outcomes[hostile[3][0]][1]
     assert all("--allow-private-addresses" in outcomes[u][1] for u, _, o in hostile if o == "private_address")
-    assert not far.hits  # the redirect was refused before connecting
+    assert not far[0].hits and not far[1].hits  # the redirects were refused before connecting
 
     m = StageManifest.load(DataRoot(data), "shards")
     assert m.total_samples == len(good_rows)
@@ -141,3 +142,28 @@ def test_a_loopback_list_is_refused_row_by_row_without_the_flag(tmp_path, image_
     hint, summary = res.stderr.strip().splitlines()[-2:]
     assert hint.startswith(f"shards: {len(rows)} row(s) point at loopback") and "--allow-private-addresses" in hint
     assert "failures: private_address 10" in summary
+
+
+@pytest.mark.parametrize("address, public", [
+    ("8.8.8.8", True), ("2606:4700:4700::1111", True),
+    ("127.0.0.1", False), ("127.8.9.10", False), ("::1", False),  # loopback
+    ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False), ("fd00:ec2::254", False),  # private
+    ("169.254.169.254", False), ("fe80::1", False),  # link-local: the cloud metadata endpoint
+    ("100.100.100.200", False),  # shared address space (another cloud's metadata endpoint)
+    ("224.0.0.1", False), ("ff0e::1", False),  # multicast
+    ("240.0.0.1", False), ("0.0.0.0", False), ("::", False),  # reserved, unspecified
+    ("::ffff:127.0.0.1", False), ("2002:7f00:1::", False), ("64:ff9b::7f00:1", False),  # IPv4 inside IPv6
+    ("::ffff:8.8.8.8", True), ("64:ff9b::808:808", True),
+])
+def test_which_addresses_are_refused(address, public):
+    """Judged without any network: the address itself, IPv4 and IPv6."""
+    import ipaddress
+
+    from pipeline.fetch import FetchPolicy
+
+    ip = ipaddress.ip_address(address)
+    assert FetchPolicy(max_bytes=1).permits(ip) is public
+    assert FetchPolicy(max_bytes=1, allow_private=True).permits(ip)
+    allowed = ipaddress.ip_network(address)  # an allow_networks entry lets that network through, only it
+    assert FetchPolicy(max_bytes=1, allow_networks=(allowed,)).permits(ip)
+    assert FetchPolicy(max_bytes=1, allow_networks=(ipaddress.ip_network("10.99.0.0/16"),)).permits(ip) is public
