@@ -107,8 +107,8 @@ class _Try:
                 return
             self.cut = True
             for s in self._socks:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)  # wakes a blocked connect, handshake or read
+                try:  # wakes a blocked handshake or read (a connect has the time left as its socket timeout)
+                    s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
 
