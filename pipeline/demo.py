@@ -34,9 +34,10 @@ def main(argv=None) -> int:
     try:
         with server:
             write_url_list(urls, server.base, rows)
+            # the images are served on 127.0.0.1, an address stage 1 refuses unless allowed
             cfg = resolve(ShardsConfig, DEFAULT_CONFIG,
                           ["image_size=128", "samples_per_shard=100", "budget=2GB", "reserve=40%", "timeout=5",
-                           *args.sets], {"urls": str(urls), "data": str(data)})
+                           "allow_private_addresses=true", *args.sets], {"urls": str(urls), "data": str(data)})
             return run_shards(cfg)
     except SiclipError as e:
         print(f"demo: error: {e}", file=sys.stderr)

@@ -37,7 +37,7 @@ def data(tmp_path_factory):
         urls = write_list(d / "urls.parquet", [(f"{server.base}/{p}", c) for p, c in rows])
         siclip("shards", "--urls", urls, "--data", d / "data", "--image-size", "64", "--samples-per-shard",
                str(PER_SHARD), "--processes", "2", "--threads", "8", "--budget", "2GB", "--reserve", "0%",
-               "--set", "timeout=20")
+               "--set", "timeout=20", "--allow-private-addresses")
     siclip("captions", "--data", d / "data", "--model", "tiny", "--workers", "0", "--num-captions", "2")
     siclip("teacher", "--data", d / "data", "--teacher", "tiny", "--workers", "0", "--augmentations", "2")
     return d / "data"
