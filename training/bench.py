@@ -130,7 +130,6 @@ def measure_case(case: str, batch: int, budget_s: float, device: str = "cpu", cl
     """One case's parameter counts and speed-ups, SAS-P against its baseline."""
     towers = {k: m.to(device) for k, m in build_towers(case).items()}
     t, repeats = _measure(towers, _inputs(case, batch, device), budget_s, clock)
-    pre, sas = towers["preln"], towers["sasp"]
     blocks = {k: count_parameters(replaced_blocks(m)) for k, m in towers.items()}
     whole = {k: count_parameters(m) for k, m in towers.items()}
     return {
