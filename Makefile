@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SICLIP := $(VENV)/bin/siclip
+# The second environment, for the paper's own parts (extra siclip[mobileclip]: timm, open_clip, torchvision)
+MC_VENV ?= .venv-mobileclip
+MC_PY   := $(MC_VENV)/bin/python
 DATA   ?= data/demo
 URLS   ?=
 BUDGET ?= 1TB
@@ -13,7 +16,7 @@ export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: install shards captions teacher train eval manifests bench test demo clean-demo
+.PHONY: install install-mobileclip test-mobileclip shards captions teacher train eval manifests bench test demo clean-demo
 
 # torch first, pinned to the CPU build this project is tested with; a GPU user installs theirs before `make install`
 $(VENV)/.installed: pyproject.toml
@@ -24,6 +27,18 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# torchvision must be built for the torch beside it: PyPI's does not import next to the CPU torch 2.13 above
+# ('operator torchvision::nms does not exist'), so this environment takes torch 2.14.1 with torchvision 0.29.1
+# (a CUDA build, ~5.6 GB, that runs on the CPU too). A GPU user installs a matching pair of theirs first.
+$(MC_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(MC_VENV)
+	$(MC_PY) -m pip install -q --upgrade pip
+	$(MC_PY) -c "import torchvision" 2>/dev/null || $(MC_PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(MC_PY) -m pip install -q -e ".[mobileclip,test]"
+	touch $@
+
+install-mobileclip: $(MC_VENV)/.installed
 
 shards: install
 	$(SICLIP) shards --config pipeline/shards.toml --urls "$(URLS)" --data $(DATA) --budget $(BUDGET) $(ARGS)
@@ -49,6 +64,11 @@ bench: install
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+# The tests marked mobileclip (MCi0, open_clip teachers and inheritance, CoCa, paper.toml), which `make test`
+# skips with the reason; here a broken extra is an error, not a skip.
+test-mobileclip: install-mobileclip
+	SICLIP_REQUIRE_MOBILECLIP=1 $(MC_PY) -m pytest -q -m mobileclip $(ARGS)
 
 # The main job on the embedded default data, on a CPU: generated images served on 127.0.0.1 and downloaded
 # into shards, synthetic captions and teacher embeddings from tiny offline models, the tiny SiCLIP trained

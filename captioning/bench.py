@@ -201,3 +201,56 @@ def bench_captions(quick: bool = False, work_dir: str | Path | None = None, devi
     _log(f"summary: {result['model']}: siclip {result['images_per_s']:.2f} images/s, ratio {result['ratio']:.2f}x "
          f"over the pipeline, {result['bytes_per_caption']:.1f} bytes per caption")
     return result
+
+
+def bench_coca(quick: bool = False, arch: str | None = None, images: int | None = None,
+               device: str = "cpu") -> dict:
+    """Images/s of `siclip captions` with an open_clip CoCa (the seed's: coca_ViT-L-14) built with random weights,
+    saved and named as `coca:ARCH:FILE`: 3 captions per image, top-p 0.5, temperature 0.9, 30 new tokens.
+
+    Random weights rarely draw the end token, so every caption runs its 30 tokens: a trained captioner stops
+    sooner (about 10-15 tokens for COCO-style captions). No baseline: open_clip's own `generate` is switched off
+    under transformers 5. Needs the extra siclip[mobileclip]; without it, {"skipped": why}."""
+    try:
+        import open_clip
+    except Exception as e:  # ImportError, or a torchvision that does not match torch
+        _log(f"coca: skipped, open_clip does not import ({type(e).__name__}): pip install 'siclip[mobileclip]'")
+        return {"skipped": f"open_clip does not import ({type(e).__name__})"}
+    import torch
+    from safetensors.torch import save_file
+
+    from captioning.cli import run_config
+    from captioning.config import CaptionsConfig
+    from manifests.layout import DataRoot
+    from manifests.manifest import StageManifest
+
+    arch = arch or ("coca_ViT-B-32" if quick else "coca_ViT-L-14")
+    images = images or (2 if quick else 6)
+    gen = {**GEN, "max_new_tokens": 6} if quick else GEN
+    with tempfile.TemporaryDirectory(prefix="siclip-bench-coca-") as tmp:
+        work = Path(tmp)
+        torch.manual_seed(0)
+        model = open_clip.create_model(arch)
+        # open_clip leaves the decoder's vocabulary projection unset (torch.empty); give it random weights too
+        torch.nn.init.normal_(model.text_decoder.text_projection, std=model.text_decoder.width ** -0.5)
+        params = sum(p.numel() for p in model.parameters())
+        weights = work / "coca.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+        del model
+        root = _data_root(work / "data", _images(images), shards=1)
+        cfg = CaptionsConfig(data=str(root.root), model=f"coca:{arch}:{weights}", workers=1, batch_size=images,
+                             device=device, **gen)
+        cfg.validate()
+        t0 = time.perf_counter()
+        if run_config(cfg) != 0:
+            raise RuntimeError("siclip captions exited non-zero")
+        wall = time.perf_counter() - t0
+        timing = next(iter(StageManifest.load(DataRoot(root.root), "captions").entries.values()))["timing"]
+    rate = images / timing["seconds"]
+    hours = 1e6 / rate / 3600
+    _log(f"coca: {arch} ({params / 1e6:.0f}M parameters, random weights) on {device}: {rate:.3f} images/s for "
+         f"{gen['num_captions']} captions of {gen['max_new_tokens']} tokens each ({images} images; end to end with "
+         f"the model load {images / wall:.3f}); {hours:,.0f} hours per million images at this rate")
+    return {"model": arch, "parameters": params, "images": images, "images_per_s": rate,
+            "end_to_end_images_per_s": images / wall, "hours_per_million_images": hours, "device": device,
+            **{k: gen[k] for k in ("num_captions", "top_p", "temperature", "max_new_tokens")}}

@@ -78,7 +78,8 @@ class CaptionsConfig(RunConfig):
 @dataclass
 class TeacherConfig(RunConfig):
     teacher: str = field(default="openai/clip-vit-large-patch14", **_flag(
-        "CLIP teacher(s): hub names or local folders, comma-separated for an ensemble (embeddings concatenated), or 'tiny'",
+        "CLIP teacher(s): transformers hub names or local folders, open_clip:ARCH/PRETRAINED or open_clip:FOLDER "
+        "(needs siclip[mobileclip]), or 'tiny'; comma-separated for an ensemble (embeddings concatenated)",
         metavar="NAME_OR_PATH[,…]"))
     augmentations: int = field(default=0, **_flag("extra image embeddings per sample of recorded random crops/flips", metavar="K"))
     dtype: str = field(default="float16", **_flag("storage precision of the embeddings (the model runs in float32 on cpu)", choices=["float16", "bfloat16"]))

@@ -75,15 +75,17 @@ class HFCaptioner:
 
 
 class CocaCaptioner:
-    """open_clip CoCa (the seed's captioner). open_clip samples from the global generator, so each image
-    is generated alone under its own seeds."""
+    """open_clip CoCa (the seed's captioner), sampled here rather than by open_clip's `generate` (which draws
+    from the global generator, and which open_clip 3.3 disables under transformers 5): every caption of
+    every image draws from its own seeded generator, so a whole batch decodes at once and each caption is
+    the one it would be alone. The temperature applies before top-p, as for the transformers captioners
+    (open_clip's own `generate` applies it after); like open_clip's, no end token before the 4th token."""
+
+    SOT, EOT, MIN_TOKENS = 49406, 49407, 4  # CLIP's start and end tokens; open_clip's min_seq_len 5 counts the start
 
     def __init__(self, spec: str, device: str, dtype: str, num_captions: int, top_p: float, temperature: float,
                  max_new_tokens: int, seed: int):
         self.model, self.preprocess = load_coca(spec, device, dtype)
-        import open_clip
-
-        self.tokenizer = open_clip.get_tokenizer(spec.split(":")[1])
         self.device, self.dtype = device, torch_dtype(dtype, device)
         self.n, self.top_p, self.temperature, self.max_new_tokens, self.seed = num_captions, top_p, temperature, max_new_tokens, seed
         self.model_id, self.revision = spec, None
@@ -92,22 +94,34 @@ class CocaCaptioner:
         return torch.stack([self.preprocess(im) for im in images])
 
     @torch.inference_mode()
+    def sample(self, pixel_values: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """Token ids (start token first) of len(seeds) // len(pixel_values) captions per image, image-major."""
+        image = self.model(pixel_values.to(self.device, self.dtype))  # the image tower runs once per image
+        per_image = len(seeds) // len(pixel_values)
+        latent, embs = (image[k].repeat_interleave(per_image, dim=0) for k in ("image_features", "image_embs"))
+        sampler = SeededNucleusSampler(seeds, self.top_p, self.temperature)
+        out = torch.full((len(seeds), 1), self.SOT, dtype=torch.long, device=latent.device)
+        done = torch.zeros(len(seeds), dtype=torch.bool, device=latent.device)
+        for step in range(self.max_new_tokens):
+            logits = self.model(None, out, image_latent=latent, image_embs=embs, output_labels=False)["logits"][:, -1]
+            logits = logits.float()
+            if step < self.MIN_TOKENS:
+                logits[:, self.EOT] = float("-inf")
+            token = sampler(out, logits).argmax(dim=-1)  # the sampler leaves 0 at its draw, -inf elsewhere
+            token = token.masked_fill(done, self.EOT)
+            out = torch.cat([out, token[:, None]], dim=1)
+            done |= token == self.EOT
+            if done.all():
+                break
+        return out
+
     def caption(self, pixel_values: torch.Tensor, keys: list[str]) -> list[list[str]]:
         import open_clip
 
-        out = []
-        for img, key in zip(pixel_values, keys):
-            caps = []
-            for j in range(self.n):
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed_for(self.seed, key, j))
-                    ids = self.model.generate(img[None].to(self.device, self.dtype), generation_type="top_p",
-                                              top_p=self.top_p, temperature=self.temperature,
-                                              seq_len=self.max_new_tokens + 2)
-                text = open_clip.decode(ids[0]).split("<end_of_text>")[0].replace("<start_of_text>", "")
-                caps.append(text.strip(" .,"))
-            out.append(caps)
-        return out
+        ids = self.sample(pixel_values, [seed_for(self.seed, k, j) for k in keys for j in range(self.n)])
+        texts = [open_clip.decode(row).split("<end_of_text>")[0].replace("<start_of_text>", "").strip(" .,")
+                 for row in ids.cpu()]
+        return [texts[i * self.n:(i + 1) * self.n] for i in range(len(keys))]
 
 
 def build_captioner(params: dict, device: str, dtype: str, trust_remote_code: bool, threads: int = 0):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from manifests.errors import SiclipError
+from manifests.models import PREFIX as OPEN_CLIP, load_open_clip, open_clip_embed_dim
 
 TINY = "tiny"
 # A small English vocabulary for the tiny models' WordPiece tokenizer: enough words for captions to read
@@ -200,6 +201,8 @@ def clip_embedding_width(name: str, trust_remote_code: bool = False) -> int | No
     """A CLIP teacher's embedding width from its config alone (no weights), or None when that cannot be read."""
     if name == TINY:
         return TINY_CLIP_DIM
+    if name.startswith(OPEN_CLIP):
+        return open_clip_embed_dim(name)
     _quiet_transformers()
     try:
         from transformers import AutoConfig
@@ -212,14 +215,12 @@ def clip_embedding_width(name: str, trust_remote_code: bool = False) -> int | No
 
 
 def load_coca(spec: str, device: str, dtype: str):
-    """open_clip CoCa from 'coca:ARCH:PRETRAINED' (e.g. coca:coca_ViT-L-14:mscoco_finetuned_laion2B-s13B-b90k)."""
-    try:
-        import open_clip
-    except ModuleNotFoundError:
-        raise SiclipError(f"captioner {spec!r} needs open_clip: pip install 'siclip[mobileclip]'") from None
+    """(model, image preprocessing) of an open_clip CoCa from 'coca:ARCH:PRETRAINED', PRETRAINED a tag
+    (coca:coca_ViT-L-14:mscoco_finetuned_laion2b_s13b_b90k) or a weights file on disk."""
     parts = spec.split(":", 2)
-    if len(parts) != 3:
-        raise SiclipError(f"captioner {spec!r}: expected coca:ARCH:PRETRAINED")
-    model, _, preprocess = open_clip.create_model_and_transforms(parts[1], pretrained=parts[2])
-    model = model.eval().to(device=device, dtype=torch_dtype(dtype, device))
-    return model, preprocess
+    if len(parts) != 3 or not parts[1] or not parts[2]:
+        raise SiclipError(f"captioner {spec!r}: expected coca:ARCH:PRETRAINED, PRETRAINED a tag or a weights file")
+    model, preprocess, _ = load_open_clip(f"{OPEN_CLIP}{parts[1]}/{parts[2]}", "captioner")
+    if not hasattr(model, "text_decoder"):
+        raise SiclipError(f"captioner {spec!r}: {parts[1]} is not a CoCa model (it has no text decoder)")
+    return model.to(device=device, dtype=torch_dtype(dtype, device)), preprocess

@@ -25,6 +25,8 @@ STAGE_COMMANDS = {
 BENCHES = {
     "shards": ("pipeline.bench", "bench_shards", "siclip shards against raw img2dataset.download"),
     "captions": ("captioning.bench", "bench_captions", "siclip captions against a transformers pipeline"),
+    "coca": ("captioning.bench", "bench_coca", "siclip captions with the seed's CoCa ViT-L/14 (random weights): "
+             "images/s for 3 captions (extra siclip[mobileclip])"),
     "blocks": ("training.bench", "bench_blocks", "SAS-P blocks with sharing against pre-LN blocks"),
     "train": ("training.bench_train", "bench_train",
               "siclip train against a plain PyTorch loop; the loader; gradient caching's memory; --device cuda: the "

@@ -15,6 +15,31 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 GOOD_IMAGES = 24
+# Set by `make test-mobileclip`: there a missing or broken extra is an error, not a quiet skip.
+REQUIRE_MOBILECLIP = "SICLIP_REQUIRE_MOBILECLIP"
+
+
+def _mobileclip_problem() -> str | None:
+    """Why the extra cannot run here (None: it can). Imported for real: a torchvision that does not match
+    torch is found by the import system but fails to import ('operator torchvision::nms does not exist')."""
+    for module in ("timm", "open_clip"):
+        try:
+            __import__(module)
+        except Exception as e:  # ImportError, or torchvision's RuntimeError
+            return f"{module} does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    marked = [item for item in items if "mobileclip" in item.keywords]
+    problem = _mobileclip_problem() if marked else None
+    if problem is None:
+        return
+    if os.environ.get(REQUIRE_MOBILECLIP):
+        raise pytest.UsageError(f"{REQUIRE_MOBILECLIP} is set but the mobileclip extra cannot run: {problem}")
+    skip = pytest.mark.skip(reason=f"needs the mobileclip extra ({problem}): make test-mobileclip")
+    for item in marked:
+        item.add_marker(skip)
 
 
 def _bad_files() -> dict[str, bytes]:

@@ -56,3 +56,26 @@ def fault_rows(base: str, refused: str) -> list[tuple]:
         ("file:///etc/hostname", "local file", "scheme_file"),
         (None, "no url", "no_url"),
     ]
+
+
+def save_open_clip(name: str, folder: Path, seed: int = 0, preprocess: dict | None = None) -> Path:
+    """An open_clip architecture built with random weights (no pretrained tag: nothing downloads), saved as open_clip's
+    hub repositories are laid out (open_clip_config.json beside open_clip_model.safetensors), so that it loads
+    through `open_clip:FOLDER` the way a downloaded model does. `preprocess`: the image statistics to record."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name)
+    decoder = getattr(model, "text_decoder", None)
+    if decoder is not None:  # open_clip leaves CoCa's vocabulary projection as torch.empty: zeros or garbage
+        torch.nn.init.normal_(decoder.text_projection, std=decoder.width ** -0.5)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    config = {"model_cfg": open_clip.get_model_config(name),
+              "preprocess_cfg": preprocess or {"mean": list(model.visual.image_mean), "std": list(model.visual.image_std)}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=1))
+    return folder

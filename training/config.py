@@ -52,7 +52,7 @@ class StageConfig:
     name: str = "stage"
     epochs: float = 0.0  # length in epochs of the training shards (epoch length from the manifests) ...
     steps: int = 0  # ... or in optimizer steps; exactly one of the two
-    teacher: str = "none"  # none | sidecar | a siclip run or checkpoint | a CLIPModel folder or hub name | open_clip:NAME/PRETRAINED
+    teacher: str = "none"  # none | sidecar | a siclip run or checkpoint | a CLIPModel folder or hub name | open_clip:ARCH/PRETRAINED or open_clip:FOLDER
     loss: LossWeights = field(default_factory=LossWeights)
     train: list = field(default_factory=lambda: ["*"])  # parameter-name globs that train in this stage
     freeze: list = field(default_factory=list)  # globs frozen in this stage (wins over `train`)

@@ -19,7 +19,8 @@ by default: the teacher's MLP, which the block uses from the first step, was tra
 
 Teachers: a `SiCLIP` or siclip checkpoint folder; a transformers `CLIPModel` or its hub name /
 local folder; `"timm:fastvit_mci0.apple_mclip"` (MobileCLIP-S0's image tower) and
-`"open_clip:MODEL/PRETRAINED"` with the extra siclip[mobileclip] installed.
+`"open_clip:ARCH/PRETRAINED"` or `"open_clip:FOLDER"` (manifests/models.py) with the extra
+siclip[mobileclip] installed.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from manifests.models import PREFIX as OPEN_CLIP, load_open_clip
 from training.model import SASPBlock, SiCLIP, SiCLIPConfig, config_from_dict, is_siclip_checkpoint
 
 INHERITED = ("copied", "sliced", "interpolated")
@@ -217,13 +219,8 @@ def _load_teacher(teacher) -> tuple[dict[str, torch.Tensor], str, dict[str, int 
             raise ImportError("timm teachers need the extra: pip install 'siclip[mobileclip]'") from None
         model = timm.create_model(source[len("timm:"):], pretrained=True)
         return {f"visual.trunk.{k}": v for k, v in model.state_dict().items()}, source, {"visual": None, "text": None}
-    if source.startswith("open_clip:"):
-        try:
-            import open_clip
-        except ImportError:
-            raise ImportError("open_clip teachers need the extra: pip install 'siclip[mobileclip]'") from None
-        name, _, pretrained = source[len("open_clip:"):].partition("/")
-        model = open_clip.create_model(name, pretrained=pretrained or None)
+    if source.startswith(OPEN_CLIP):
+        model, _, _ = load_open_clip(source, "teacher")
         return from_open_clip_state(model.state_dict()), source, _open_clip_heads(model)
     if is_siclip_checkpoint(source):
         model = SiCLIP.from_pretrained(source)

@@ -145,6 +145,15 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, N, H * Dh)
 
 
+def fused_linear(x: torch.Tensor, layers: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
+    """(layer(x) for each layer) from one matrix product: one large GEMM runs faster than several small
+    ones on the same input. The weights stay separate parameters (names, inheritance, sharing); concatenating
+    them costs one copy of the weights per call, less than the GEMM it saves."""
+    weight = torch.cat([layer.weight for layer in layers])
+    biases = [layer.bias if layer.bias is not None else x.new_zeros(layer.out_features) for layer in layers]
+    return F.linear(x, weight, torch.cat(biases)).split([layer.out_features for layer in layers], dim=-1)
+
+
 def padding_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
     """(B, N) True-where-real into the (B, 1, 1, N) boolean mask that sdpa broadcasts over heads and queries."""
     return None if valid is None else valid[:, None, None, :]
@@ -160,7 +169,7 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(width, width)
 
     def forward(self, x, causal: bool = False, valid: torch.Tensor | None = None):
-        q, k, v = (split_heads(proj(x), self.heads) for proj in (self.q, self.k, self.v))
+        q, k, v = (split_heads(t, self.heads) for t in fused_linear(x, (self.q, self.k, self.v)))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=padding_mask(valid), is_causal=causal)
         return self.out(merge_heads(y))
 
@@ -225,13 +234,16 @@ class ShapedAttention(nn.Module):
     def forward(self, x, causal: bool = False, valid: torch.Tensor | None = None, gain: torch.Tensor | None = None):
         """Shaped attention of x (B, N, D); `gain` (the block's g_a) is folded into α, β, γ to save a pass."""
         B, N, D = x.shape
-        v = x if self.value is None else x + self.value(x)
+        projections = (self.q, self.k) if self.value is None else (self.q, self.k, self.value)
+        q, k, *value = fused_linear(x, projections)  # one GEMM for W_Q, W_K (and W_V)
+        v = x if not value else x + value[0]
         xh = v.unflatten(2, (self.heads, D // self.heads))  # (B, N, H, Dh), no copy
-        q, k = split_heads(self.q(x), self.heads), split_heads(self.k(x), self.heads)
-        attended = F.scaled_dot_product_attention(q, k, xh.transpose(1, 2), attn_mask=padding_mask(valid),
+        attended = F.scaled_dot_product_attention(split_heads(q, self.heads), split_heads(k, self.heads),
+                                                  xh.transpose(1, 2), attn_mask=padding_mask(valid),
                                                   is_causal=causal).transpose(1, 2)
         a, b, c = ((p if gain is None else gain * p).view(-1, 1) for p in (self.alpha, self.beta, self.gamma))
-        y = (a * xh).addcmul_(b, attended).addcmul_(-c, uniform_attention(xh, causal, valid))
+        # α·x − γ·C·x in one pass (C·x of a bidirectional tower is one row that broadcasts), then + β·A·x
+        y = torch.addcmul(-c * uniform_attention(xh, causal, valid), a, xh).addcmul_(b, attended)
         return y.view(B, N, D)
 
 
@@ -254,7 +266,8 @@ class SASPBlock(nn.Module):
 
     def forward(self, x, causal: bool = False, valid: torch.Tensor | None = None):
         h = self.ln(x)
-        return torch.addcmul(self.attn(h, causal, valid, gain=self.gain_attn), self.gain_mlp, self.mlp(h))
+        # in place into the attention's fresh output, which no backward step reads: one pass, no new tensor
+        return self.attn(h, causal, valid, gain=self.gain_attn).addcmul_(self.gain_mlp, self.mlp(h))
 
 
 def build_blocks(cfg: ImageTowerConfig | TextTowerConfig) -> nn.ModuleList:

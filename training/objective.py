@@ -230,20 +230,15 @@ class TransformersTeacher(Teacher):
 
 
 class OpenClipTeacher(Teacher):
-    """An open_clip model, `open_clip:NAME/PRETRAINED` (extra siclip[mobileclip])."""
+    """An open_clip model, `open_clip:ARCH/PRETRAINED` or `open_clip:FOLDER` (extra siclip[mobileclip])."""
 
     def __init__(self, spec: str):
-        try:
-            import open_clip
-        except ImportError:
-            raise SiclipError(f"teacher {spec!r} needs open_clip: pip install 'siclip[mobileclip]'") from None
-        name, _, pretrained = spec[len("open_clip:"):].partition("/")
-        try:
-            self.model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
-        except Exception as e:
-            raise SiclipError(f"teacher {spec!r} does not load through open_clip: {e}") from None
-        self.model.eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer(name)
+        from manifests.models import load_open_clip
+
+        self.model, _, self.tokenizer = load_open_clip(spec, "teacher")  # SiclipError: a bad name, no extra
+        import open_clip
+
+        self.model.requires_grad_(False)
         cfg = self.model.visual
         size = getattr(cfg, "image_size", 224)
         self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)

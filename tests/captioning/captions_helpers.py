@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from manifests.cli import main
-from manifests.samples import iter_shard
+from manifests.samples import embeddings, iter_shard
 
 
 def captions(root, *extra: str) -> int:
     """Run `siclip captions` in this process on `root` with the tiny captioner and short captions."""
     return main(["captions", "--data", str(root.root), "--model", "tiny", "--max-new-tokens", "12", *extra])
+
+
+def teacher(root, *extra: str) -> int:
+    """Run `siclip teacher` in this process on `root`."""
+    return main(["teacher", "--data", str(root.root), "--workers", "0", *extra])
+
+
+def text_embeddings(table) -> list[np.ndarray]:
+    """text_emb of each row as a float32 (texts, dim) array, decoded as `embeddings` decodes image_emb."""
+    col = table.column("text_emb").combine_chunks()
+    flat = embeddings(pa.table({"e": col.flatten()}), "e")
+    offsets = col.offsets.to_numpy()
+    return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def sidecar_rows(path) -> dict:

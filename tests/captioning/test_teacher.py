@@ -6,7 +6,6 @@ import io
 import re
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -22,19 +21,7 @@ from manifests.manifest import StageManifest
 from manifests.samples import embeddings, iter_samples, read_sidecar
 from manifests.storage import format_size
 
-from captions_helpers import captions
-
-
-def _teacher(root, *extra: str) -> int:
-    return main(["teacher", "--data", str(root.root), "--workers", "0", *extra])
-
-
-def _text_embeddings(table) -> list[np.ndarray]:
-    """text_emb of each row as a float32 (texts, dim) array, decoded as `embeddings` decodes image_emb."""
-    col = table.column("text_emb").combine_chunks()
-    flat = embeddings(pa.table({"e": col.flatten()}), "e")
-    offsets = col.offsets.to_numpy()
-    return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+from captions_helpers import captions, teacher as _teacher, text_embeddings as _text_embeddings
 
 
 class OwnTeachers:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from manifests.layout import DataRoot
 from manifests.manifest import StageManifest
 from manifests.storage import StorageBudget, write_storage
 from siclip_testing import REPO, siclip, write_list
+from train_helpers import assert_same_end, losses, weights
 
 IMAGES, PER_SHARD = 160, 32  # five shards: four to train on, the last held out
 # a small SiCLIP (16 px images) for the runs whose point is the bookkeeping, not the learning
@@ -87,27 +87,6 @@ clip_web = 1.0
 clip_synthetic = 1.0
 pm = 0.1
 """
-
-
-def weights(folder: Path) -> dict:
-    return load_file(str(folder / "model.safetensors"))
-
-
-def losses(run: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r]
-
-
-def assert_same_end(a: Path, b: Path) -> None:
-    wa, wb = weights(a / "final"), weights(b / "final")
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0, msg=lambda m: f"{k}: {m}")
-    assert [s for s, _ in losses(a)] == [s for s, _ in losses(b)]
-    assert [v for _, v in losses(a)] == pytest.approx([v for _, v in losses(b)], abs=1e-6)
-    ka = (a / "keys-rank0.jsonl").read_text().splitlines()
-    kb = (b / "keys-rank0.jsonl").read_text().splitlines()
-    assert ka == kb, "the resumed run trained on other samples, or repeated or skipped some"
 
 
 def test_a_small_siclip_learns_loss_falls_and_retrieval_beats_chance_several_fold(root, tmp_path):

@@ -4,10 +4,13 @@ manifest, with caption and teacher sidecars written by stage 2's own writers."""
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 from manifests.layout import DataRoot, shard_name
 from manifests.manifest import StageManifest
@@ -89,3 +92,27 @@ def make_root(folder: Path, sizes: list[int], captions: int = 0, missing_caption
         t_manifest.save(root)
     write_storage(root, budget_bytes=budget, reserve_bytes=0)
     return root
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+def assert_same_end(a: Path, b: Path) -> None:
+    """Two runs of one config (one of them killed and resumed) end with the same weights, losses and samples."""
+    wa, wb = weights(a / "final"), weights(b / "final")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0, msg=lambda m: f"{k}: {m}")
+    assert [s for s, _ in losses(a)] == [s for s, _ in losses(b)]
+    assert [v for _, v in losses(a)] == pytest.approx([v for _, v in losses(b)], abs=1e-6)
+    ka = (a / "keys-rank0.jsonl").read_text().splitlines()
+    kb = (b / "keys-rank0.jsonl").read_text().splitlines()
+    assert ka == kb, "the resumed run trained on other samples, or repeated or skipped some"
