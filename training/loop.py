@@ -27,7 +27,7 @@ import math
 import resource
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +96,7 @@ def forward_backward(model, objective: Objective, pixels, texts, valid, teacher:
         terms = objective(assemble(image.float(), text.float(), valid, teacher), scale)
         accelerator.backward(terms["loss"])
         return terms
-    with torch.no_grad(), accelerator.autocast():
+    with torch.no_grad(), accelerator.autocast(), batchnorm_statistics_kept(model):
         image = torch.cat([model.encode_image(pixels[s]) for s in chunks(len(pixels), micro)]).float()
         text = torch.cat([model.encode_text(texts[s]) for s in chunks(len(texts), micro)]).float()
     image.requires_grad_(True)
@@ -107,8 +107,36 @@ def forward_backward(model, objective: Objective, pixels, texts, valid, teacher:
         for s in chunks(len(inputs), micro):
             with accelerator.autocast():
                 out = encode(inputs[s])
+            if not out.requires_grad:  # a tower frozen whole has nothing to learn from its embeddings' gradient
+                break
             out.float().backward(cached.grad[s])
     return terms
+
+
+@contextmanager
+def batchnorm_statistics_kept(model: nn.Module):
+    """BatchNorm running statistics as they were before the block: the pass without gradients of gradient
+    caching sees every micro-batch once more, and must not count it twice (MCi0 has BatchNorm)."""
+    kept = [(m, [b.clone() for b in m.buffers(recurse=False)]) for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    try:
+        yield
+    finally:
+        for m, buffers in kept:
+            for b, before in zip(m.buffers(recurse=False), buffers):
+                b.copy_(before)
+
+
+def frozen_batchnorm_to_eval(model: nn.Module) -> int:
+    """BatchNorm layers whose parameters are all frozen run in eval mode, so their running statistics stay as
+    they are too (a frozen module is left bit-identical); returns how many. Call after `model.train()`."""
+    n = 0
+    for m in model.modules():
+        params = list(m.parameters(recurse=False))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
+            m.eval()
+            n += 1
+    return n
 
 
 def average_gradients(params: list[nn.Parameter], world: int) -> None:
@@ -373,6 +401,8 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                     if span is None or not span.start <= step < span.end:
                         span = next(sp for sp in spans if sp.start <= step < sp.end)
                         trainable, count = set_trainable(model, span.cfg, frozen_inherited)
+                        model.train()
+                        frozen_batchnorm_to_eval(model)
                         teacher = teachers[span.cfg.name]
                         say(f"train: stage {span.index + 1}/{len(spans)} {span.cfg.name!r}, steps {span.start}-"
                             f"{span.end - 1}: {trainable:,} of {count:,} parameters train; teacher: "
@@ -416,6 +446,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                                         f"samples/s", force=step == stop)
                     if val_shards and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
                         _evaluate(run, model, root, val_shards, preprocess, model_config, device, step, accelerator)
+                        frozen_batchnorm_to_eval(model)  # evaluation put the whole model back in train mode
                     if step % cfg.checkpoint_every == 0 or step == stop:
                         if not _checkpoint(run, cfg, step, epoch, span, model, objectives, preprocess, accelerator):
                             status = EXIT_BUDGET

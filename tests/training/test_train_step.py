@@ -121,3 +121,45 @@ def test_weights_are_the_objective_the_stage_asks_for(accelerator):
     terms, _ = step_gradients(0, 1, GLOBAL_BATCH, accelerator)
     total = sum(getattr(WEIGHTS, k) * v for k, v in terms.items() if k != "loss")
     assert terms["loss"] == pytest.approx(total, rel=1e-6)
+
+
+class _TowersWithBatchNorm(torch.nn.Module):
+    """A two-tower model with BatchNorm in the image tower (as MCi0 has), the interface the loop uses."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 8))
+        self.token = torch.nn.Embedding(100, 8)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+    def encode_image(self, x):
+        return torch.nn.functional.normalize(self.image(x), dim=-1)
+
+    def encode_text(self, ids):
+        return torch.nn.functional.normalize(self.token(ids).mean(dim=1), dim=-1)
+
+    def scale(self):
+        return self.logit_scale.exp()
+
+
+def test_batchnorm_statistics_count_each_sample_once_with_caching_and_stay_put_when_frozen(accelerator):
+    from training.config import LossWeights
+    from training.loop import frozen_batchnorm_to_eval
+    from training.objective import Objective
+
+    objective = Objective(LossWeights(clip_web=1.0, clip_synthetic=0.0), 8)
+    x, ids, valid = torch.randn(8, 12), torch.randint(0, 100, (8, 5)), torch.zeros(8, 0, dtype=torch.bool)
+    bn_stats = {}
+    for micro in (8, 2):  # without and with gradient caching: the running statistics move the same way
+        model = _TowersWithBatchNorm().train()
+        forward_backward(model, objective, x, ids, valid, None, micro, accelerator)
+        bn = model.image[1]
+        bn_stats[micro] = (bn.running_mean.clone(), int(bn.num_batches_tracked))
+    assert bn_stats[2][1] == 4  # four micro-batches, each counted once (not twice)
+    model = _TowersWithBatchNorm().train()
+    set_trainable(model, StageConfig(train=["token.*", "logit_scale"]), frozen_inherited=set())
+    assert frozen_batchnorm_to_eval(model) == 1
+    before = {k: v.clone() for k, v in model.image.state_dict().items()}
+    forward_backward(model, objective, x, ids, valid, None, 2, accelerator)
+    assert all(torch.equal(before[k], v) for k, v in model.image.state_dict().items())
