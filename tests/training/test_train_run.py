@@ -94,12 +94,12 @@ def test_a_small_siclip_learns_loss_falls_and_retrieval_beats_chance_several_fol
 model_set = ["image.image_size=32", "image.patch_size=8", "image.width=64", "image.depth=2", "image.heads=2",
              "image.share_attention=[[1, 2]]", "text.width=64", "text.depth=2", "text.heads=2",
              "text.share_attention=[[1, 2]]", "text.context_length=24", "embed_dim=64"]
-batch_size = 32
+batch_size = 16
 workers = 2
 shuffle_buffer = 256
 val_shards = 1
 eval_every = 40
-checkpoint_every = 40
+checkpoint_every = 60
 [[stages]]
 name = "clip"
 epochs = 15
@@ -113,7 +113,12 @@ pm = 0.1
     res = siclip(*run_args(root, cfg, "learn"), timeout=600)
     run = root.runs / "learn"
     steps = losses(run)
-    assert len(steps) == 60  # 4 shards x 32 samples / 32 per step, 15 epochs
+    # 4 shards x 32 samples / 16 per step, 15 epochs. Batches of 16, not 32: at init a SAS-P block's attention is
+    # the identity, so the class and end tokens see nothing else and both towers give every input the same
+    # embedding; the loss sits at ln(batch) until β and γ part. Twice the steps leave that plateau well behind
+    # on any machine (seeds 0-3: loss ratio 0.50-0.66, held-out R@1 6.5-15.5x chance; with 60 steps of 32 it
+    # was 0.79-0.83 and 3.5x, which failed CI).
+    assert len(steps) == 120
     first, last = sum(v for _, v in steps[:5]) / 5, sum(v for _, v in steps[-5:]) / 5
     assert last < 0.8 * first
     ev = [r["eval"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval" in r][-1]
@@ -123,8 +128,8 @@ pm = 0.1
     assert {p.name for p in (run / "plots").iterdir()} == {"loss.png", "lr.png", "eval.png"}
     # the run is recorded and counted: the final model and the kept checkpoints
     manifest = StageManifest.load(root, "train")
-    assert {u for u in manifest.entries} == {"runs/learn/final", "runs/learn/checkpoints/step-000040",
-                                             "runs/learn/checkpoints/step-000060"}
+    assert {u for u in manifest.entries} == {"runs/learn/final", "runs/learn/checkpoints/step-000060",
+                                             "runs/learn/checkpoints/step-000120"}
     assert StorageBudget.load(root).used_by_stage["train"] == manifest.total_bytes > 0
     assert siclip("manifest", root.root, "--verify").returncode == 0
 
