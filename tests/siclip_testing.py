@@ -49,10 +49,28 @@ def fault_rows(base: str, refused: str) -> list[tuple]:
         (f"{base}/bad/text.jpg", "text named jpg", "decode_error"),
         (f"{base}/bad/truncated.jpg", "truncated jpeg", "decode_error"),
         (f"{base}/empty", "empty body", "empty_body"),
-        (f"{base}/bad/one.png", "one pixel", "success"),
+        (f"{base}/bad/one.png", "one pixel", "image_too_small"),  # under min_image_size (32 px) by default
         (f"{base}/bad/bomb.png", "decompression bomb", "decompression_bomb"),
         (f"{base}/slow/{SLOW_S}/img/000000.jpg", "too slow", "timeout"),  # with FAULT_TIMEOUT
         (f"{base}/redirect-loop", "redirect loop", "redirect_loop"),
         ("file:///etc/hostname", "local file", "scheme_file"),
         (None, "no url", "no_url"),
     ]
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write a file into `folder` until its file system is full; returns it (delete it to make room)."""
+    path = Path(folder) / "filler"
+    block = bytes(64 * 1024)
+    with open(path, "wb", buffering=0) as f:
+        while True:
+            try:
+                f.write(block)
+            except OSError:
+                break
+        while True:  # the last partial block
+            try:
+                f.write(b"\0" * 512)
+            except OSError:
+                break
+    return path
