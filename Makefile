@@ -9,11 +9,15 @@ BUDGET ?= 1TB
 ARGS   ?=
 CONFIG ?= tiny
 RUN    ?= $(CONFIG)
+# The environment of the scale-out path (extras siclip[pyspark,ray]; Spark also needs a Java runtime)
+SO_VENV ?= .venv-scaleout
+SO_PY   := $(SO_VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: install shards captions teacher train eval manifests bench test demo clean-demo
+.PHONY: install install-scaleout shards captions teacher train eval manifests bench test test-scaleout mutation demo \
+	clean-demo
 
 # torch first, pinned to the CPU build this project is tested with; a GPU user installs theirs before `make install`
 $(VENV)/.installed: pyproject.toml
@@ -24,6 +28,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# pyspark (a JVM's jars, ~490 MB) and ray (~240 MB) in an environment of their own: the main one stays light
+$(SO_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(SO_VENV)
+	$(SO_PY) -m pip install -q --upgrade pip
+	$(SO_PY) -c "import torch" 2>/dev/null || $(SO_PY) -m pip install -q torch==2.13.0
+	$(SO_PY) -m pip install -q -e ".[pyspark,ray,test]"
+	touch $@
+
+install-scaleout: $(SO_VENV)/.installed
 
 shards: install
 	$(SICLIP) shards --config pipeline/shards.toml --urls "$(URLS)" --data $(DATA) --budget $(BUDGET) $(ARGS)
@@ -49,6 +63,11 @@ bench: install
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+# The tests marked scaleout (stage 1 on Spark local[2] and a local Ray of 2 CPUs), which `make test` skips with the
+# reason; here a missing extra is an error, not a skip.
+test-scaleout: install-scaleout
+	SICLIP_REQUIRE_SCALEOUT=1 $(SO_PY) -m pytest -q -m scaleout $(ARGS)
 
 # The main job on the embedded default data, on a CPU: generated images served on 127.0.0.1 and downloaded
 # into shards, synthetic captions and teacher embeddings from tiny offline models, the tiny SiCLIP trained
