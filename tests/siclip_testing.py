@@ -58,19 +58,17 @@ def fault_rows(base: str, refused: str) -> list[tuple]:
     ]
 
 
-def fill_disk(folder: Path) -> Path:
-    """Write a file into `folder` until its file system is full; returns it (delete it to make room)."""
+def fill_disk(folder: Path, leave: int = 0) -> Path:
+    """Write a file into `folder` until its file system has less than `leave` bytes (and 512) free;
+    returns it (delete it to make room)."""
+    import shutil
+
     path = Path(folder) / "filler"
-    block = bytes(64 * 1024)
     with open(path, "wb", buffering=0) as f:
-        while True:
-            try:
-                f.write(block)
-            except OSError:
-                break
-        while True:  # the last partial block
-            try:
-                f.write(b"\0" * 512)
-            except OSError:
-                break
+        for block in (64 * 1024, 4096, 512):
+            while shutil.disk_usage(folder).free >= leave + block:
+                try:
+                    f.write(bytes(block))
+                except OSError:  # full already
+                    break
     return path

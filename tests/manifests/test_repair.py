@@ -117,6 +117,17 @@ def test_damage_in_place_is_found_refused_and_repaired_redoing_only_what_it_touc
         assert len(list(iter_samples(data, name, ("captions", "teacher")))) == 8
 
 
+def test_stage_2_refuses_a_shard_changed_in_place_and_goes_on_with_the_others(shards_root, capsys):
+    tar = shards_root.shards / "00001.tar"
+    overwrite(tar, image_offset(tar))
+    capsys.readouterr()
+    assert main(["captions", "--data", str(shards_root.root), "--model", "tiny", "--max-new-tokens", "12", *STAGE2]) == 1
+    err = capsys.readouterr().err
+    assert f"captions: shard 00001 skipped: shard {tar} changed since its manifest recorded it (sha256 differs; " \
+           "siclip manifest DATA --verify --repair drops it" in err
+    assert sorted(StageManifest.load(shards_root, "captions").entries) == ["00000", "00002"]
+
+
 def test_training_refuses_a_sidecar_made_from_a_shard_since_redone(whole_root):
     from training.data import all_shards, check_sidecars
 

@@ -62,7 +62,7 @@ def test_counts_and_failure_reasons(tmp_path, good_rows, bad_rows):
     assert failures == expected
     assert m.total_samples == 6  # the good pictures; the 1x1 one is under min_image_size
     assert sum(e["rows"] for e in m.entries.values()) == len(rows) - 2
-    assert len(tar_samples(tmp_path / "data")) == 7
+    assert len(tar_samples(tmp_path / "data")) == 6
     assert "shards: done:" in res.stderr.splitlines()[-1]
 
 

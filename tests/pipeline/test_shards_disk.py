@@ -60,6 +60,42 @@ def test_a_disk_that_fills_up_mid_run_stops_the_job_in_one_line_and_the_rerun_fi
     assert not any((data / "work" / "shards" / "staging").iterdir())
 
 
+def test_a_shard_whose_worst_case_exceeds_the_free_disk_is_never_started(tmpfs, image_server, tmp_path):
+    """The disk fills up during the pilot, leaving room for what the bulk really needs but not for a
+    shard's worst case: the bulk does not start (exit 3), and a rerun once there is room finishes."""
+    from pipeline.loopback import ImageServer
+
+    disk = tmpfs("4m")
+    data = disk / "data"
+    filler = []
+    with ImageServer(dict(image_server.files)) as server:
+        rows = [(f"{server.base}/{p}", c) for p, c in image_server.good_rows]
+        urls = write_list(tmp_path / "urls.parquet", rows)
+        args = ["shards", "--urls", urls, "--data", data, *SMALL]
+        bound = _bound_of(urls)
+        # as the pilot asks for its last picture, the disk is left with a little over what the pilot still writes
+        server.before[image_server.good_rows[7][0]] = lambda: filler.append(fill_disk(disk, leave=bound // 2))
+        res = siclip(*args, check=False)
+        assert filler and res.returncode == 3, res.stderr[-3000:]
+        assert "Traceback" not in res.stderr
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"shards: stopped at the free disk: shard 00001 could take up to ")
+        assert "but the disk holding" in last and "make room and rerun the same command (the 1 finished shard(s) are kept)" in last
+        assert sorted(StageManifest.load(DataRoot(data), "shards").entries) == ["00000"]
+        assert not any((data / "work" / "shards" / "staging").iterdir())  # nothing was started
+        filler[0].unlink()
+        siclip(*args)
+    assert sorted(tar_urls(data)) == sorted(u for u, _ in rows)
+
+
+def _bound_of(urls) -> int:
+    import pyarrow.parquet as pq
+
+    from pipeline.plan import shard_bound
+
+    return shard_bound(pq.read_table(urls).slice(8, 8), ShardsConfig(urls="-", image_size=64))
+
+
 def test_a_full_disk_refuses_the_shard_input_by_name(tmpfs):
     """pyarrow's OSError 28 (it names no file) becomes a DiskError naming the file it was writing."""
     disk = tmpfs("256k")
