@@ -69,6 +69,12 @@ test: install
 test-scaleout: install-scaleout
 	SICLIP_REQUIRE_SCALEOUT=1 $(SO_PY) -m pytest -q -m scaleout $(ARGS)
 
+# Do the tests fail when the code breaks? mutmut over the modules with fast tests, and the hand-written breaks of
+# tests/mutation/mutation.toml; prints what survived. Not in CI (an hour or more on 2 cores): ARGS="--only NAME".
+mutation: install
+	$(PY) -m pip install -q mutmut==3.8.1
+	$(PY) tests/mutation/run.py $(ARGS)
+
 # The main job on the embedded default data, on a CPU: generated images served on 127.0.0.1 and downloaded
 # into shards, synthetic captions and teacher embeddings from tiny offline models, the tiny SiCLIP trained
 # and evaluated on a held-out shard, then the storage table.
