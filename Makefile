@@ -12,6 +12,7 @@ RUN    ?= $(CONFIG)
 # The environment of the scale-out path (extras siclip[pyspark,ray]; Spark also needs a Java runtime)
 SO_VENV ?= .venv-scaleout
 SO_PY   := $(SO_VENV)/bin/python
+comma   := ,
 export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
@@ -19,23 +20,24 @@ export WANDB_MODE := disabled
 .PHONY: install install-scaleout shards captions teacher train eval manifests bench test test-scaleout mutation demo \
 	clean-demo
 
-# torch first, pinned to the CPU build this project is tested with; a GPU user installs theirs before `make install`
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+# A virtual environment $(1) with the project and its extras $(2): torch first, pinned to the CPU build this project
+# is tested with; a GPU user installs theirs before `make install`
+define new_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip install -q torch==2.13.0
+	$(1)/bin/python -m pip install -q -e ".[$(2)]"
 	touch $@
+endef
+
+$(VENV)/.installed: pyproject.toml
+	$(call new_venv,$(VENV),test)
 
 install: $(VENV)/.installed
 
 # pyspark (a JVM's jars, ~490 MB) and ray (~240 MB) in an environment of their own: the main one stays light
 $(SO_VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(SO_VENV)
-	$(SO_PY) -m pip install -q --upgrade pip
-	$(SO_PY) -c "import torch" 2>/dev/null || $(SO_PY) -m pip install -q torch==2.13.0
-	$(SO_PY) -m pip install -q -e ".[pyspark,ray,test]"
-	touch $@
+	$(call new_venv,$(SO_VENV),pyspark$(comma)ray$(comma)test)
 
 install-scaleout: $(SO_VENV)/.installed
 

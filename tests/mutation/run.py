@@ -60,25 +60,41 @@ def run_mutmut(modules: list[str], tests: list[str], work: Path, children: int) 
     return survivors
 
 
+def pytest(tests: list[str], work: Path, timeout_s: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf", *tests],
+                          cwd=work, env=ENV, capture_output=True, text=True, timeout=timeout_s)
+
+
+def first_failure(res: subprocess.CompletedProcess) -> str:
+    return next((line for line in res.stdout.splitlines() if line.startswith("FAILED ")), "")[:200]
+
+
 def run_break(b: dict, work: Path) -> str:
-    """'killed', 'survived', or why the break could not be judged."""
+    """'killed (the test that failed)', 'survived', or why the break could not be judged."""
     path = work / b["file"]
     text = path.read_text()
     if text.count(b["original"]) != 1:
         return f"stale: its original occurs {text.count(b['original'])} times in {b['file']}"
     path.write_text(text.replace(b["original"], b["replacement"]))
     try:
-        res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *b["tests"]],
-                             cwd=work, env=ENV, capture_output=True, text=True, timeout=b.get("timeout_s", 1800))
+        res = pytest(b["tests"], work, b.get("timeout_s", 1800))
     except subprocess.TimeoutExpired:
         return "killed (the tests did not finish)"
     finally:
         path.write_text(text)
     if res.returncode == 1:
-        return "killed"
+        return f"killed ({first_failure(res)})"
     if res.returncode == 0:
         return "survived"
     return f"error: pytest exited {res.returncode}: {res.stdout.strip().splitlines()[-1:] or res.stderr[-300:]}"
+
+
+def baseline(breaks: list[dict], work: Path) -> str | None:
+    """The breaks' tests must pass unbroken, or a failure under a break means nothing: why not, or None."""
+    tests = sorted({t for b in breaks for t in b["tests"]})
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *tests], cwd=work,
+                         env=ENV, capture_output=True, text=True)
+    return None if res.returncode == 0 else f"the breaks' tests fail without any break: {first_failure(res)}"
 
 
 def main(argv=None) -> int:
@@ -86,6 +102,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", action="append", default=[], help="a module or a break's name; repeatable")
     parser.add_argument("--breaks", action="store_true", help="the hand-written breaks only")
     parser.add_argument("--mutmut", action="store_true", help="mutmut only")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the run of the breaks' tests without a break (they are known to pass)")
     parser.add_argument("--children", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="mutants tested at once")
     args = parser.parse_args(argv)
@@ -101,6 +119,10 @@ def main(argv=None) -> int:
         survivors = run_mutmut(modules, cfg["mutmut"]["tests"], copy_repo(Path(tmp) / "mutmut"), args.children)
         work = copy_repo(Path(tmp) / "breaks")
         outcomes = []
+        broken = baseline(breaks, work) if breaks and not args.no_baseline else None
+        if broken:
+            print(f"mutation: {broken}", flush=True)
+            return 2
         for b in breaks:
             t = time.monotonic()
             outcome = run_break(b, work)

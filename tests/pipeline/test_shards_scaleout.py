@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from shards_helpers import alive, start_job, tail, wait_exit, wait_for
+from shards_helpers import alive, descendants, open_files, start_job, tail, wait_exit, wait_for
 from siclip_testing import SMALL, siclip, write_list
 
 from manifests.layout import DataRoot
@@ -78,32 +78,8 @@ def test_same_samples_shards_and_manifest_as_multiprocessing_under_a_budget(dist
     assert siclip("manifest", data, "--verify").returncode == 0
 
 
-def descendants(pid: int) -> list[int]:
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
-        except OSError:
-            continue
-        for c in map(int, children):
-            out += [c] + descendants(c)
-    return out
-
-
-def files_open_under(pid: int, folder: Path) -> list[str]:
-    out = []
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return out
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(str(folder) + "/"):
-            out.append(target)
-    return out
+def files_open_under(pid: int, folder: Path) -> list[Path]:
+    return [p for p in open_files(pid) if folder in p.parents]
 
 
 @pytest.mark.parametrize("distributor", DISTRIBUTORS)
