@@ -23,7 +23,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).with_name("mutation.toml")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled",
+       "COLUMNS": "300"}  # pytest's summary lines keep the assertion that failed
 PACKAGES = ["manifests", "pipeline", "captioning", "training"]
 SKIP = shutil.ignore_patterns(".venv*", ".git", "data", "mutants", "__pycache__", "*.egg-info", ".pytest_cache")
 
@@ -66,7 +67,7 @@ def pytest(tests: list[str], work: Path, timeout_s: float) -> subprocess.Complet
 
 
 def first_failure(res: subprocess.CompletedProcess) -> str:
-    return next((line for line in res.stdout.splitlines() if line.startswith("FAILED ")), "")[:200]
+    return next((line for line in res.stdout.splitlines() if line.startswith("FAILED ")), "")[:300]
 
 
 def run_break(b: dict, work: Path) -> str:
@@ -94,7 +95,9 @@ def baseline(breaks: list[dict], work: Path) -> str | None:
     tests = sorted({t for b in breaks for t in b["tests"]})
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *tests], cwd=work,
                          env=ENV, capture_output=True, text=True)
-    return None if res.returncode == 0 else f"the breaks' tests fail without any break: {first_failure(res)}"
+    if res.returncode == 0:
+        return None
+    return f"the breaks' tests fail without any break: {first_failure(res)}\n{res.stdout[-6000:]}"
 
 
 def main(argv=None) -> int:
