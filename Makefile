@@ -12,19 +12,29 @@ BUDGET ?= 1TB
 ARGS   ?=
 CONFIG ?= tiny
 RUN    ?= $(CONFIG)
+# The environment of the scale-out path (extras siclip[pyspark,ray]; Spark also needs a Java runtime)
+SO_VENV ?= .venv-scaleout
+SO_PY   := $(SO_VENV)/bin/python
+comma   := ,
 export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: install install-mobileclip test-mobileclip shards captions teacher train eval manifests bench test demo clean-demo
+.PHONY: install install-mobileclip install-scaleout shards captions teacher train eval manifests bench test \
+	test-mobileclip test-scaleout mutation demo clean-demo
 
-# torch first, pinned to the CPU build this project is tested with; a GPU user installs theirs before `make install`
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+# A virtual environment $(1) with the project and its extras $(2): torch first, pinned to the CPU build this project
+# is tested with; a GPU user installs theirs before `make install`
+define new_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip install -q torch==2.13.0
+	$(1)/bin/python -m pip install -q -e ".[$(2)]"
 	touch $@
+endef
+
+$(VENV)/.installed: pyproject.toml
+	$(call new_venv,$(VENV),test)
 
 install: $(VENV)/.installed
 
@@ -39,6 +49,12 @@ $(MC_VENV)/.installed: pyproject.toml
 	touch $@
 
 install-mobileclip: $(MC_VENV)/.installed
+
+# pyspark (a JVM's jars, ~490 MB) and ray (~240 MB) in an environment of their own: the main one stays light
+$(SO_VENV)/.installed: pyproject.toml
+	$(call new_venv,$(SO_VENV),pyspark$(comma)ray$(comma)test)
+
+install-scaleout: $(SO_VENV)/.installed
 
 shards: install
 	$(SICLIP) shards --config pipeline/shards.toml --urls "$(URLS)" --data $(DATA) --budget $(BUDGET) $(ARGS)
@@ -69,6 +85,17 @@ test: install
 # skips with the reason; here a broken extra is an error, not a skip.
 test-mobileclip: install-mobileclip
 	SICLIP_REQUIRE_MOBILECLIP=1 $(MC_PY) -m pytest -q -m mobileclip $(ARGS)
+
+# The tests marked scaleout (stage 1 on Spark local[2] and a local Ray of 2 CPUs), which `make test` skips with the
+# reason; here a missing extra is an error, not a skip.
+test-scaleout: install-scaleout
+	SICLIP_REQUIRE_SCALEOUT=1 $(SO_PY) -m pytest -q -m scaleout $(ARGS)
+
+# Do the tests fail when the code breaks? mutmut over the modules with fast tests, and the hand-written breaks of
+# tests/mutation/mutation.toml; prints what survived. Not in CI (an hour or more on 2 cores): ARGS="--only NAME".
+mutation: install
+	$(PY) -m pip install -q mutmut==3.8.1
+	$(PY) tests/mutation/run.py $(ARGS)
 
 # The main job on the embedded default data, on a CPU: generated images served on 127.0.0.1 and downloaded
 # into shards, synthetic captions and teacher embeddings from tiny offline models, the tiny SiCLIP trained

@@ -38,6 +38,9 @@ class RunConfig:
             raise SiclipError(f"{where}: batch_size must be at least 1, got {self.batch_size}")
         if self.workers < 0:
             raise SiclipError(f"{where}: workers must be 0 or more, got {self.workers}")
+        if self.threads_per_worker < 0:
+            raise SiclipError(f"{where}: threads_per_worker must be 0 (the cores shared out) or more, got "
+                              f"{self.threads_per_worker}")
         if self.scheduler and not self.scheduler.startswith(("tcp://", "tls://", "inproc://", "ws://", "wss://")):
             raise SiclipError(f"{where}: --scheduler {self.scheduler!r} is not a dask address such as tcp://HOST:8786")
         self.shards = [str(s) for s in self.shards]
@@ -94,9 +97,13 @@ class TeacherConfig(RunConfig):
             raise SiclipError(f"siclip teacher: augmentations must be 0 or more, got {self.augmentations}")
         if self.dtype not in ("float16", "bfloat16"):
             raise SiclipError(f"siclip teacher: dtype {self.dtype!r} is not float16 or bfloat16")
+        bad = f"siclip teacher: crop_scale {self.crop_scale} must be two fractions 0 < lo <= hi <= 1"
+        if len(self.crop_scale) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                for x in self.crop_scale):
+            raise SiclipError(bad)
         lo, hi = (float(x) for x in self.crop_scale)
         if not 0 < lo <= hi <= 1:
-            raise SiclipError(f"siclip teacher: crop_scale {self.crop_scale} must be two fractions 0 < lo <= hi <= 1")
+            raise SiclipError(bad)
 
     def teachers(self) -> list[str]:
         return [t.strip() for t in self.teacher.split(",") if t.strip()]

@@ -96,7 +96,7 @@ def caption_shard(task: dict, captioner) -> dict:
 
     def batches():
         keys, images = [], []
-        for sample in iter_shard(Path(task["tar"])):
+        for sample in iter_shard(Path(task["tar"]), task.get("tar_record")):
             key = sample["__key__"]
             order.append(key)
             img, why = _decode_image(sample)
@@ -119,7 +119,7 @@ def caption_shard(task: dict, captioner) -> dict:
         from captioning.sidecar import write_caption_sidecar
 
         provenance = {"stage": "captions", "shard": task["shard"], "model": captioner.model_id,
-                      "revision": captioner.revision, "params": task["params"]}
+                      "revision": captioner.revision, "params": task["params"], "inputs": task.get("inputs", {})}
         write_caption_sidecar(Path(task["out"]), order, [captions.get(k, []) for k in order],
                               [status.get(k, OK) for k in order], provenance)
     except Exception as e:
@@ -175,7 +175,7 @@ def teacher_shard(task: dict, teachers) -> dict:
         if p["captions"]:
             yield from iter_samples(DataRoot(task["root"]), task["shard"], ("captions",), tar_path=Path(task["tar"]))
         else:
-            yield from iter_shard(Path(task["tar"]))
+            yield from iter_shard(Path(task["tar"]), task.get("tar_record"))
 
     def batches():
         batch = []
@@ -220,7 +220,7 @@ def teacher_shard(task: dict, teachers) -> dict:
                       "text_emb": "web caption first, then each synthetic caption in caption-sidecar order",
                       "image_emb": "plain image first, then each augmentation; each teacher L2-normalised, concatenated, "
                                    "normalised again (unit length: the mean-cosine ensemble)",
-                      "params": p}
+                      "params": p, "inputs": task.get("inputs", {})}
         write_teacher_sidecar(Path(task["out"]), out_keys, image, text, aug, statuses, p["dtype"], provenance)
     except Exception as e:
         return _shard_failure(task, e)

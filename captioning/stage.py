@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Callable
 
 from manifests.config import print_config, to_toml
-from manifests.errors import SiclipError
+from manifests.errors import DiskError, SiclipError
 from manifests.io import atomic_write_bytes, remove_stale_temps
-from manifests.layout import DataRoot
-from manifests.manifest import StageManifest, check_file, stage_lock
+from manifests.layout import DataRoot, open_data_root
+from manifests.manifest import Inputs, StageManifest, check_file, stage_lock
 from manifests.progress import Progress
 from manifests.samples import finished_shards, sidecar_path
 from manifests.storage import StorageBudget, disk_free_bytes, format_size
@@ -35,6 +35,7 @@ class StageJob:
     bytes_per_file: float = 0  # and what each sidecar file adds whatever its rows (a-priori too)
     extra_task: dict = field(default_factory=dict)
     needs: Callable | None = None  # (root, shard) -> reason the shard cannot run yet, or None
+    inputs: tuple[str, ...] = ("shards",)  # the stages whose files a sidecar is made from (recorded, see Inputs)
 
 
 def _estimate_bytes(manifest: StageManifest, rows: int, files: int, prior_per_row: float,
@@ -48,9 +49,7 @@ def _estimate_bytes(manifest: StageManifest, rows: int, files: int, prior_per_ro
 def run_stage(job: StageJob) -> int:
     """Run the stage over every finished shard not done yet; 0 if all shards have sidecars, 1 if some were skipped."""
     cfg, stage = job.cfg, job.stage
-    root = DataRoot(cfg.data)
-    if not root.root.is_dir():
-        raise SiclipError(f"data root {root.root} does not exist")
+    root = open_data_root(cfg.data)
     if not root.manifest_path("shards").exists():
         raise SiclipError(f"{root.manifest_path('shards')} does not exist: run 'siclip shards' first")
     print_config(cfg, f"siclip {stage}")
@@ -67,6 +66,7 @@ def run_stage(job: StageJob) -> int:
                 raise SiclipError(f"shards {', '.join(unknown)} are not finished shards of {root.root} (see {root.manifest_path('shards')})")
             shards = [s for s in shards if s.name in set(cfg.shards)]
         manifest = StageManifest.load(root, stage)
+        inputs = Inputs(root, job.inputs)
         todo, done, adopted = [], 0, 0
         for s in shards:
             entry = manifest.entries.get(s.name)
@@ -75,11 +75,11 @@ def run_stage(job: StageJob) -> int:
                     f"{stage} sidecar of shard {s.name} was made with other parameters ({_diff(entry.get('params'), job.params)}); "
                     f"pass --overwrite to replace the {stage} sidecars, or keep the old parameters")
             if entry is not None and entry.get("params") == job.params and manifest.entry_ok(root, s.name) \
-                    and not _input_changed(root, entry, s):
+                    and not inputs.changed(s.name, entry):
                 done += 1
                 continue
             path = sidecar_path(root, stage, s.name)
-            if entry is None and path.exists() and _adopt(root, manifest, job, s, path):
+            if entry is None and path.exists() and _adopt(root, manifest, job, s, path, inputs):
                 adopted += 1
                 continue
             todo.append(s)
@@ -91,7 +91,7 @@ def run_stage(job: StageJob) -> int:
             manifest.params = job.params
             manifest.save(root)
         if adopted:
-            log(f"{stage}: recorded {adopted} complete sidecar(s) that a killed run wrote but did not list")
+            log(f"{stage}: recorded {adopted} complete sidecar(s) that an interrupted run wrote but did not list")
         atomic_write_bytes(out_dir / "_config.toml", to_toml(cfg).encode())
         log(f"{stage}: {len(shards)} finished shard(s): {done + adopted} done already, {len(todo)} to do ({rows} samples)")
         skipped: dict[str, str] = {}
@@ -104,11 +104,13 @@ def run_stage(job: StageJob) -> int:
                 skipped[s.name] = reason
                 log(f"{stage}: shard {s.name} skipped: {reason}")
                 continue
-            tasks.append({"shard": s.name, "tar": str(s.tar), "out": str(sidecar_path(root, stage, s.name)),
+            tasks.append({"shard": s.name, "tar": str(s.tar), "tar_record": s.tar_record, "inputs": inputs.of(s.name),
+                          "out": str(sidecar_path(root, stage, s.name)),
                           "root": str(root.root), "expected_samples": s.samples, "params": job.params,
                           "batch_size": cfg.batch_size, **job.extra_task})
         progress = Progress(stage, sum(t["expected_samples"] for t in tasks), "samples", every_s=1.0)
         failed_samples = shards_done = samples_done = 0
+        unrecorded: set[str] = set()
 
         def advance(rows: int) -> None:
             nonlocal shards_done, samples_done
@@ -126,8 +128,14 @@ def run_stage(job: StageJob) -> int:
             path = sidecar_path(root, stage, res["shard"])
             manifest.params = job.params
             manifest.add(root, res["shard"], [path], res["rows"], params=job.params, model=res["model"],
-                         revision=res.get("revision"), failed=res["failed"], timing=res.get("timing"), worker=res.get("worker"), **(_inputs(root, res["shard"]) if stage == "teacher" else {}))
-            manifest.save(root)
+                         revision=res.get("revision"), failed=res["failed"], timing=res.get("timing"),
+                         worker=res.get("worker"), inputs=inputs.of(res["shard"]))
+            try:
+                manifest.save(root)
+                unrecorded.clear()  # a save lists every sidecar added so far
+            except DiskError as e:  # the sidecar is whole on disk: the next save, or the rerun, records it
+                unrecorded.add(res["shard"])
+                log(f"{stage}: shard {res['shard']}: sidecar written but not recorded: {e}")
             failed_samples += sum(res["failed"].values())
             advance(res["rows"])
 
@@ -140,10 +148,13 @@ def run_stage(job: StageJob) -> int:
                 fanout.run_on_dask(tasks, job.job, job.setup, on_result, workers=cfg.workers,
                                    scheduler=cfg.scheduler, log=log)
         made = len(tasks) - sum(1 for t in tasks if t["shard"] in skipped)
+        if unrecorded:
+            log(f"{stage}: {len(unrecorded)} sidecar(s) written but not recorded ({', '.join(sorted(unrecorded))}): "
+                f"make room and rerun the same command, which records them without making them again")
         log(f"{stage}: done: {made} sidecar(s) written, {done + adopted} already there, {len(skipped)} shard(s) skipped"
             f"{' (' + ', '.join(sorted(skipped)) + ')' if skipped else ''}, {failed_samples} sample(s) without output; "
             f"{samples_done / max(progress.elapsed, 1e-9):.1f} samples/s; {stage} total {format_size(manifest.total_bytes)} in {out_dir}")
-        return 1 if skipped else 0
+        return 1 if skipped or unrecorded else 0
 
 
 def _diff(old: dict | None, new: dict) -> str:
@@ -152,22 +163,7 @@ def _diff(old: dict | None, new: dict) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4]) or "unknown"
 
 
-def _inputs(root: DataRoot, shard: str) -> dict:
-    """The caption sidecar a teacher sidecar was made from, so a recaptioned shard is re-embedded."""
-    m = StageManifest.load(root, "captions")
-    e = m.entries.get(shard)
-    if e is None:
-        return {}
-    return {"inputs": {rel: rec["sha256"] for rel, rec in e["files"].items()}}
-
-
-def _input_changed(root: DataRoot, entry: dict, shard) -> bool:
-    if "inputs" not in entry:
-        return False
-    return _inputs(root, shard.name).get("inputs") != entry["inputs"]
-
-
-def _adopt(root: DataRoot, manifest: StageManifest, job: StageJob, shard, path: Path) -> bool:
+def _adopt(root: DataRoot, manifest: StageManifest, job: StageJob, shard, path: Path, inputs: Inputs) -> bool:
     """Record a complete sidecar that a run killed between its rename and its manifest save left behind."""
     from captioning.sidecar import complete_sidecar
     from manifests.samples import read_sidecar
@@ -176,6 +172,8 @@ def _adopt(root: DataRoot, manifest: StageManifest, job: StageJob, shard, path: 
     if rows is None or rows != shard.samples:
         return False
     table, info = read_sidecar(path)
+    if info.get("inputs", inputs.of(shard.name)) != inputs.of(shard.name):  # made from a shard since redone
+        return False
     statuses = table.column("status").to_pylist() if "status" in table.column_names else []
     failed: dict[str, int] = {}
     for s in statuses:
@@ -183,7 +181,7 @@ def _adopt(root: DataRoot, manifest: StageManifest, job: StageJob, shard, path: 
             failed[s] = failed.get(s, 0) + 1
     model = info.get("model") or [t["id"] for t in info.get("teachers", [])]
     manifest.add(root, shard.name, [path], rows, params=job.params, model=model, revision=info.get("revision"),
-                 failed=failed, **(_inputs(root, shard.name) if job.stage == "teacher" else {}))
+                 failed=failed, inputs=inputs.of(shard.name))
     return True
 
 

@@ -63,5 +63,6 @@ def run_config(cfg: TeacherConfig) -> int:
                 "trust_remote_code": cfg.trust_remote_code, "threads": threads}),
         job="captioning.jobs:teacher_shard",
         bytes_per_row=per_row, bytes_per_file=per_file,
-        needs=_needs_captions if cfg.captions else None)
+        needs=_needs_captions if cfg.captions else None,
+        inputs=("shards", "captions") if cfg.captions else ("shards",))
     return run_stage(job)

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="data root")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--verify", action="store_true", help="re-hash every listed file; exit 1 naming each missing or corrupt one")
+    p.add_argument("--repair", action="store_true",
+                   help="with --verify: drop each damaged unit from its manifest and delete its files, so that its "
+                        "stage's rerun redoes it; exit 0 once what is left is whole")
     p.set_defaults(handler=_run_manifest)
 
     p = sub.add_parser("bench", help="benchmarks against a named baseline, measured in the same run",
@@ -71,21 +74,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_manifest(args) -> int:
-    from manifests.inspect import summary, table, verify
-    from manifests.layout import DataRoot
+    from manifests.inspect import damaged, repair, summary, table
+    from manifests.layout import open_data_root
 
-    root = DataRoot(args.data)
-    if not root.root.is_dir():
-        raise SiclipError(f"data root {root.root} does not exist")
+    root = open_data_root(args.data, write=args.repair)
+    if args.repair and not args.verify:
+        raise SiclipError("--repair drops what --verify finds damaged: pass both")
     info = summary(root)
-    print(json.dumps(info) if args.json else table(info))
-    if args.verify:
-        problems = verify(root)
-        for line in problems:
-            print(f"verify: {line}", file=sys.stderr)
-        n = sum(s["files"] for s in info["stages"].values())
-        print(f"verify: {n - len(problems)}/{n} files ok, {len(problems)} missing or corrupt", file=sys.stderr)
+    if not args.verify:
+        print(json.dumps(info) if args.json else table(info))
+        return 0
+    problems = damaged(root)
+    for stage, _, rel, bad in problems:
+        print(f"verify: {stage}: {root.root / rel}: {bad}", file=sys.stderr)
+    n = sum(s["files"] for s in info["stages"].values())
+    print(f"verify: {n - len(problems)}/{n} files ok, {len(problems)} missing or corrupt", file=sys.stderr)
+    if not (args.repair and problems):
+        print(json.dumps(info) if args.json else table(info))
         return 1 if problems else 0
+    dropped = repair(root, problems, log=lambda line: print(line, file=sys.stderr))
+    units = sum(len(u) for u in dropped.values())
+    print(f"repair: {units} unit(s) dropped ({', '.join(f'{s} {len(u)}' for s, u in dropped.items())}); the data "
+          f"root lists only whole files now: rerun the stages in order to redo them", file=sys.stderr)
+    print(json.dumps(summary(root)) if args.json else table(summary(root)))  # what is left
     return 0
 
 
@@ -116,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(args.stage_module).run(args)
     except SiclipError as e:
         print(f"siclip {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk refused a write no stage names itself: still one line, and nothing lost
+        from manifests.io import disk_error
+
+        err = disk_error(e, e.filename or "a file under the data root")
+        if err is None:
+            raise
+        print(f"siclip {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"siclip {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

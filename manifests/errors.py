@@ -3,3 +3,8 @@
 
 class SiclipError(Exception):
     """A user-facing error: the message names what is wrong and where."""
+
+
+class DiskError(SiclipError):
+    """A write that the disk refused (full, over quota, read-only): nothing written before is lost,
+    and the same command, rerun once there is room, goes on."""

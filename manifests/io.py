@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
+
+from manifests.errors import DiskError
+
+# what the disk, not the program, refused: the fix is room (or a writable mount), then the same command
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def disk_error(e: OSError, path) -> DiskError | None:
+    """The DiskError for an OSError the disk raised while writing `path`, else None."""
+    if not isinstance(e, OSError) or e.errno not in DISK_ERRNOS:
+        return None
+    return DiskError(f"cannot write {path}: {os.strerror(e.errno)} (errno {e.errno}); make room and rerun the same "
+                     "command: what was written before is kept")
+
+
+@contextmanager
+def writing(path):
+    """Turn the disk's refusal of a write to `path` into a one-line DiskError naming it."""
+    try:
+        yield
+    except OSError as e:
+        err = disk_error(e, path)
+        if err is None:
+            raise
+        raise err from None
 
 
 def fsync_dir(path: Path) -> None:
@@ -24,12 +51,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        if tmp.exists():  # a partial temp file frees its space at once
             tmp.unlink()
     fsync_dir(path.parent)
 

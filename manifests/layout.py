@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -83,3 +85,64 @@ def leaves_root(rel) -> str | None:
     if ".." in p.parts:
         return "goes up with '..'"
     return None
+
+
+# kernel file systems that hold no files: a data root there could never be written or kept
+VIRTUAL_FS = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
+              "pstore", "bpf", "configfs", "fusectl", "mqueue", "hugetlbfs", "binfmt_misc", "autofs", "efivarfs"}
+
+
+def _file_system(path: Path) -> tuple[str, str]:
+    """(mount point, type) of the file system holding `path` (an existing path), from /proc/self/mounts."""
+    best = ("/", "")
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return best
+    real = str(path.resolve())
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+            best = (mnt, parts[2])
+    return best
+
+
+def open_data_root(path, create: bool = False, write: bool = True) -> DataRoot:
+    """The data root at `path`, checked to be a folder on a real file system that this process can
+    write (when `write`; made when `create`), or a one-line SiclipError naming the path and what is
+    wrong with it."""
+    p = Path(path).absolute()
+    where = f"data root {p}"
+    existing = p
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    mount, fs = _file_system(existing)
+    if fs in VIRTUAL_FS:
+        raise SiclipError(f"{where} is on {mount}, a {fs} file system the kernel makes up: choose a folder on a disk")
+    if existing.exists() and not existing.is_dir():
+        if existing == p:
+            raise SiclipError(f"{where} is a file, not a folder")
+        raise SiclipError(f"{where}: {existing} is a file, so no folder can be made under it")
+    if not p.exists():
+        if not create:
+            raise SiclipError(f"{where} does not exist")
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SiclipError(f"{where} cannot be made: {_why(e, existing)}") from None
+    if write and not os.access(p, os.W_OK | os.X_OK):
+        raise SiclipError(f"{where} cannot be written: {_why(OSError(errno.EACCES, 'Permission denied'), p)}")
+    return DataRoot(p)
+
+
+def _why(e: OSError, path: Path) -> str:
+    """An OSError in words, saying read-only file system when that is what it is."""
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return f"{_file_system(path)[0]} is mounted read-only"
+    except OSError:
+        pass
+    return e.strerror or str(e)

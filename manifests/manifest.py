@@ -116,6 +116,34 @@ class StageManifest:
         return all(check_file(root, rel, rec, rehash) is None for rel, rec in e["files"].items())
 
 
+# A sidecar is made from files of earlier stages. Its entry records their sha256 ("inputs"), so that a
+# rerun redoes it when they changed (a shard downloaded again after a repair, a shard recaptioned) and
+# training refuses it until then.
+SIDECAR_INPUTS = {"captions": ("shards",), "teacher": ("shards", "captions")}
+READ_FILES = (".tar", ".arrow")  # what stage 2 and training read of an entry (not img2dataset's records)
+
+
+class Inputs:
+    """The files a unit of `stages` is made from, as their manifests record them now."""
+
+    def __init__(self, root: DataRoot, stages: tuple[str, ...]):
+        self.manifests = [StageManifest.load(root, s) for s in stages]
+
+    def of(self, unit: str) -> dict[str, str]:
+        """{relative path: sha256} of the unit's files that the next stage reads."""
+        out = {}
+        for m in self.manifests:
+            entry = m.entries.get(unit, {"files": {}})
+            out.update({rel: rec["sha256"] for rel, rec in entry["files"].items() if rel.endswith(READ_FILES)})
+        return out
+
+    def changed(self, unit: str, entry: dict) -> str | None:
+        """The first input `entry` recorded that is gone or different now, else None (entries made
+        before inputs were recorded say nothing, and count as unchanged)."""
+        now = self.of(unit)
+        return next((rel for rel, sha in entry.get("inputs", {}).items() if now.get(rel) != sha), None)
+
+
 def check_file(root: DataRoot, rel: str, rec: dict, rehash: bool = True) -> str | None:
     """None when the file matches its record, else 'missing' or the kind of corruption."""
     p = root.abs(rel)

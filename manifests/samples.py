@@ -7,6 +7,7 @@ sample and a `key` column. Training reads shards and sidecars through this modul
 
 from __future__ import annotations
 
+import functools
 import json
 import tarfile
 from dataclasses import dataclass
@@ -14,10 +15,12 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from manifests.errors import SiclipError
+from manifests.io import sha256_file
 from manifests.layout import DataRoot
 from manifests.manifest import StageManifest
 
 SIDECAR_STAGES = ("captions", "teacher")
+REPAIR = "siclip manifest DATA --verify --repair drops it so that its stage's rerun redoes it"
 SIDECAR_META_KEY = b"siclip"  # schema metadata key holding the sidecar's provenance as JSON
 
 
@@ -56,6 +59,35 @@ def _data_root(root: DataRoot | str | Path) -> DataRoot:
     return root if isinstance(root, DataRoot) else DataRoot(root)
 
 
+@functools.lru_cache(maxsize=8)
+def _manifest_as_of(root: DataRoot, stage: str, signature: tuple) -> StageManifest:
+    return StageManifest.load(root, stage)
+
+
+def stage_manifest(root: DataRoot, stage: str) -> StageManifest:
+    """The stage's manifest, parsed again only when its file changed: a loader worker opens one shard
+    after another, and a large data root's manifest takes a while to read."""
+    try:
+        st = root.manifest_path(stage).stat()
+        signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+    except FileNotFoundError:
+        signature = ()
+    return _manifest_as_of(root, stage, signature)
+
+
+def check_whole(path: Path, record: dict, what: str) -> None:
+    """Refuse a file that is not as its manifest recorded it: size, then sha256 (one read of the file;
+    the reader's own read that follows finds it in the page cache)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise CorruptShardError(f"{what} {path} is missing ({REPAIR})") from None
+    if size != record["bytes"]:
+        raise CorruptShardError(f"{what} {path} is {size} bytes, its manifest says {record['bytes']} ({REPAIR})")
+    if sha256_file(path) != record["sha256"]:
+        raise CorruptShardError(f"{what} {path} changed since its manifest recorded it (sha256 differs; {REPAIR})")
+
+
 def sidecar_path(root: DataRoot, stage: str, shard: str) -> Path:
     if stage not in SIDECAR_STAGES:
         raise SiclipError(f"unknown sidecar stage {stage!r}; valid: {', '.join(SIDECAR_STAGES)}")
@@ -71,16 +103,19 @@ def _split_member(name: str) -> tuple[str, str] | None:
     return name[:dot], name[dot + 1:]
 
 
-def iter_shard(tar_path: Path | str) -> Iterator[dict]:
+def iter_shard(tar_path: Path | str, record: dict | None = None) -> Iterator[dict]:
     """Yield `{"__key__": key, "__url__": tar, ext: bytes, ...}` per sample of a webdataset tar, in tar order.
 
     The tar is read by webdataset's own member iterator (the one reader of the project: stage 2
     and the training loader both come through here). Raises CorruptShardError (naming the tar)
-    when it cannot be read to its end or a key appears twice.
+    when it cannot be read to its end or a key appears twice, and, given its manifest `record`
+    ({"bytes", "sha256"}), before the first sample when the tar is not the one recorded.
     """
     from webdataset.tariterators import tar_file_iterator
 
     tar_path = Path(tar_path)
+    if record is not None:
+        check_whole(tar_path, record, "shard")
     current: dict | None = None
     seen: set[str] = set()
     try:
@@ -107,9 +142,10 @@ def iter_shard(tar_path: Path | str) -> Iterator[dict]:
 
 
 def shard_samples(shards: Iterable[dict]) -> Iterator[dict]:
-    """A webdataset pipeline stage: `{"url": tar path}` items in, their samples out (see iter_shard)."""
+    """A webdataset pipeline stage: `{"url": tar path, "record": manifest record or absent}` items in,
+    their samples out (see iter_shard)."""
     for shard in shards:
-        yield from iter_shard(shard["url"])
+        yield from iter_shard(shard["url"], shard.get("record"))
 
 
 def read_sidecar(path: Path):
@@ -181,6 +217,13 @@ class ShardSidecars:
             path = sidecar_path(root, stage, shard)
             if not path.exists():
                 raise SidecarMismatchError(f"shard {shard}: no {stage} sidecar at {path}")
+            # read whole against its record: a sidecar is small beside its shard, and a changed byte in
+            # an Arrow buffer reads as a different caption or embedding, with no error of its own
+            record = stage_manifest(root, stage).entries.get(shard, {"files": {}})["files"].get(root.rel(path))
+            if record is None:
+                raise SidecarMismatchError(f"shard {shard}: {stage} sidecar {path} is not listed in "
+                                           f"{root.manifest_path(stage)} (run 'siclip {stage}' to finish it)")
+            check_whole(path, record, f"{stage} sidecar")
             table, _ = read_sidecar(path)
             keys = table.column("key").to_pylist()
             index = {k: i for i, k in enumerate(keys)}
@@ -217,13 +260,18 @@ def iter_samples(root: DataRoot | str | Path, shard: str, sidecars: tuple[str, .
     """Yield each sample of `shard` (tar members by extension) with `sample[stage] = {column: value}`
     for every sidecar in `sidecars`, joined by key.
 
-    Raises SidecarMismatchError naming the shard, the sidecar and the first key without a match.
+    The shard and its sidecars must be listed in their manifests and be the files recorded there
+    (CorruptShardError otherwise, before the first sample). Raises SidecarMismatchError naming the
+    shard, the sidecar and the first key without a match.
     """
     root = _data_root(root)
     tar_path = Path(tar_path) if tar_path else root.shards / f"{shard}.tar"
+    entry = stage_manifest(root, "shards").entries.get(shard)
+    if entry is None or root.rel(tar_path) not in entry["files"]:
+        raise CorruptShardError(f"shard {shard}: {tar_path} is not a finished shard of {root.manifest_path('shards')}")
     lookup = ShardSidecars(root, shard, tuple(sidecars))
     used: set[str] = set()
-    for sample in iter_shard(tar_path):
+    for sample in iter_shard(tar_path, entry["files"][root.rel(tar_path)]):
         key = sample["__key__"]
         for stage in sidecars:
             sample[stage] = lookup.values(stage, key)

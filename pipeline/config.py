@@ -41,17 +41,20 @@ class ShardsConfig:
     retry_failed: bool = flag(False, "re-download samples that failed for a retryable reason into new shards", kind="switch")
     allow_private_addresses: bool = flag(False, "also fetch from loopback, private, link-local and other non-public "
                                          "addresses (data served on your own network)", kind="switch")
+    drop_duplicate_urls: bool = flag(False, "download each URL once: keep the first row of each (duplicates are "
+                                     "counted and reported either way)", kind="switch")
     fit_by: str = field(default="samples", metadata={"choices": FIT_BY})
     max_samples: int = 0  # 0: every row of the list
     timeout: float = 10.0  # seconds per download try, wall clock: connect, headers and body
     max_download_size: str = "20MB"  # a body over it fails as too_large
     allow_networks: list[str] = field(default_factory=list)  # private networks fetched anyway, e.g. ["10.20.0.0/16"]
     retries: int = 0
-    min_image_size: int = 0
+    min_image_size: int = 32  # an image whose shorter side is smaller (icons, tracking pixels) fails as image_too_small
     max_aspect_ratio: float = 0.0  # 0: no limit (keep_ratio needs one to bound the bytes of a sample)
     max_image_pixels: int = 89_478_485  # decoder limit against decompression bombs (PIL's default)
     extract_exif: bool = False
     allow_non_http: bool = False
+    min_success_ratio: float = 0.5  # exit 1 when the net success rate falls below this fraction of the pilot's; 0: off
     progress_every_s: float = 2.0
 
     def validate(self) -> None:
@@ -76,6 +79,11 @@ class ShardsConfig:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 raise SiclipError(f"allow_networks: {net!r} is not a network such as 10.20.0.0/16 or fd00::/8") from None
+        if self.min_image_size < 0:
+            raise SiclipError(f"min_image_size must be 0 (no minimum) or more pixels, got {self.min_image_size}")
+        if not 0 <= self.min_success_ratio <= 1:
+            raise SiclipError(f"min_success_ratio must be within 0..1 (a fraction of the pilot's success rate; 0 turns "
+                              f"the check off), got {self.min_success_ratio}")
         if self.retries < 0:
             raise SiclipError(f"retries must be 0 or more, got {self.retries}")
         if not 1 <= self.quality <= 100:

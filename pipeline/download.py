@@ -16,16 +16,17 @@ import shutil
 import signal
 import sys
 import tarfile
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
 
-from manifests.errors import SiclipError
-from manifests.io import fsync_dir
+from manifests.errors import DiskError, SiclipError
+from manifests.io import fsync_dir, writing
 from manifests.layout import DataRoot, shard_name
 from manifests.manifest import StageManifest
-from manifests.storage import format_size, parse_size
+from manifests.storage import disk_free_bytes, format_size, parse_size
 from pipeline.plan import load_stats, stats_reasons
 
 SHARD_FILE = re.compile(r"^(\d{5,})(\.tar|\.parquet|_stats\.json)$")
@@ -94,7 +95,8 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker_main(cfg, staging: str, parent_pid: int, conn) -> None:
-    """Download each (shard id, input file) received on `conn` and answer (shard id, ok); None ends."""
+    """Download each (shard id, input file) received on `conn` and answer (shard id, ok, error or
+    None); None ends."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the runner stops us
     # img2dataset's per-shard ThreadPool takes a multiprocessing lock. Under the "spawn" default this
@@ -105,8 +107,8 @@ def _worker_main(cfg, staging: str, parent_pid: int, conn) -> None:
     downloader = make_downloader(cfg, Path(staging))
     try:
         while (job := conn.recv()) is not None:
-            ok, _ = downloader(job)  # img2dataset prints a failed shard's error itself
-            conn.send((job[0], ok))
+            ok, _ = downloader(job)
+            conn.send((job[0], ok, downloader.last_error))
     except EOFError:  # the runner closed the pipe without a word: nothing left to do
         pass
 
@@ -138,9 +140,9 @@ class _Worker:
         self.job = (shard_id, bound)
         return True
 
-    def result(self) -> tuple[int, bool] | None:
-        """(shard id, ok) once it has answered; None while it works; EOFError (or a reset pipe's
-        OSError) when it died."""
+    def result(self) -> tuple[int, bool, str | None] | None:
+        """(shard id, ok, error) once it has answered; None while it works; EOFError (or a reset
+        pipe's OSError) when it died."""
         if self.conn.poll():
             answer = self.conn.recv()
             self.job = None
@@ -261,7 +263,7 @@ def reconcile(root: DataRoot, manifest: StageManifest, encode_format: str, log=p
 
 
 class ShardRunner:
-    """Runs shards of input rows through img2dataset under a hard byte budget."""
+    """Runs shards of input rows through img2dataset under a hard byte budget, and within the free disk."""
 
     def __init__(self, root: DataRoot, cfg, manifest: StageManifest, budget_bytes: int, progress=None):
         self.root, self.cfg, self.manifest, self.budget_bytes = root, cfg, manifest, budget_bytes
@@ -270,6 +272,8 @@ class ShardRunner:
         self.progress = progress
         self.failed: list[int] = []
         self.stopped_by_budget: tuple[int, int] | None = None  # (shard id, its worst case) that did not fit
+        self.stopped_by_disk: str | None = None  # why no shard can start on this disk any more
+        self.waves = 0  # handed to pyspark or ray
 
     def used_bytes(self) -> int:
         from manifests.storage import StorageBudget
@@ -279,27 +283,34 @@ class ShardRunner:
     def _write_input(self, shard_id: int, table: pa.Table) -> str:
         self.inputs.mkdir(parents=True, exist_ok=True)
         path = self.inputs / f"{shard_name(shard_id)}.arrow"
-        with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        with writing(path), pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
             w.write_table(table)
         return str(path)
 
-    def _fail(self, shard_id: int, reason: str) -> None:
+    def _fail(self, shard_id: int, reason: str, bound: int = 0) -> None:
         print(f"shards: shard {shard_name(shard_id)} failed: {reason}", file=sys.stderr, flush=True)
         for p in shard_files(self.staging, shard_id):
             p.unlink(missing_ok=True)
         self.failed.append(shard_id)
+        free = disk_free_bytes(self.staging)
+        if bound and free < bound and not self.stopped_by_disk:  # the disk filled up under it, most likely
+            self.stopped_by_disk = (f"the disk holding {self.root.root} has {format_size(free)} free, less than a "
+                                    f"shard's worst case ({format_size(bound)})")
 
-    def _commit(self, shard_id: int, extra: dict) -> None:
+    def _commit(self, shard_id: int, extra: dict, bound: int = 0) -> None:
         try:
             commit_staged(self.root, self.staging, self.manifest, shard_id, self.cfg.encode_format, **extra)
+        except DiskError as e:  # moved into shards/ but not recorded: the rerun adopts it (or redoes it)
+            self.stopped_by_disk = self.stopped_by_disk or str(e)
+            print(f"shards: shard {shard_name(shard_id)} not recorded: {e}", file=sys.stderr, flush=True)
         except SiclipError as e:
-            self._fail(shard_id, str(e))
+            self._fail(shard_id, str(e), bound)
 
-    def _done(self, shard_id: int, ok: bool, extra: dict) -> None:
+    def _done(self, shard_id: int, ok: bool, extra: dict, error: str | None = None, bound: int = 0) -> None:
         if ok:
-            self._commit(shard_id, extra)
+            self._commit(shard_id, extra, bound)
         else:
-            self._fail(shard_id, "img2dataset could not download it (its error is above)")
+            self._fail(shard_id, f"img2dataset could not download it ({error or 'its error is above'})", bound)
 
     def run_in_process(self, shard_id: int, table: pa.Table, bound: int, extra: dict | None = None) -> bool:
         """Download one shard in this process (the pilot); False when its worst case does not fit."""
@@ -307,15 +318,17 @@ class ShardRunner:
             self.stopped_by_budget = (shard_id, bound)
             return False
         self.staging.mkdir(parents=True, exist_ok=True)
-        ok, _ = make_downloader(self.cfg, self.staging)((shard_id, self._write_input(shard_id, table)))
-        self._done(shard_id, ok, extra or {})
+        downloader = make_downloader(self.cfg, self.staging)
+        ok, _ = downloader((shard_id, self._write_input(shard_id, table)))
+        self._done(shard_id, ok, extra or {}, downloader.last_error, bound)
         return True
 
     def run(self, jobs: list[tuple[int, pa.Table, int]], extra: dict | None = None) -> None:
         """Download `jobs` (shard id, rows, worst-case bytes) in parallel; a shard starts only when the
-        bytes in use plus the worst case of every shard in flight, its own included, fit the budget.
-        A worker that dies fails its shard by name and is replaced, until as many have died as run at
-        once (at least 2): then the shards not started yet fail too, rather than die the same way."""
+        bytes in use plus the worst case of every shard in flight, its own included, fit the budget,
+        and the worst case still to be written fits the free disk. A worker that dies fails its shard
+        by name and is replaced, until as many have died as run at once (at least 2): then the shards
+        not started yet fail too, rather than die the same way."""
         if not jobs:
             return
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -343,6 +356,7 @@ class ShardRunner:
                     break
                 wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=0.5)
                 for w in busy:
+                    bound = w.job[1]
                     try:
                         answer = w.result()
                     except (EOFError, OSError):
@@ -353,7 +367,8 @@ class ShardRunner:
                                              f"({exit_reason(w.process.exitcode)})")
                         continue
                     if answer:
-                        self._done(*answer, extra or {})
+                        sid, ok, error = answer
+                        self._done(sid, ok, extra or {}, error, bound)
                         used = self.used_bytes()
                 if self.progress:
                     self.progress(self._staged_bytes())
@@ -364,19 +379,29 @@ class ShardRunner:
             print(f"shards: {lost} download processes died; not starting the other {len(queue)} shard(s) "
                   "(is the machine out of memory?)", file=sys.stderr, flush=True)
             self.failed += [sid for sid, _, _ in queue]
-        elif queue:
+        elif queue and not self.stopped_by_disk:
             self.stopped_by_budget = (queue[0][0], queue[0][2])
 
     def _admit(self, queue: list, workers: list[_Worker], used: int) -> int:
         """Hand queued shards to idle workers while `used` plus the worst case of every shard in
-        flight fits the budget; return how many workers were found dead (dropped; the shard stays queued)."""
+        flight fits the budget, and what they may still write fits the free disk; return how many
+        workers were found dead (dropped; the shard stays queued)."""
         in_flight = sum(w.job[1] for w in workers if w.job)
         dead = 0
         for w in [w for w in workers if not w.job]:
-            if not queue or used + in_flight + queue[0][2] > self.budget_bytes:
+            if not queue or self.stopped_by_disk or used + in_flight + queue[0][2] > self.budget_bytes:
                 break
             sid, table, bound = queue[0]
-            if not w.start(sid, bound, self._write_input(sid, table)):
+            if not self._disk_has_room(bound, in_flight):
+                if in_flight == 0:  # nothing running will free a reservation: it will never fit
+                    self.stopped_by_disk = self._disk_stop_message(sid, bound)
+                break
+            try:
+                path = self._write_input(sid, table)
+            except DiskError as e:
+                self.stopped_by_disk = str(e)
+                break
+            if not w.start(sid, bound, path):
                 workers.remove(w)
                 w.process.join()
                 dead += 1
@@ -385,35 +410,103 @@ class ShardRunner:
             in_flight += bound
         return dead
 
+    def _disk_has_room(self, bound: int, in_flight: int) -> bool:
+        """The free disk holds this shard's worst case and what the shards in flight may still write
+        (their worst case less what they have written)."""
+        return bound + max(0, in_flight - self._staged_bytes()) <= disk_free_bytes(self.staging)
+
+    def _disk_stop_message(self, shard_id: int, bound: int) -> str:
+        return (f"shard {shard_name(shard_id)} could take up to {format_size(bound)} but the disk holding "
+                f"{self.root.root} has {format_size(disk_free_bytes(self.staging))} free")
+
     def _run_waves(self, jobs, extra) -> None:
-        """pyspark/ray: img2dataset's own distributor, fed waves of shards that fit the budget together."""
+        """pyspark/ray: img2dataset's own distributor, fed waves of shards that fit the budget (and the
+        free disk) together."""
         from img2dataset import distributor as dist
 
         fn = {"pyspark": "pyspark_distributor", "ray": "ray_distributor"}[self.cfg.distributor]
         downloader = make_downloader(self.cfg, self.staging)
         queue = list(jobs)
-        while queue:
+        with distributor_session(self.cfg.distributor, self.cfg.process_count):
+            self._waves(queue, downloader, getattr(dist, fn), extra)
+
+    def _waves(self, queue: list, downloader, distribute, extra: dict) -> None:
+        while queue and not self.stopped_by_disk:
             room = self.budget_bytes - self.used_bytes()
+            disk = disk_free_bytes(self.staging)
             wave = []
-            while queue and room >= queue[0][2]:
+            while queue and room >= queue[0][2] and disk >= queue[0][2]:
                 sid, table, bound = queue.pop(0)
-                room -= bound
-                wave.append((sid, self._write_input(sid, table)))
+                room, disk = room - bound, disk - bound
+                try:
+                    wave.append((sid, self._write_input(sid, table), bound))
+                except DiskError as e:
+                    self.stopped_by_disk = str(e)
+                    queue.insert(0, (sid, table, bound))
+                    break
             if not wave:
-                self.stopped_by_budget = (queue[0][0], queue[0][2])
+                if not self.stopped_by_disk and disk < queue[0][2] <= room:
+                    self.stopped_by_disk = self._disk_stop_message(queue[0][0], queue[0][2])
+                elif not self.stopped_by_disk:
+                    self.stopped_by_budget = (queue[0][0], queue[0][2])
                 return
-            getattr(dist, fn)(self.cfg.process_count, downloader, iter(wave), 1000, 1)
-            for sid, _ in wave:
+            self.waves += 1
+            print(f"shards: wave {self.waves}: {len(wave)} shard(s) ({shard_name(wave[0][0])}..{shard_name(wave[-1][0])}) "
+                  f"to {self.cfg.distributor}", file=sys.stderr, flush=True)
+            distribute(self.cfg.process_count, downloader, iter([w[:2] for w in wave]), 1000, 1)
+            for sid, _, bound in wave:
                 if shard_files(self.staging, sid)[2].exists():
-                    self._commit(sid, extra)
+                    self._commit(sid, extra, bound)
                 else:
-                    self.failed.append(sid)
+                    self._fail(sid, f"img2dataset's {self.cfg.distributor} distributor did not finish it", bound)
 
     def _staged_bytes(self) -> int:
         try:
             return sum(p.stat().st_size for p in self.staging.iterdir())
         except OSError:
             return 0
+
+
+@contextmanager
+def distributor_session(name: str, processes: int):
+    """One Spark session or Ray runtime for the whole run (img2dataset's distributors start and stop
+    one per call, that is per wave): started here, local with `processes` CPUs and no web UI, unless
+    one is running already or the environment names a cluster (PYSPARK_SUBMIT_ARGS with --master;
+    RAY_ADDRESS), and stopped at the end."""
+    if name == "pyspark":
+        from pyspark.sql import SparkSession
+
+        if SparkSession.getActiveSession() is not None:
+            yield
+            return
+        # Spark starts its Python workers with PYSPARK_PYTHON, `python3` on the PATH by default: this one
+        # has the packages the downloader needs
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        builder = SparkSession.builder.appName("siclip-shards").config("spark.ui.enabled", "false") \
+            .config("spark.ui.showConsoleProgress", "false")  # our progress line is the one to read
+        if "--master" not in os.environ.get("PYSPARK_SUBMIT_ARGS", ""):
+            os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # local mode listens on loopback only
+            builder = builder.master(f"local[{processes}]")
+        spark = builder.getOrCreate()
+        spark.sparkContext.setLogLevel("ERROR")
+        try:
+            yield
+        finally:
+            spark.stop()
+    else:
+        import ray
+
+        if ray.is_initialized():
+            yield
+            return
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:  # img2dataset's distributor would start Ray with every core and its dashboard
+            ray.init(num_cpus=processes, include_dashboard=False, configure_logging=False, _node_ip_address="127.0.0.1")
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def params_of(cfg) -> dict:

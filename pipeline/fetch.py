@@ -18,6 +18,7 @@ resizer, writer and stats run unchanged.
 from __future__ import annotations
 
 import functools
+import gc
 import heapq
 import http.client
 import io
@@ -25,6 +26,7 @@ import ipaddress
 import itertools
 import os
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 import img2dataset.downloader as i2d
 
 from pipeline.config import ALLOW_PRIVATE_FLAG
+from pipeline.urls import browser_url
 
 # img2dataset's browser-like User-Agent: some hosts refuse Python's own
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
@@ -293,13 +296,17 @@ def fetch(url: str, deadline_s: float, policy: FetchPolicy, user_agent_token: st
           disallowed_header_directives=None) -> tuple[io.BytesIO | None, str | None]:
     """One try: (the body, None), or (None, why it failed) once `deadline_s` has passed, the body
     is over the cap, an address is refused, or the server or the network fails."""
+    try:
+        target = browser_url(url)  # spaces and non-ASCII characters percent-encoded, as a browser does
+    except ValueError as e:  # refused up front by pipeline.urls; a list read otherwise still gets a reason
+        return None, f"malformed url: {e}"
     t = _Try(deadline_s)
     _ProcessState.here().watchdog.add(t)
     _local.try_, _local.policy = t, policy
     agent = USER_AGENT + (f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
                           if user_agent_token else "")
     try:
-        request = urllib.request.Request(url, headers={"User-Agent": agent})
+        request = urllib.request.Request(target, headers={"User-Agent": agent})
         with _OPENER.open(request, timeout=t.remaining()) as r:
             if disallowed_header_directives and i2d.is_disallowed(r.headers, user_agent_token,
                                                                   disallowed_header_directives):
@@ -316,7 +323,7 @@ def fetch(url: str, deadline_s: float, policy: FetchPolicy, user_agent_token: st
         _local.try_ = _local.policy = None
 
 
-_NOT_RETRIED = ("too large", "private address")  # the same answer every time
+_NOT_RETRIED = ("too large", "private address", "malformed url")  # the same answer every time
 
 
 def fetch_row(row, timeout, retries, user_agent_token, disallowed_header_directives, policy: FetchPolicy):
@@ -332,25 +339,70 @@ def fetch_row(row, timeout, retries, user_agent_token, disallowed_header_directi
 _swap = threading.Lock()
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as 'Type: first line of its message'."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}".rstrip(": ")
+
+
+class _OneLineTracebacks:
+    """Stands for the `traceback` module in img2dataset's downloader during one shard: a sample it
+    cannot write (the disk filled up, say) is reported in one line, each message once, not in a
+    traceback per sample."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+
+    def print_exc(self, *_args, **_kwargs) -> None:
+        msg = one_line(sys.exc_info()[1])
+        if msg not in self.seen:
+            self.seen.add(msg)
+            print(f"shards: img2dataset: {msg} (said once per shard)", file=sys.stderr, flush=True)
+
+
+def _unraisable_in_one_line(info) -> None:
+    """A file img2dataset left open that fails to flush when collected: one line, not a traceback."""
+    print(f"shards: img2dataset: {one_line(info.exc_value)} (while closing a file it left open)", file=sys.stderr,
+          flush=True)
+
+
 @contextmanager
 def fetching_with(policy: FetchPolicy):
     """img2dataset fetches through `fetch_row` under `policy` inside the block. Its Downloader looks
     the fetch up by name in its module on every row; one shard per process swaps it at a time."""
     with _swap:
-        theirs = i2d.download_image_with_retry
+        theirs = i2d.download_image_with_retry, i2d.traceback
         i2d.download_image_with_retry = functools.partial(fetch_row, policy=policy)
+        i2d.traceback = _OneLineTracebacks()
         try:
             yield
         finally:
-            i2d.download_image_with_retry = theirs
+            i2d.download_image_with_retry, i2d.traceback = theirs
 
 
 class GuardedDownloader(i2d.Downloader):
-    """img2dataset's Downloader, fetching each row with `fetch` under `policy`."""
+    """img2dataset's Downloader, fetching each row with `fetch` under `policy`; a shard that fails
+    leaves its reason in one line (`last_error`) instead of a traceback."""
 
     def __init__(self, policy: FetchPolicy, **kwargs):
         super().__init__(**kwargs)
         self.policy = policy
+        self.last_error: str | None = None
+
+    def __call__(self, row):
+        self.last_error = None
+        theirs, sys.unraisablehook = sys.unraisablehook, _unraisable_in_one_line
+        try:
+            try:
+                self.download_shard(row)
+                return True, row
+            except Exception as e:  # noqa: BLE001 - the shard fails, by name, and the job goes on
+                self.last_error = one_line(e)
+                return False, row
+        finally:
+            if self.last_error:  # its half-written files are collected here, under the one-line hook
+                gc.collect()
+            sys.unraisablehook = theirs
 
     def download_shard(self, row):
         with fetching_with(self.policy):

@@ -77,12 +77,14 @@ class ImageServer:
     /trickle-headers (the same, inside the headers), /endless (a body without a length that never
     ends), /huge/<bytes> (as long as its honest Content-Length says), /lying/<bytes> (chunked, whatever
     its Content-Length says). `hits` lists the paths asked for; `sent` the body bytes each hostile
-    route wrote before the client hung up."""
+    route wrote before the client hung up; `before[path]`, a function run once, when `path` is first
+    asked for (a test that fills the disk at that moment)."""
 
     def __init__(self, files: dict[str, bytes], port: int = 0, host: str = "127.0.0.1"):
         self.files = files
         self.hits: list[str] = []
         self.sent: dict[str, int] = {}
+        self.before: dict = {}
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -133,6 +135,9 @@ class ImageServer:
             def do_GET(self):
                 path = self.path.lstrip("/")
                 server.hits.append(path)
+                hook = server.before.pop(path, None)
+                if hook is not None:
+                    hook()
                 if path in server.files:  # a served file overrides a fault route (a server that recovered)
                     return self._send(200, server.files[path], {"Content-Type": "application/octet-stream"})
                 parts = path.split("/")

@@ -17,6 +17,8 @@ def classify(message: str | None) -> str:
         return "private_address"
     if m.startswith("too large"):
         return "too_large"
+    if m.startswith("malformed url"):
+        return "malformed_url"
     http = re.search(r"http error (\d{3})", m)
     if http:
         code = int(http.group(1))

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pyarrow as pa
 
 from manifests.config import print_config, to_toml
 from manifests.errors import SiclipError
 from manifests.io import atomic_write_bytes
-from manifests.layout import DataRoot, shard_name
+from manifests.layout import DataRoot, open_data_root, shard_name
 from manifests.manifest import SHARD_UNIT, StageManifest, stage_lock
 from manifests.progress import Progress
 from manifests.storage import StorageBudget, disk_free_bytes, format_size, parse_reserve, parse_size, write_storage
@@ -39,18 +42,52 @@ def table_sha256(table: pa.Table) -> str:
 
 def run_shards(cfg) -> int:
     """Run stage 1 with a resolved ShardsConfig; returns the exit status."""
-    root = DataRoot(cfg.data)
-    root.root.mkdir(parents=True, exist_ok=True)
+    new = _new_paths(Path(cfg.data).absolute())
+    root = open_data_root(cfg.data, create=True)
     print_config(cfg, "siclip shards")
     with stage_lock(root, "shards"):
-        return _run_locked(root, cfg)
+        try:
+            return _run_locked(root, cfg)
+        except BaseException:
+            if new and not _finished_any(root):
+                _remove(new)
+            raise
+
+
+def _finished_any(root: DataRoot) -> bool:
+    try:
+        return bool(StageManifest.load(root, "shards").entries)
+    except SiclipError:  # an unreadable manifest: leave everything as it is
+        return True
+
+
+def _new_paths(data: Path) -> list[Path]:
+    """What a first run makes, of what is not there yet: a run that fails before it finishes its first
+    shard (a list without URLs, a pilot over the budget, ...) removes them again, and leaves the
+    data root as it found it."""
+    made = [data, data / "manifests", data / "manifests" / ".shards.lock", data / "manifests" / "storage.json",
+            data / "shards", data / "shards" / "_config.toml", data / "work", data / "work" / "shards"]
+    return [p for p in made if not os.path.lexists(p)]
+
+
+def _remove(paths: list[Path]) -> None:
+    """Remove what `_new_paths` listed, with whatever a failed pilot left in its folders: this run made all of it."""
+    for p in reversed(paths):  # the deepest first
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif os.path.lexists(p):
+            p.unlink()
 
 
 def _run_locked(root: DataRoot, cfg) -> int:
     t0 = time.monotonic()
-    urls = read_url_list(cfg.urls, cfg.url_col, cfg.caption_col, cfg.allow_non_http, cfg.max_samples)
+    urls = read_url_list(cfg.urls, cfg.url_col, cfg.caption_col, cfg.allow_non_http, cfg.max_samples,
+                         cfg.drop_duplicate_urls)
     refused = ", ".join(f"{k} {v}" for k, v in sorted(urls.refused.items())) or "none"
     log(f"shards: {cfg.urls}: {urls.source_rows:,} rows, {urls.table.num_rows:,} to download; refused: {refused}")
+    if urls.duplicates and not cfg.drop_duplicate_urls:
+        log(f"shards: warning: {urls.duplicates:,} row(s) repeat the URL of an earlier row and will be downloaded "
+            f"again, as identical samples; --drop-duplicate-urls keeps the first row of each URL")
     if urls.table.num_rows == 0:
         raise SiclipError(f"{cfg.urls}: no downloadable http(s) URL in column {cfg.url_col!r}")
 
@@ -253,28 +290,65 @@ def _run_with_progress(root, cfg, manifest, runner: ShardRunner, jobs, plan_info
     prog.close()
 
 
+def net_outcome(manifest: StageManifest) -> tuple[int, int, dict[str, int], int]:
+    """(rows of the list, samples, failures by reason, rows still waiting in a retry shard), each row
+    counted once: a row that --retry-failed downloaded again counts by its last try."""
+    retry = manifest.info.get("retry", {})
+    retry_shards, harvested = retry.get("shards", {}), set(retry.get("harvested", []))
+    rows = samples = 0
+    failures: dict[str, int] = {}
+    for unit, e in manifest.entries.items():
+        rows += 0 if unit in retry_shards else e["rows"]
+        samples += e["samples"]
+        for r, n in e.get("failures", {}).items():
+            if not (unit in harvested and r in RETRYABLE):  # those rows were tried again in a retry shard
+                failures[r] = failures.get(r, 0) + n
+    waiting = sum(n for name, n in retry_shards.items() if name not in manifest.entries)
+    return rows, samples, failures, waiting
+
+
 def _finish(root, cfg, manifest: StageManifest, runner: ShardRunner, t0: float) -> int:
     storage = StorageBudget.load(root)
-    failures: dict[str, int] = {}
-    for e in manifest.entries.values():
-        for r, n in e.get("failures", {}).items():
-            failures[r] = failures.get(r, 0) + n
-    rows = sum(e["rows"] for e in manifest.entries.values())
-    ok = manifest.total_samples
+    rows, ok, failures, waiting = net_outcome(manifest)
+    retried = sum(n for name, n in manifest.info.get("retry", {}).get("shards", {}).items() if name in manifest.entries)
     fail_txt = ", ".join(f"{r} {n}" for r, n in sorted(failures.items(), key=lambda x: -x[1])) or "none"
     secs = time.monotonic() - t0
     if failures.get("private_address"):
         log(f"shards: {failures['private_address']:,} row(s) point at loopback, private, link-local or other non-public "
             f"addresses and were not fetched; pass {ALLOW_PRIVATE_FLAG} if the images are served on your own network")
-    log(f"shards: done: {len(manifest.entries)} shards, {ok:,}/{rows:,} images ({100 * ok / max(1, rows):.1f}%), "
-        f"{format_size(manifest.total_bytes)} in {secs:.1f} s; failures: {fail_txt}; "
+    log(f"shards: done: {len(manifest.entries)} shards, {ok:,}/{rows:,} images ({100 * ok / max(1, rows):.1f}%)"
+        f"{f', net of {retried:,} row(s) downloaded again by --retry-failed' if retried else ''}, "
+        f"{format_size(manifest.total_bytes)} in {secs:.1f} s; failures: {fail_txt}"
+        f"{f' ({waiting:,} waiting for a retry shard)' if waiting else ''}; "
         f"budget {format_size(storage.used_bytes)} of {format_size(storage.budget_bytes)} used")
     status = 0
+    low = _below_pilot(manifest, cfg.min_success_ratio, rows, ok)
+    if low:
+        log(f"shards: {low}")
+        status = 1
     if runner.stopped_by_budget:
         log(f"shards: {budget_stop_message(runner.stopped_by_budget, storage.remaining_bytes)}")
+        status = 3
+    if runner.stopped_by_disk:
+        log(f"shards: stopped at the free disk: {runner.stopped_by_disk}; make room and rerun the same command "
+            f"(the {len(manifest.entries)} finished shard(s) are kept)")
         status = 3
     if runner.failed:
         log(f"shards: {len(runner.failed)} shard(s) failed ({', '.join(shard_name(s) for s in runner.failed)}); "
             f"rerun the same command to retry them")
         status = 1
     return status
+
+
+def _below_pilot(manifest: StageManifest, ratio: float, rows: int, ok: int) -> str | None:
+    """Why the run counts as failed though every shard finished: its net success rate fell below
+    `ratio` times the pilot's (a server or the network that failed mid-run), or None."""
+    pilot = manifest.entries.get(shard_name(0))
+    if not ratio or pilot is None or rows <= pilot["rows"] or not pilot["samples"]:
+        return None
+    pilot_rate, rate = pilot["samples"] / pilot["rows"], ok / rows
+    if rate >= ratio * pilot_rate:
+        return None
+    return (f"the run succeeded for {100 * rate:.1f}% of its rows, below {ratio:g} × the pilot's {100 * pilot_rate:.1f}% "
+            f"(min_success_ratio): did a server or the network fail mid-run? The failures by reason are above; "
+            f"--retry-failed downloads the timeouts, 5xx and connection errors again")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import subprocess
 
 import pytest
 from siclip_testing import SMALL, fault_rows, siclip, write_list
@@ -106,3 +107,25 @@ def shards_root(shards_data, tmp_path):
     dst = tmp_path / "data"
     shutil.copytree(shards_data, dst)
     return DataRoot(dst)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """`tmpfs(size, *options)`: a fresh tmpfs of `size` (e.g. "2m", options such as "ro") mounted for
+    one test, for a disk that really fills up or refuses writes. Mounting needs root: elsewhere the
+    test is skipped, saying so, never run against a pretend disk."""
+    mounted = []
+
+    def mount(size: str, *options: str):
+        mnt = tmp_path / f"tmpfs{len(mounted)}"
+        mnt.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(mnt)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"needs root to mount a {size} tmpfs (mount said: {res.stderr.strip() or res.returncode})")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

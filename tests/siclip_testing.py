@@ -49,7 +49,7 @@ def fault_rows(base: str, refused: str) -> list[tuple]:
         (f"{base}/bad/text.jpg", "text named jpg", "decode_error"),
         (f"{base}/bad/truncated.jpg", "truncated jpeg", "decode_error"),
         (f"{base}/empty", "empty body", "empty_body"),
-        (f"{base}/bad/one.png", "one pixel", "success"),
+        (f"{base}/bad/one.png", "one pixel", "image_too_small"),  # under min_image_size (32 px) by default
         (f"{base}/bad/bomb.png", "decompression bomb", "decompression_bomb"),
         (f"{base}/slow/{SLOW_S}/img/000000.jpg", "too slow", "timeout"),  # with FAULT_TIMEOUT
         (f"{base}/redirect-loop", "redirect loop", "redirect_loop"),
@@ -79,3 +79,19 @@ def save_open_clip(name: str, folder: Path, seed: int = 0, preprocess: dict | No
               "preprocess_cfg": preprocess or {"mean": list(model.visual.image_mean), "std": list(model.visual.image_std)}}
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=1))
     return folder
+
+
+def fill_disk(folder: Path, leave: int = 0) -> Path:
+    """Write a file into `folder` until its file system has less than `leave` bytes (and 512) free;
+    returns it (delete it to make room)."""
+    import shutil
+
+    path = Path(folder) / "filler"
+    with open(path, "wb", buffering=0) as f:
+        for block in (64 * 1024, 4096, 512):
+            while shutil.disk_usage(folder).free >= leave + block:
+                try:
+                    f.write(bytes(block))
+                except OSError:  # full already
+                    break
+    return path

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def add_arguments(parser) -> None:
     parser.description = ("Train a SiCLIP model on a data root's shards (with their caption and teacher sidecars), "
@@ -24,13 +22,13 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from manifests.errors import SiclipError
+    from manifests.layout import open_data_root
     from training.config import find_config, load_train_config
     from training.loop import train
 
     if args.max_steps is not None and args.max_steps < 1:
         raise SiclipError(f"--max-steps must be at least 1, got {args.max_steps}")
-    if not Path(args.data).is_dir():
-        raise SiclipError(f"data root {args.data} does not exist or is not a folder")
+    open_data_root(args.data)  # a folder it can write its run into, or one line saying why not
     cfg = load_train_config(args.config, args.sets)
     return train(cfg, args.data, args.out, max_steps=args.max_steps, resume=args.resume,
                  config_name=find_config(args.config).stem)

@@ -30,7 +30,7 @@ import torch
 
 from manifests.errors import SiclipError
 from manifests.layout import DataRoot
-from manifests.manifest import StageManifest
+from manifests.manifest import SIDECAR_INPUTS, Inputs, StageManifest
 from manifests.samples import ShardSidecars, embeddings, finished_shards, recorded_view, shard_samples
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -42,11 +42,17 @@ class Shard:
     tar: str
     samples: int
     tar_bytes: int
+    tar_sha256: str = ""  # the shards manifest's record: each reader checks the tar against it first
+
+    def source(self) -> dict:
+        """The item `manifests.samples.shard_samples` reads."""
+        return {"url": self.tar, "record": {"bytes": self.tar_bytes, "sha256": self.tar_sha256}}
 
 
 def all_shards(root: DataRoot) -> list[Shard]:
     """Every finished shard the shards manifest lists, by name."""
-    shards = [Shard(s.name, str(s.tar), s.samples, int(s.tar_record["bytes"])) for s in finished_shards(root)]
+    shards = [Shard(s.name, str(s.tar), s.samples, int(s.tar_record["bytes"]), s.tar_record["sha256"])
+              for s in finished_shards(root)]
     if not shards:
         raise SiclipError(f"{root.root}: no finished shards in {root.manifest_path('shards')} (run 'siclip shards' first)")
     return shards
@@ -90,6 +96,12 @@ def check_sidecars(root: DataRoot, stage: str, shards: list[Shard], why: str) ->
     if lacking:
         raise SiclipError(f"{why} needs {stage} sidecars, but {len(lacking)} of {len(shards)} shards have none "
                           f"(first: {lacking[0]}); run 'siclip {stage} --data {root.root}' first")
+    inputs = Inputs(root, SIDECAR_INPUTS[stage])
+    for s in shards:
+        changed = inputs.changed(s.name, manifest.entries[s.name])
+        if changed:
+            raise SiclipError(f"the {stage} sidecar of shard {s.name} was made from another {changed} than the one "
+                              f"there now (redone since); run 'siclip {stage} --data {root.root}' to redo it")
 
 
 # ----------------------------------------------------------------------------- the plan of one epoch
@@ -410,7 +422,7 @@ class WorkerStream(torch.utils.data.IterableDataset):
 
         plan, s = self.plan, self.settings
         maker = SampleMaker(s, plan.epoch)
-        stages = [wds.SimpleShardList([sh.tar for sh in plan.workers[worker]]), shard_samples]
+        stages = [lambda: iter([sh.source() for sh in plan.workers[worker]]), shard_samples]
         if plan.stripe:
             stages.append(wds.filters.pipelinefilter(keep_every)(plan.world, plan.rank))
         stages += [
@@ -470,7 +482,7 @@ def eval_batches(root: DataRoot, shards: list[Shard], settings: SampleSettings, 
 
     tokenizer = shared_tokenizer()
     maker = SampleMaker(settings, 0)
-    pipe = wds.DataPipeline(wds.SimpleShardList([s.tar for s in shards]), shard_samples, wds.map(maker),
+    pipe = wds.DataPipeline(lambda: iter([s.source() for s in shards]), shard_samples, wds.map(maker),
                             wds.batched(batch_size, collation_fn=lambda xs: collate(xs, settings, tokenizer),
                                         partial=True))
     yield from pipe

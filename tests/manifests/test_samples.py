@@ -35,12 +35,16 @@ def _shard(root: DataRoot, name: str = "00000", keys=KEYS):
 
 
 def _sidecar(root: DataRoot, stage: str, keys, name: str = "00000", **columns):
+    """A sidecar, listed in its stage's manifest as a finished one is."""
     folder = getattr(root, stage)
     folder.mkdir(parents=True, exist_ok=True)
     table = pa.table({"key": keys, **columns})
     path = folder / f"{name}.arrow"
     with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as w:
         w.write_table(table)
+    m = StageManifest.load(root, stage)
+    m.add(root, name, [path], len(keys))
+    m.save(root)
     return path
 
 
@@ -117,6 +121,27 @@ def test_extra_key_in_sidecar_is_an_error_too(tmp_path):
     _sidecar(root, "captions", KEYS + ["000000009"], captions=[["a"]] * 4, status=["ok"] * 4)
     with pytest.raises(SidecarMismatchError, match="000000009"):
         list(iter_samples(root, "00000", ("captions",)))
+
+
+def test_a_key_twice_in_a_sidecar_is_an_error(tmp_path):
+    root = DataRoot(tmp_path)
+    _shard(root)
+    path = _sidecar(root, "captions", KEYS + [KEYS[1]], captions=[["a"]] * 4, status=["ok"] * 4)
+    with pytest.raises(SidecarMismatchError, match=f"shard 00000: captions sidecar {path} has key {KEYS[1]} twice"):
+        next(iter_samples(root, "00000", ("captions",)))
+
+
+def test_verify_names_a_listed_sidecar_that_is_missing(tmp_path):
+    from manifests.inspect import verify
+
+    root = DataRoot(tmp_path)
+    _shard(root)
+    path = _sidecar(root, "teacher", KEYS)
+    assert verify(root) == []
+    path.unlink()
+    assert verify(root) == [f"teacher: {path}: missing"]
+    with pytest.raises(SidecarMismatchError, match=f"shard 00000: no teacher sidecar at {path}"):
+        next(iter_samples(root, "00000", ("teacher",)))
 
 
 def test_missing_sidecar_and_unreadable_files_are_clear_errors(tmp_path):

@@ -82,8 +82,16 @@ def worker_pids(job_pid: int) -> list[int]:
     return out
 
 
-def open_tars(pid: int, folder: Path) -> list[str]:
-    """Names of the shards (e.g. '00003') whose tar in `folder` process `pid` has open for writing."""
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`: its children, theirs, and so on."""
+    out = []
+    for child in _children(pid):
+        out += [child] + descendants(child)
+    return out
+
+
+def open_files(pid: int) -> list[Path]:
+    """The files process `pid` holds open (none once it is gone)."""
     out = []
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
@@ -91,12 +99,15 @@ def open_tars(pid: int, folder: Path) -> list[str]:
         return out
     for fd in fds:
         try:
-            target = Path(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            out.append(Path(os.readlink(f"/proc/{pid}/fd/{fd}")))
         except OSError:
             continue
-        if target.parent == folder and target.suffix == ".tar":
-            out.append(target.stem)
     return out
+
+
+def open_tars(pid: int, folder: Path) -> list[str]:
+    """Names of the shards (e.g. '00003') whose tar in `folder` process `pid` has open for writing."""
+    return [p.stem for p in open_files(pid) if p.parent == folder and p.suffix == ".tar"]
 
 
 def workers_writing(job_pid: int, folder: Path) -> dict[int, str]:
