@@ -4,6 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SICLIP := $(VENV)/bin/siclip
 DATA   ?= data/demo
+INPUTS ?= data/demo-inputs
 URLS   ?=
 BUDGET ?= 1TB
 ARGS   ?=
@@ -50,16 +51,24 @@ bench: install
 test: install
 	$(PY) -m pytest -q $(ARGS)
 
-# The main job on the embedded default data, on a CPU: generated images served on 127.0.0.1 and downloaded
-# into shards, synthetic captions and teacher embeddings from tiny offline models, the tiny SiCLIP trained
-# and evaluated on a held-out shard, then the storage table.
+# The whole method on a CPU, on generated scenes (pipeline/scenes.py): inputs (clean pairs, zero-shot folders)
+# outside the data root; the web part served on 127.0.0.1 and downloaded into shards; a tiny captioner fitted
+# on the clean pairs captions the shards; a pre-LN teacher trained, exported as a CLIPModel, its embeddings
+# stored; the tiny SiCLIP student inherits from it and distils it; eval; the storage table. A rerun skips
+# what is done.
+DEMO_ZEROSHOT = $(foreach a,colour shape size,--imagefolder $(INPUTS)/zeroshot/$(a))
 demo: install
-	$(PY) -m pipeline.demo --data $(DATA)
-	$(SICLIP) captions --data $(DATA) --model tiny --workers 2
-	$(SICLIP) teacher --data $(DATA) --teacher tiny --workers 2
-	$(SICLIP) train --data $(DATA) --config tiny --out tiny --resume
-	$(SICLIP) eval --data $(DATA) --run tiny
+	$(PY) -m pipeline.demo --data $(DATA) --inputs $(INPUTS)
+	$(PY) -m captioning.fit --pairs $(INPUTS)/clean --out $(INPUTS)/captioner --minutes 1.5
+	$(SICLIP) captions --data $(DATA) --model $(INPUTS)/captioner --workers 1 --batch-size 64
+	$(SICLIP) train --data $(DATA) --config demo_teacher --out demo-teacher --resume
+	$(SICLIP) export --data $(DATA) --run demo-teacher
+	$(SICLIP) teacher --data $(DATA) --teacher $(DATA)/runs/demo-teacher/clip --workers 1 --batch-size 64 \
+	    --augmentations 2 --set crop_scale=[0.8,1.0] --set flip=false
+	$(SICLIP) train --data $(DATA) --config demo --out demo --resume
+	$(SICLIP) eval --data $(DATA) --run demo $(DEMO_ZEROSHOT) --retrieval
 	$(SICLIP) manifest $(DATA)
+	@echo "plots: $$(ls $(DATA)/runs/demo/plots/*.png $(DATA)/runs/demo-teacher/plots/*.png | tr '\n' ' ')"
 
 clean-demo:
-	rm -rf data/demo
+	rm -rf data/demo data/demo-inputs

@@ -47,7 +47,7 @@ from training.objective import Features, Objective, load_teacher
 from training.runs import FINAL, Run, checkpoint_name, failpoint, folder_bytes, write_plots
 
 # keys a resumed run may change; the rest decide the data order or the numbers
-RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys"}
+RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys", "threads"}
 EXIT_BUDGET = 3
 
 
@@ -211,6 +211,8 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
 
     # -- prepare: the processes, the run folder, the config ---------------------------------------------
     accelerator = Accelerator(mixed_precision=resolve_precision(cfg.precision))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     main, rank, world, device = (accelerator.is_main_process, accelerator.process_index,
                                  accelerator.num_processes, accelerator.device)
     say = log if main else (lambda msg: None)
@@ -273,7 +275,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         inherited: set[str] = set()
         if cfg.inherit_from:
             if not report_path.is_file():
-                source = _inherit_source(cfg.inherit_from)
+                source = _inherit_source(cfg.inherit_from, root)
                 try:
                     report = inherit_weights(model, source, report_path=report_path if main else None)
                 except (OSError, ValueError, RuntimeError, ImportError) as e:
@@ -450,10 +452,12 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         return status
 
 
-def _inherit_source(spec: str):
-    """A siclip run resolves to its final (or latest) checkpoint; other specs go to inherit_weights as they are."""
-    from training.runs import find_checkpoint
+def _inherit_source(spec: str, root: DataRoot):
+    """A siclip run resolves to its final (or latest) checkpoint; a path relative to the data root to that path;
+    other specs go to inherit_weights as they are."""
+    from training.runs import find_checkpoint, in_data_root
 
+    spec = in_data_root(spec, root)
     found = find_checkpoint(spec)
     return str(found) if found is not None else spec
 
