@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: install shards captions teacher train eval manifests bench test demo clean-demo
+.PHONY: install shards captions teacher train eval manifests bench bench-real ablations test demo clean-demo
 
 # torch first, pinned to the CPU build this project is tested with; a GPU user installs theirs before `make install`
 $(VENV)/.installed: pyproject.toml
@@ -47,6 +47,15 @@ manifests: install
 
 bench: install
 	$(SICLIP) bench all $(ARGS)
+
+# The whole pipeline on real images (Debian's emoji font, installed when missing): about 15-20 minutes on 2 cores;
+# writes data/bench-real and data/bench-real-inputs; ends with one JSON line.
+bench-real: install
+	$(PY) bench/real.py
+
+# The ablation table on bench-real's data (prepared first if missing): 5 rows x 3 seeds, about 30 minutes more.
+ablations: install
+	$(PY) bench/real.py --ablations
 
 test: install
 	$(PY) -m pytest -q $(ARGS)

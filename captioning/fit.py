@@ -103,7 +103,7 @@ def fit(pairs_dir: str | Path, out: str | Path, minutes: float = 1.5, steps: int
         if progress.due():
             done = step if steps else round(time.monotonic() - started)
             rate = step / max(time.monotonic() - started, 1e-9)
-            progress.update(done, f"step {step}, {rate * batch_size:,.0f} pairs/s | loss {float(loss):.3f}")
+            progress.update(done, f"step {step}, {rate * batch_size:,.0f} pairs/s | loss {float(loss.detach()):.3f}")
     progress.close()
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def fit(pairs_dir: str | Path, out: str | Path, minutes: float = 1.5, steps: int
     processor.save_pretrained(out)
     seconds = time.monotonic() - started
     summary = {"params": params, "pairs": len(pairs), "steps": step, "samples": step * batch_size,
-               "loss_first": first, "loss": float(loss) if loss is not None else float("nan"),
+               "loss_first": first, "loss": float(loss.detach()) if loss is not None else float("nan"),
                "seconds": round(seconds, 1), "vocabulary": len(tok)}
     record.write_text(json.dumps(summary, indent=1) + "\n")
     log(f"fit: {step} steps ({step * batch_size:,} pairs seen, {step * batch_size / len(pairs):.1f} epochs of "

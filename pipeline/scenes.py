@@ -118,7 +118,7 @@ def web_caption(scene: Scene, rng: random.Random, noise: WebNoise = WebNoise()) 
 # ----------------------------------------------------------------------------- drawing
 
 
-def _background(rng: random.Random, side: int):
+def background(rng: random.Random, side: int):
     """A mid-tone background (plain, gradient, stripes or noise) that white and black objects stand out on."""
     from PIL import Image, ImageDraw
 
@@ -206,7 +206,7 @@ def render(scene: Scene, rng: random.Random, quality: int = 90) -> bytes:
     from PIL import Image, ImageDraw
 
     _place(scene, rng)
-    img = _background(rng, scene.side)
+    img = background(rng, scene.side)
     draw = ImageDraw.Draw(img)
     for o in scene.objects:
         _draw(draw, o)
