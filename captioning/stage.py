@@ -57,7 +57,7 @@ def run_stage(job: StageJob) -> int:
     out_dir = getattr(root, stage)
     with stage_lock(root, stage):
         out_dir.mkdir(parents=True, exist_ok=True)
-        stale = remove_stale_temps(out_dir)
+        stale = remove_stale_temps(root.inside(out_dir))
         if stale:
             log(f"{stage}: removed {stale} partial file(s) a killed run left in {out_dir}")
         shards = finished_shards(root)

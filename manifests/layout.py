@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+from manifests.errors import SiclipError
 
 STAGES = ("shards", "captions", "teacher", "train")
 
@@ -54,4 +56,30 @@ class DataRoot:
         return str(Path(path).absolute().relative_to(self.root))
 
     def abs(self, rel: str) -> Path:
-        return self.root / rel
+        """The path a manifest's `rel` names; SiclipError when it leaves the root (see `inside`)."""
+        problem = leaves_root(rel)
+        if problem:
+            raise SiclipError(f"{rel!r} {problem}, outside the data root {self.root}")
+        return self.inside(self.root / rel)
+
+    def inside(self, path: Path) -> Path:
+        """`path` once checked to resolve inside the root, links followed, so that what a data root
+        holds (a crafted manifest, a link) cannot make a stage read or delete files elsewhere."""
+        real, top = Path(path).resolve(), self.root.resolve()
+        if real != top and top not in real.parents:
+            raise SiclipError(f"{path} leads to {real}, outside the data root {self.root}; "
+                              "siclip reads and deletes only files inside it")
+        return Path(path)
+
+
+def leaves_root(rel) -> str | None:
+    """Why a manifest's relative path would leave its data root ('is absolute', 'goes up with ..'),
+    or None when it stays inside, as far as its text goes."""
+    if not isinstance(rel, str) or not rel:
+        return "is not a relative path"
+    p = PurePosixPath(rel)
+    if p.is_absolute():
+        return "is absolute"
+    if ".." in p.parts:
+        return "goes up with '..'"
+    return None

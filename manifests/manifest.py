@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Iterator
 
 from manifests.errors import SiclipError
 from manifests.io import atomic_write_json, sha256_file
-from manifests.layout import DataRoot
+from manifests.layout import DataRoot, leaves_root
 
 SCHEMA_VERSION = 1
 
@@ -32,6 +33,27 @@ def read_json_or_fail(path: Path) -> dict:
 def file_record(root: DataRoot, path: Path) -> dict:
     """{'bytes', 'sha256'} of one finished file."""
     return {"bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+SHARD_UNIT = re.compile(r"^\d{5,}$")  # shards, captions and teacher entries are named by shard
+
+
+def check_entry(root: DataRoot, path: Path, stage: str, unit, entry) -> None:
+    """Refuse an entry that names a unit or a file outside the data root, or is not shaped as one."""
+    where = f"{path}: entry {unit!r}"
+    problem = leaves_root(unit) if stage == "train" else (None if SHARD_UNIT.match(unit) else "is not a shard name")
+    if problem:
+        raise SiclipError(f"{where}: the unit name {problem}; a manifest lists only units inside its data root {root.root}")
+    files = entry.get("files") if isinstance(entry, dict) else None
+    if not isinstance(files, dict):
+        raise SiclipError(f"{where}: has no 'files' table; restore the manifest or delete it to rebuild")
+    for rel, rec in files.items():
+        problem = leaves_root(rel)
+        if problem:
+            raise SiclipError(f"{where}: file {rel!r} {problem}; a manifest lists only files inside its data root "
+                              f"{root.root}")
+        if not (isinstance(rec, dict) and isinstance(rec.get("bytes"), int) and isinstance(rec.get("sha256"), str)):
+            raise SiclipError(f"{where}: file {rel!r} has no whole record (bytes, sha256)")
 
 
 @dataclass
@@ -51,6 +73,8 @@ class StageManifest:
         d = read_json_or_fail(path)
         if d.get("stage") != stage or not isinstance(d.get("entries"), dict):
             raise SiclipError(f"{path}: not a siclip '{stage}' manifest")
+        for unit, entry in d["entries"].items():
+            check_entry(root, path, stage, unit, entry)
         return cls(stage, d["entries"], d.get("params", {}), d.get("info", {}))
 
     def add(self, root: DataRoot, unit: str, files: list[Path], samples: int, **extra) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ DEFAULT_CONFIG = Path(__file__).with_name("shards.toml")
 RESIZE_MODES = ["center_crop", "border", "keep_ratio", "keep_ratio_largest", "no"]
 DISTRIBUTORS = ["multiprocessing", "pyspark", "ray"]
 FIT_BY = ["samples", "quality", "image_size"]
+ALLOW_PRIVATE_FLAG = "--allow-private-addresses"  # named by every refusal of a private address
 
 
 def flag(default, help, **kw):
@@ -37,9 +39,13 @@ class ShardsConfig:
     distributor: str = flag("multiprocessing", "img2dataset distributor", choices=DISTRIBUTORS)
     fit: bool = flag(False, "lower the sample count (or --set fit_by=...) until the plan fits the budget", kind="switch")
     retry_failed: bool = flag(False, "re-download samples that failed for a retryable reason into new shards", kind="switch")
+    allow_private_addresses: bool = flag(False, "also fetch from loopback, private, link-local and other non-public "
+                                         "addresses (data served on your own network)", kind="switch")
     fit_by: str = field(default="samples", metadata={"choices": FIT_BY})
     max_samples: int = 0  # 0: every row of the list
-    timeout: float = 10.0
+    timeout: float = 10.0  # seconds per download try, wall clock: connect, headers and body
+    max_download_size: str = "20MB"  # a body over it fails as too_large
+    allow_networks: list[str] = field(default_factory=list)  # private networks fetched anyway, e.g. ["10.20.0.0/16"]
     retries: int = 0
     min_image_size: int = 0
     max_aspect_ratio: float = 0.0  # 0: no limit (keep_ratio needs one to bound the bytes of a sample)
@@ -63,6 +69,13 @@ class ShardsConfig:
             raise SiclipError(f"processes must be 0 (one per core) or more, got {self.processes}")
         if not self.timeout > 0:
             raise SiclipError(f"timeout must be more than 0 seconds, got {self.timeout}")
+        if parse_size(self.max_download_size) <= 0:
+            raise SiclipError(f"max_download_size must be more than 0 bytes, got {self.max_download_size!r}")
+        for net in self.allow_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise SiclipError(f"allow_networks: {net!r} is not a network such as 10.20.0.0/16 or fd00::/8") from None
         if self.retries < 0:
             raise SiclipError(f"retries must be 0 or more, got {self.retries}")
         if not 1 <= self.quality <= 100:

@@ -19,7 +19,9 @@ from pipeline.loopback import ImageServer, write_url_list
 from pipeline.scenes import web_part, write_inputs
 
 DEMO_PORT = 18765  # a fixed port keeps the URL list identical across reruns, so a rerun resumes
-DEMO_SETTINGS = ["image_size=96", "samples_per_shard=200", "budget=2GB", "reserve=40%", "timeout=5"]
+# the scenes are served on 127.0.0.1, an address stage 1 refuses unless allowed
+DEMO_SETTINGS = ["image_size=96", "samples_per_shard=200", "budget=2GB", "reserve=40%", "timeout=5",
+                 "allow_private_addresses=true"]
 
 
 def main(argv=None) -> int:

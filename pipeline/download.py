@@ -25,7 +25,7 @@ from manifests.errors import SiclipError
 from manifests.io import fsync_dir
 from manifests.layout import DataRoot, shard_name
 from manifests.manifest import StageManifest
-from manifests.storage import format_size
+from manifests.storage import format_size, parse_size
 from pipeline.plan import load_stats, stats_reasons
 
 SHARD_FILE = re.compile(r"^(\d{5,})(\.tar|\.parquet|_stats\.json)$")
@@ -38,24 +38,37 @@ def worker_env(cfg) -> dict[str, str]:
             "WANDB_MODE": "disabled"}
 
 
+def fetch_policy(cfg):
+    """What a download try may fetch: the byte cap and which addresses (the deadline is `timeout`)."""
+    import ipaddress
+
+    from pipeline.fetch import FetchPolicy
+
+    return FetchPolicy(max_bytes=parse_size(cfg.max_download_size), allow_private=cfg.allow_private_addresses,
+                       allow_networks=tuple(ipaddress.ip_network(n, strict=False) for n in cfg.allow_networks))
+
+
 def make_downloader(cfg, output_folder: Path):
-    """An img2dataset Downloader writing webdataset shards with `cfg`'s settings into `output_folder`."""
+    """An img2dataset Downloader writing webdataset shards with `cfg`'s settings into `output_folder`,
+    fetching through pipeline.fetch (deadline per try, byte cap, public addresses only)."""
     os.environ.update(worker_env(cfg))
-    from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
+
+    from pipeline.fetch import GuardedDownloader  # imports img2dataset: after worker_env
 
     resizer = Resizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
                       upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=cfg.quality,
                       encode_format=cfg.encode_format, skip_reencode=False, disable_all_reencoding=False,
                       min_image_size=cfg.min_image_size, max_image_area=float(cfg.max_image_pixels),
                       max_aspect_ratio=cfg.max_aspect_ratio or float("inf"), blurrer=None)
-    return Downloader(sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=cfg.threads,
-                      save_caption=True, extract_exif=cfg.extract_exif, output_folder=str(output_folder),
-                      column_list=["url", "caption"], timeout=cfg.timeout, number_sample_per_shard=cfg.samples_per_shard,
-                      oom_shard_count=5, compute_hash="sha256", verify_hash_type=None, encode_format=cfg.encode_format,
-                      retries=cfg.retries, user_agent_token=None,
-                      disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"])
+    return GuardedDownloader(fetch_policy(cfg), sample_writer_class=WebDatasetSampleWriter, resizer=resizer,
+                             thread_count=cfg.threads, save_caption=True, extract_exif=cfg.extract_exif,
+                             output_folder=str(output_folder), column_list=["url", "caption"], timeout=cfg.timeout,
+                             number_sample_per_shard=cfg.samples_per_shard, oom_shard_count=5, compute_hash="sha256",
+                             verify_hash_type=None, encode_format=cfg.encode_format, retries=cfg.retries,
+                             user_agent_token=None,
+                             disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"])
 
 
 # --- download processes ------------------------------------------------------------------------
@@ -208,7 +221,12 @@ def commit_staged(root: DataRoot, staging: Path, manifest: StageManifest, shard_
 def reconcile(root: DataRoot, manifest: StageManifest, encode_format: str, log=print) -> None:
     """Bring shards/ and the manifest into agreement after a crash: drop staging, drop manifest
     entries whose files are gone, adopt whole unlisted shards, delete partial ones."""
-    staging = root.work / "shards" / "staging"
+    # every listed file and every folder cleaned here must lie inside the root, checked before
+    # anything changes: a link planted in a data root must not turn a rerun into a deletion elsewhere
+    for rel, _ in manifest.files():
+        root.abs(rel)
+    staging = root.inside(root.work / "shards" / "staging")
+    root.inside(root.shards)
     if staging.exists():
         shutil.rmtree(staging)
     changed = False
@@ -247,8 +265,8 @@ class ShardRunner:
 
     def __init__(self, root: DataRoot, cfg, manifest: StageManifest, budget_bytes: int, progress=None):
         self.root, self.cfg, self.manifest, self.budget_bytes = root, cfg, manifest, budget_bytes
-        self.staging = root.work / "shards" / "staging"
-        self.inputs = root.work / "shards" / "input"
+        self.staging = root.inside(root.work / "shards" / "staging")
+        self.inputs = root.inside(root.work / "shards" / "input")  # img2dataset deletes each input when done
         self.progress = progress
         self.failed: list[int] = []
         self.stopped_by_budget: tuple[int, int] | None = None  # (shard id, its worst case) that did not fit

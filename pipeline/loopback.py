@@ -66,12 +66,23 @@ class _QuietServer(ThreadingHTTPServer):
         pass
 
 
-class ImageServer:
-    """A threaded HTTP server on 127.0.0.1 serving `files` (path -> bytes) plus fault routes:
-    /status/<code>, /slow/<seconds>/<path>, /redirect-loop, /empty."""
+class _QuietServer6(_QuietServer):
+    address_family = socket.AF_INET6
 
-    def __init__(self, files: dict[str, bytes], port: int = 0):
+
+class ImageServer:
+    """A threaded HTTP server on 127.0.0.1 (or another loopback `host`, such as ::1) serving `files` (path -> bytes)
+    plus fault routes: /status/<code>, /slow/<seconds>/<path>, /redirect-loop, /empty, /redirect/<url>,
+    and hostile ones, for stage 1's fetch: /trickle/<path> (one byte of the body every half second),
+    /trickle-headers (the same, inside the headers), /endless (a body without a length that never
+    ends), /huge/<bytes> (as long as its honest Content-Length says), /lying/<bytes> (chunked, whatever
+    its Content-Length says). `hits` lists the paths asked for; `sent` the body bytes each hostile
+    route wrote before the client hung up."""
+
+    def __init__(self, files: dict[str, bytes], port: int = 0, host: str = "127.0.0.1"):
         self.files = files
+        self.hits: list[str] = []
+        self.sent: dict[str, int] = {}
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -88,8 +99,40 @@ class ImageServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _stream(self, path: str, total: float, headers: dict, chunked: bool = False):
+                """Write `total` zero bytes (inf: for ever) as fast as the client takes them."""
+                self.send_response(200)
+                for k, v in {"Content-Type": "image/jpeg", "Connection": "close", **headers}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                block, sent = bytes(1 << 20), 0
+                try:
+                    while sent < total:
+                        n = int(min(len(block), total - sent))
+                        self.wfile.write(b"%x\r\n%s\r\n" % (n, block[:n]) if chunked else block[:n])
+                        sent += n
+                    if chunked:
+                        self.wfile.write(b"0\r\n\r\n")
+                finally:
+                    server.sent[path] = sent
+                    self.close_connection = True
+
+            def _trickle(self, path: str, head: bytes, body: bytes):
+                """Send `head` at once, then `body` one byte every half second."""
+                self.wfile.write(head)
+                sent = 0
+                try:
+                    for i in range(len(body)):
+                        self.wfile.write(body[i:i + 1])
+                        sent += 1
+                        time.sleep(0.5)
+                finally:
+                    server.sent[path] = sent
+                    self.close_connection = True
+
             def do_GET(self):
                 path = self.path.lstrip("/")
+                server.hits.append(path)
                 if path in server.files:  # a served file overrides a fault route (a server that recovered)
                     return self._send(200, server.files[path], {"Content-Type": "application/octet-stream"})
                 parts = path.split("/")
@@ -97,8 +140,23 @@ class ImageServer:
                     return self._send(int(parts[1]), b"error")
                 if parts[0] == "redirect-loop":
                     return self._send(302, headers={"Location": "/redirect-loop"})
+                if parts[0] == "redirect":
+                    return self._send(302, headers={"Location": path[len("redirect/"):]})
                 if parts[0] == "empty":
                     return self._send(200, b"", {"Content-Type": "image/jpeg"})
+                if parts[0] == "endless":
+                    return self._stream(path, float("inf"), {})
+                if parts[0] == "huge":
+                    return self._stream(path, int(parts[1]), {"Content-Length": parts[1]})
+                if parts[0] == "lying":
+                    return self._stream(path, int(parts[1]), {"Content-Length": "1000", "Transfer-Encoding": "chunked"},
+                                        chunked=True)
+                if parts[0] == "trickle-headers":
+                    return self._trickle(path, b"HTTP/1.1 200 OK\r\n", b"X-Slow: " + b"a" * 100_000)
+                if parts[0] == "trickle":
+                    body = server.files.get("/".join(parts[1:]), b"")
+                    head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(body)
+                    return self._trickle(path, head, body)
                 if parts[0] == "slow":
                     time.sleep(float(parts[1]))
                     parts = parts[2:]
@@ -107,9 +165,9 @@ class ImageServer:
                     return self._send(404, b"not found")
                 return self._send(200, body, {"Content-Type": "application/octet-stream"})
 
-        self.httpd = _QuietServer(("127.0.0.1", port), Handler)
+        self.httpd = (_QuietServer6 if ":" in host else _QuietServer)((host, port), Handler)
         self.port = self.httpd.server_address[1]
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
 
     def __enter__(self) -> "ImageServer":

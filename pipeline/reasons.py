@@ -12,6 +12,11 @@ def classify(message: str | None) -> str:
     if not message:
         return "unknown"
     m = message.lower()
+    # pipeline.fetch's refusals come first: their messages quote the policy, not the server
+    if m.startswith("private address"):
+        return "private_address"
+    if m.startswith("too large"):
+        return "too_large"
     http = re.search(r"http error (\d{3})", m)
     if http:
         code = int(http.group(1))

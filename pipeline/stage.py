@@ -13,10 +13,11 @@ from manifests.config import print_config, to_toml
 from manifests.errors import SiclipError
 from manifests.io import atomic_write_bytes
 from manifests.layout import DataRoot, shard_name
-from manifests.manifest import StageManifest, stage_lock
+from manifests.manifest import SHARD_UNIT, StageManifest, stage_lock
 from manifests.progress import Progress
 from manifests.storage import StorageBudget, disk_free_bytes, format_size, parse_reserve, parse_size, write_storage
 from pipeline.download import ShardRunner, budget_stop_message, params_of, reconcile, shard_files
+from pipeline.config import ALLOW_PRIVATE_FLAG
 from pipeline.plan import Plan, check_fits, reencoded_bytes, rows_that_fit, shard_bound
 from pipeline.reasons import RETRYABLE, classify
 from pipeline.urls import read_url_list
@@ -216,8 +217,10 @@ def _pending_retry_jobs(root, cfg, manifest: StageManifest) -> list:
 
     jobs = []
     for name in sorted(manifest.info.get("retry", {}).get("shards", {})):
+        if not SHARD_UNIT.match(name):
+            raise SiclipError(f"{root.manifest_path('shards')}: retry shard {name!r} is not a shard name")
         if name not in manifest.entries:
-            part = pq.read_table(root.work / "shards" / "retry" / f"{name}.parquet")
+            part = pq.read_table(root.inside(root.work / "shards" / "retry" / f"{name}.parquet"))
             jobs.append((int(name), part, shard_bound(part, cfg)))
     return jobs
 
@@ -260,6 +263,9 @@ def _finish(root, cfg, manifest: StageManifest, runner: ShardRunner, t0: float) 
     ok = manifest.total_samples
     fail_txt = ", ".join(f"{r} {n}" for r, n in sorted(failures.items(), key=lambda x: -x[1])) or "none"
     secs = time.monotonic() - t0
+    if failures.get("private_address"):
+        log(f"shards: {failures['private_address']:,} row(s) point at loopback, private, link-local or other non-public "
+            f"addresses and were not fetched; pass {ALLOW_PRIVATE_FLAG} if the images are served on your own network")
     log(f"shards: done: {len(manifest.entries)} shards, {ok:,}/{rows:,} images ({100 * ok / max(1, rows):.1f}%), "
         f"{format_size(manifest.total_bytes)} in {secs:.1f} s; failures: {fail_txt}; "
         f"budget {format_size(storage.used_bytes)} of {format_size(storage.budget_bytes)} used")

@@ -18,6 +18,7 @@ on resume the workers are renumbered so that its first turn falls on the worker 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import random
@@ -265,20 +266,23 @@ def _pixels(img, box, size: int, flip: bool) -> np.ndarray:
     return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
+@functools.lru_cache(maxsize=1)
+def shared_tokenizer():
+    """One tokenizer per process; built before the loader forks its workers, they inherit it (no reload per epoch)."""
+    from training.tokenizer import ClipTokenizer
+
+    return ClipTokenizer()
+
+
 class SampleMaker:
     """Decode, crop, pick captions and teacher rows, tokenise: one raw sample in, one dict of arrays out."""
 
     def __init__(self, settings: SampleSettings, epoch: int):
         self.s, self.epoch = settings, epoch
-        self._tokenizer = None
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:  # built in the worker process, never pickled
-            from training.tokenizer import ClipTokenizer
-
-            self._tokenizer = ClipTokenizer()
-        return self._tokenizer
+        return shared_tokenizer()
 
     def __call__(self, sample: dict) -> dict:
         s, key = self.s, sample["__key__"]
@@ -454,6 +458,7 @@ def train_loader(root: DataRoot, plan: EpochPlan, settings: SampleSettings, loca
     `in_process`: read in the training process (one logical worker, for debugging and tests)."""
     stream = WorkerStream(root, plan, settings, local_batch, shuffle_buffer, start_step)
     workers = 0 if in_process else len(plan.workers)
+    shared_tokenizer()
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                        prefetch_factor=2 if workers else None, persistent_workers=False,
                                        worker_init_fn=_loader_worker_init if workers else None)
@@ -463,9 +468,7 @@ def eval_batches(root: DataRoot, shards: list[Shard], settings: SampleSettings, 
     """Batches of the held-out shards in order: center crop, web captions (evaluation)."""
     import webdataset as wds
 
-    from training.tokenizer import ClipTokenizer
-
-    tokenizer = ClipTokenizer()
+    tokenizer = shared_tokenizer()
     maker = SampleMaker(settings, 0)
     pipe = wds.DataPipeline(wds.SimpleShardList([s.tar for s in shards]), shard_samples, wds.map(maker),
                             wds.batched(batch_size, collation_fn=lambda xs: collate(xs, settings, tokenizer),

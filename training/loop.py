@@ -272,17 +272,19 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         model = build_model(model_config)
         model.set_grad_checkpointing(cfg.grad_checkpointing)
         report_path = run.path / "inherit_report.json"
+        resume_from = run.latest() if resume else None
         inherited: set[str] = set()
-        if cfg.inherit_from:
-            if not report_path.is_file():
-                source = _inherit_source(cfg.inherit_from, root)
-                try:
-                    report = inherit_weights(model, source, report_path=report_path if main else None)
-                except (OSError, ValueError, RuntimeError, ImportError) as e:
-                    raise SiclipError(f"inherit_from {cfg.inherit_from!r}: {str(e).splitlines()[0]}") from None
-                say(f"train: {report.summary()} (report: {report_path})")
+        if cfg.inherit_from and resume_from is None:  # step 0: every process inherits the same way
+            try:
+                report = inherit_weights(model, _inherit_source(cfg.inherit_from, root),
+                                         report_path=report_path if main else None)
+            except (OSError, ValueError, RuntimeError, ImportError) as e:
+                raise SiclipError(f"inherit_from {cfg.inherit_from!r}: {str(e).splitlines()[0]}") from None
+            say(f"train: {report.summary()} (report: {report_path})")
+            inherited = set(report.inherited_names())
+        elif cfg.inherit_from:  # the checkpoint holds the weights; the report says which were inherited
             inherited = {t["name"] for t in json.loads(report_path.read_text())["tensors"]
-                         if t["how"] in ("copied", "sliced", "interpolated")} if report_path.is_file() else set()
+                         if t["how"] in ("copied", "sliced", "interpolated")}
         frozen_inherited = inherited if cfg.inherit_freeze else set()
 
         teachers, loaded = {}, {}
@@ -336,17 +338,17 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
 
         # -- resume ----------------------------------------------------------------------------------------
         step = 0
-        latest = run.latest()
-        if resume and latest is not None:
-            step = _load_checkpoint(latest[1], model, objectives, accelerator, world)
-            say(f"train: resuming from {latest[1].name} (step {step} of {total})")
-        elif resume:
-            say(f"train: nothing to resume in {run.path}; starting at step 0")
-        elif world > 1:
-            from accelerate.utils import broadcast
+        if resume_from is not None:
+            step = _load_checkpoint(resume_from[1], model, objectives, accelerator, world)
+            say(f"train: resuming from {resume_from[1].name} (step {step} of {total})")
+        else:
+            if resume:
+                say(f"train: nothing to resume in {run.path}; starting at step 0")
+            if world > 1:  # the same seed built the same weights; make sure of it
+                from accelerate.utils import broadcast
 
-            for p in list(model.parameters()) + list(objectives.parameters()):
-                p.data.copy_(broadcast(p.data.clone(), from_process=0))
+                for p in list(model.parameters()) + list(objectives.parameters()):
+                    p.data.copy_(broadcast(p.data.clone(), from_process=0))
         keys_path = run.path / f"keys-rank{rank}.jsonl"
         if main:
             run.truncate_metrics(step)

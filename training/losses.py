@@ -22,9 +22,11 @@ objective of METHOD does (L_CLIP(web) + L_CLIP(synthetic) + ...). Rows of one ca
 be distinct images, or duplicates would count as negatives of each other.
 
 Several processes: build a term with `gather=True` and every process passes its local
-batch; the term all-gathers student and teacher features (with gradient) and computes
-the loss over the global batch. Each process then holds the same loss value and, after
-the usual gradient averaging of data-parallel training, the exact gradient of it.
+batch; the term all-gathers student and teacher features (with gradient) before anything
+else, projections included, and computes the loss over the global batch. Each process then
+holds the same loss value and the same gradient for the term's own parameters (the exact
+one), and, after the usual gradient averaging of data-parallel training, the exact gradient
+of the model too.
 """
 
 from __future__ import annotations
@@ -162,6 +164,9 @@ class FeatureDistillLoss(_Term):
                 teacher_text_features=None):
         teacher_image_features, teacher_text_features = _teacher(teacher_image_features, teacher_text_features,
                                                                  "FeatureDistillLoss")
+        # gathered before the projections: every process computes their gradient from the whole batch
+        image_features, text_features, teacher_image_features, teacher_text_features = self._maybe_gather(
+            image_features, text_features, teacher_image_features, teacher_text_features)
         image = F.normalize(self.image_proj(image_features), dim=-1)
         text = F.normalize(self.text_proj(text_features), dim=-1)
         return (F.mse_loss(image, teacher_image_features) + F.mse_loss(text, teacher_text_features)) / 2
@@ -210,10 +215,11 @@ class InteractiveContrastiveLoss(_Term):
                 teacher_text_features=None):
         teacher_image_features, teacher_text_features = _teacher(teacher_image_features, teacher_text_features,
                                                                  "InteractiveContrastiveLoss")
-        image = F.normalize(self.image_proj(image_features), dim=-1)
-        text = F.normalize(self.text_proj(text_features), dim=-1)
+        # gathered before the projections: every process computes their gradient from the whole batch
         image, text, teacher_image, teacher_text = self._maybe_gather(
-            image, text, teacher_image_features, teacher_text_features)
+            image_features, text_features, teacher_image_features, teacher_text_features)
+        image = F.normalize(self.image_proj(image), dim=-1)
+        text = F.normalize(self.text_proj(text), dim=-1)
         labels = _labels(len(image), image.device)
         image_to_teacher_text = logit_scale * image @ teacher_text.T
         text_to_teacher_image = logit_scale * text @ teacher_image.T

@@ -110,8 +110,8 @@ class Run:
         out = Path(out)
         path = out.absolute() if (out.is_absolute() or len(out.parts) > 1) else root.runs / out
         try:
-            path.relative_to(root.root)
-        except ValueError:
+            root.inside(path)
+        except SiclipError:
             raise SiclipError(f"--out {out}: a run lives inside its data root ({root.runs}/NAME), so its "
                               f"checkpoints count against the storage budget") from None
         return cls(root, path)
@@ -152,10 +152,10 @@ class Run:
         if self.checkpoints_dir.is_dir():
             for p in sorted(self.checkpoints_dir.iterdir()):
                 if p.name.startswith(".tmp-") or (CHECKPOINT.match(p.name) and not (p / STATE).is_file()):
-                    shutil.rmtree(p)
+                    shutil.rmtree(self.root.inside(p))
                     log(f"train: removed {p.name}, a checkpoint an interrupted run did not finish")
         for folder in [p for _, p in self.checkpoints()] + ([self.path / FINAL] if (self.path / FINAL / STATE).is_file() else []):
-            unit = self.unit(folder)
+            unit = self.unit(self.root.inside(folder))  # a link out is neither hashed nor recorded
             if unit not in manifest.entries or not manifest.entry_ok(self.root, unit):
                 manifest.add(self.root, unit, sorted(p for p in folder.rglob("*") if p.is_file()), samples=0,
                              kind="checkpoint" if folder.name != FINAL else "final")
@@ -199,11 +199,12 @@ class Run:
         extra = found[:max(0, len(found) - keep)] if after_write else self._to_drop(keep)
         if not extra:
             return
+        folders = [self.root.inside(folder) for _, folder in extra]  # all checked before any is forgotten
         manifest = StageManifest.load(self.root, "train")
-        for _, folder in extra:
+        for folder in folders:
             manifest.entries.pop(self.unit(folder), None)
         manifest.save(self.root)  # forget first: a file listed but gone would read as damage
-        for _, folder in extra:
+        for folder in folders:
             shutil.rmtree(folder)
 
     def publish(self, tmp: Path, final: Path, state: dict, kind: str | None = None) -> Path:
@@ -213,7 +214,7 @@ class Run:
         atomic_write_bytes(tmp / STATE, (json.dumps(state, indent=1) + "\n").encode())
         fsync_tree(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(self.root.inside(final))
         os.replace(tmp, final)
         fsync_dir(final.parent)
         failpoint(f"renamed:{final.name}")

@@ -348,7 +348,7 @@ def test_a_plan_larger_than_the_free_disk_is_refused(small_disk, tmp_path, good_
     """On a 1 MB file system, with a budget of 1 GB: the error names both figures."""
     urls = write_list(tmp_path / "urls.parquet", good_rows * 20)
     res = siclip("shards", "--urls", urls, "--data", small_disk / "data", "--image-size", "64", "--samples-per-shard", "2",
-                 "--processes", "1", "--budget", "1GB", "--reserve", "0%", check=False)
+                 "--processes", "1", "--budget", "1GB", "--reserve", "0%", "--allow-private-addresses", check=False)
     last = res.stderr.strip().splitlines()[-1]
     assert res.returncode == 2, res.stderr
     assert "the plan needs" in last and "but the disk has" in last and "free (budget 1 GB)" in last

@@ -62,9 +62,36 @@ def step_gradients(rank: int, world: int, micro: int, accelerator, grad_checkpoi
     return {k: float(v.detach()) for k, v in terms.items()}, {n: p.grad.clone() for n, p in named if p.grad is not None}
 
 
+def term_gradients(rank: int, world: int):
+    """Each loss term built with gather=True on this process's rows of fixed features: {term: (loss, {param: grad})},
+    with no gradient averaging: the terms' own parameters must get the exact gradient on every process."""
+    from training.losses import (ContrastiveRelationDistillLoss, FeatureDistillLoss, InteractiveContrastiveLoss,
+                                 PairMatchingLoss)
+
+    g = torch.Generator().manual_seed(3)
+    image, text = (torch.nn.functional.normalize(torch.randn(GLOBAL_BATCH, 16, generator=g), dim=-1) for _ in "it")
+    t_image, t_text = (torch.nn.functional.normalize(torch.randn(GLOBAL_BATCH, TEACHER_DIM, generator=g), dim=-1)
+                       for _ in "it")
+    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    out = {}
+    for name, make in (("pm", lambda: PairMatchingLoss(k=3, gather=True)),
+                       ("fd", lambda: FeatureDistillLoss(16, TEACHER_DIM, gather=True)),
+                       ("crd", lambda: ContrastiveRelationDistillLoss(gather=True)),
+                       ("icl", lambda: InteractiveContrastiveLoss(16, TEACHER_DIM, gather=True))):
+        torch.manual_seed(4)
+        term = make()
+        mine = [x[rows].clone().requires_grad_(True) for x in (image, text)]  # the student's side carries gradient
+        loss = term(*mine, torch.tensor(20.0), t_image[rows], t_text[rows])
+        loss.backward()
+        out[name] = (float(loss), {n: p.grad.clone() for n, p in term.named_parameters()})
+    return out
+
+
 if __name__ == "__main__":
     from accelerate import Accelerator
 
     accelerator = Accelerator()
-    terms, grads = step_gradients(accelerator.process_index, accelerator.num_processes, int(sys.argv[2]), accelerator)
-    torch.save({"terms": terms, "grads": grads}, f"{sys.argv[1]}.rank{accelerator.process_index}.pt")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    terms, grads = step_gradients(rank, world, int(sys.argv[2]), accelerator)
+    torch.save({"terms": terms, "grads": grads, "loss_terms": term_gradients(rank, world)},
+               f"{sys.argv[1]}.rank{rank}.pt")

@@ -38,7 +38,7 @@ def data(tmp_path_factory):
         urls = write_list(d / "urls.parquet", [(f"{server.base}/{p}", c) for p, c in rows])
         siclip("shards", "--urls", urls, "--data", d / "data", "--image-size", "64", "--samples-per-shard",
                str(PER_SHARD), "--processes", "2", "--threads", "8", "--budget", "2GB", "--reserve", "0%",
-               "--set", "timeout=20")
+               "--set", "timeout=20", "--allow-private-addresses")
     siclip("captions", "--data", d / "data", "--model", "tiny", "--workers", "0", "--num-captions", "2")
     siclip("teacher", "--data", d / "data", "--teacher", "tiny", "--workers", "0", "--augmentations", "2")
     return d / "data"
@@ -268,6 +268,7 @@ inherit_from = "{root.runs / 'teacher_run'}"
 batch_size = 16
 workers = 2
 checkpoint_every = 100
+record_keys = true
 [[stages]]
 name = "reinforced"
 steps = 2
@@ -305,6 +306,13 @@ fd = 2000.0
                         "online-siclip": {"clip_web", "crd", "icl"}, "online-transformers": {"clip_web", "fd"}}
     assert all(r["loss"] == r["loss"] and abs(r["loss"]) < 1e6 for r in records if "loss" in r)
     assert "teacher: teacher sidecars" in res.stderr and "teacher: CLIPModel" in res.stderr
+    # killed before its first checkpoint, the resumed run inherits again and ends the same
+    import os
+
+    res = siclip(*run_args(root, cfg, "student-killed"), check=False, env={**os.environ, "SICLIP_FAILPOINT": "step:3"})
+    assert res.returncode == -signal.SIGKILL
+    siclip(*run_args(root, cfg, "student-killed", "--resume"))
+    assert_same_end(root.runs / "student", root.runs / "student-killed")
 
 
 @pytest.mark.parametrize("body, message", [

@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 
 from siclip_testing import REPO
-from step_helpers import GLOBAL_BATCH, WEIGHTS, global_batch, small_model, step_gradients
+from step_helpers import GLOBAL_BATCH, WEIGHTS, global_batch, small_model, step_gradients, term_gradients
 from training.loop import StageSpan, forward_backward, set_trainable
 from training.config import StageConfig
 from manifests.errors import SiclipError
@@ -71,6 +71,15 @@ def test_two_real_processes_give_the_loss_and_gradients_of_one_process(tmp_path,
     ranks = [torch.load(f"{out}.rank{r}.pt") for r in (0, 1)]
     for r in ranks:  # each process holds the global loss and the same, exact gradients
         assert_same_gradients((r["terms"], r["grads"]), one_big_batch, atol=2e-6)
+    # the loss terms on their own (gather=True, no averaging): their parameters get the exact gradient everywhere
+    single = term_gradients(0, 1)
+    assert set(single) == {"pm", "fd", "crd", "icl"} and all(grads for _, grads in (single["pm"], single["fd"]))
+    for r in ranks:
+        for name, (loss, grads) in single.items():
+            got_loss, got = r["loss_terms"][name]
+            assert got_loss == pytest.approx(loss, rel=1e-6), name
+            for param, g in grads.items():
+                torch.testing.assert_close(got[param], g, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}.{param}: {m}")
 
 
 def test_logit_scale_keeps_its_gradient_past_the_cap_and_is_clamped_after_the_step(accelerator):
