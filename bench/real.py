@@ -31,7 +31,8 @@ CONFIGS = REPO / "bench" / "configs"
 HELD_OUT = 300  # emoji held out: one shard of one rendering each
 TRAIN_ROWS = 3000  # renderings of the other emoji (2 each, round-robin), ten shards
 CLEAN = 600  # clean pairs the captioner is fitted on (other renderings of training emoji)
-SHARDS = ["image_size=64", "samples_per_shard=300", "budget=4GB", "reserve=40%", "timeout=5"]
+SHARDS = ["image_size=64", "samples_per_shard=300", "budget=4GB", "reserve=40%", "timeout=5",
+          "allow_private_addresses=true"]  # served on 127.0.0.1, which stage 1 refuses unless allowed
 PORT = 18766
 ROWS = [  # (config, what the row adds), in the README's order
     ("abl_web", "CLIP loss on web captions only"),
