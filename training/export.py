@@ -140,11 +140,8 @@ def export_run(source: str | Path, out: str | Path | None = None, log=print) -> 
     out = Path(out) if out else run_dir / "clip"
     state = json.loads((checkpoint / STATE).read_text()) if (checkpoint / STATE).is_file() else {}
     root = _data_root_of(out.absolute())
-    record = {"step": state.get("step"), "source": str(checkpoint.absolute()), "kind": EXPORT_KIND}
-    if root is not None:
-        record["source"] = DataRoot(root).rel(checkpoint) if checkpoint.absolute().is_relative_to(root) else record["source"]
-    if (out / STATE).is_file() and {k: v for k, v in json.loads((out / STATE).read_text()).items()
-                                    if k in record} == record:
+    record = {"step": state.get("step"), "source": str(checkpoint.resolve()), "kind": EXPORT_KIND}
+    if (out / STATE).is_file() and json.loads((out / STATE).read_text()) == record:
         if root is not None:
             data = DataRoot(root)
             manifest = StageManifest.load(data, "train")
@@ -170,8 +167,8 @@ def export_run(source: str | Path, out: str | Path | None = None, log=print) -> 
         raise SiclipError(f"export needs about {format_size(need)} but only {format_size(budget.remaining_bytes)} of "
                           f"the {format_size(budget.budget_bytes)} budget is left ('siclip manifest {root}')")
     tmp = out.parent / f".tmp-{out.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    if tmp.exists():  # what a killed export left
+        shutil.rmtree(data.inside(tmp))
     export_model(model, preprocess, tmp)
     Run(data, run_dir.absolute()).publish(tmp, out.absolute(), record, kind=EXPORT_KIND)
     log(f"export: {checkpoint} -> {out} ({format_size(folder_bytes(out))}, recorded in {data.manifest_path('train')})")
