@@ -68,7 +68,7 @@ test: install
 DEMO_ZEROSHOT = $(foreach a,colour shape size,--imagefolder $(INPUTS)/zeroshot/$(a))
 demo: install
 	$(PY) -m pipeline.demo --data $(DATA) --inputs $(INPUTS)
-	$(PY) -m captioning.fit --pairs $(INPUTS)/clean --out $(INPUTS)/captioner --minutes 1.5
+	$(PY) -m captioning.fit --pairs $(INPUTS)/clean --out $(INPUTS)/captioner --steps 800
 	$(SICLIP) captions --data $(DATA) --model $(INPUTS)/captioner --workers 1 --batch-size 64
 	$(SICLIP) train --data $(DATA) --config demo_teacher --out demo-teacher --resume
 	$(SICLIP) export --data $(DATA) --run demo-teacher
