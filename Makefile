@@ -7,6 +7,7 @@ SICLIP := $(VENV)/bin/siclip
 MC_VENV ?= .venv-mobileclip
 MC_PY   := $(MC_VENV)/bin/python
 DATA   ?= data/demo
+INPUTS ?= data/demo-inputs
 URLS   ?=
 BUDGET ?= 1TB
 ARGS   ?=
@@ -20,8 +21,8 @@ export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: install install-mobileclip install-scaleout shards captions teacher train eval manifests bench test \
-	test-mobileclip test-scaleout mutation demo clean-demo
+.PHONY: install install-mobileclip install-scaleout shards captions teacher train eval manifests bench \
+	bench-real ablations test test-mobileclip test-scaleout mutation demo clean-demo
 
 # A virtual environment $(1) with the project and its extras $(2): torch first, pinned to the CPU build this project
 # is tested with; a GPU user installs theirs before `make install`
@@ -78,6 +79,15 @@ manifests: install
 bench: install
 	$(SICLIP) bench all $(ARGS)
 
+# The whole pipeline on real images (Debian's emoji font, installed when missing): about 15-20 minutes on 2 cores;
+# writes data/bench-real and data/bench-real-inputs; ends with one JSON line.
+bench-real: install
+	$(PY) bench/real.py
+
+# The ablation table on bench-real's data (prepared first if missing): 5 rows x 3 seeds, about 30 minutes more.
+ablations: install
+	$(PY) bench/real.py --ablations
+
 test: install
 	$(PY) -m pytest -q $(ARGS)
 
@@ -97,16 +107,24 @@ mutation: install
 	$(PY) -m pip install -q mutmut==3.8.1
 	$(PY) tests/mutation/run.py $(ARGS)
 
-# The main job on the embedded default data, on a CPU: generated images served on 127.0.0.1 and downloaded
-# into shards, synthetic captions and teacher embeddings from tiny offline models, the tiny SiCLIP trained
-# and evaluated on a held-out shard, then the storage table.
+# The whole method on a CPU, on generated scenes (pipeline/scenes.py): inputs (clean pairs, zero-shot folders)
+# outside the data root; the web part served on 127.0.0.1 and downloaded into shards; a tiny captioner fitted
+# on the clean pairs captions the shards; a pre-LN teacher trained, exported as a CLIPModel, its embeddings
+# stored; the tiny SiCLIP student inherits from it and distils it; eval; the storage table. A rerun skips
+# what is done.
+DEMO_ZEROSHOT = $(foreach a,colour shape size,--imagefolder $(INPUTS)/zeroshot/$(a))
 demo: install
-	$(PY) -m pipeline.demo --data $(DATA)
-	$(SICLIP) captions --data $(DATA) --model tiny --workers 2
-	$(SICLIP) teacher --data $(DATA) --teacher tiny --workers 2
-	$(SICLIP) train --data $(DATA) --config tiny --out tiny --resume
-	$(SICLIP) eval --data $(DATA) --run tiny
+	$(PY) -m pipeline.demo --data $(DATA) --inputs $(INPUTS)
+	$(PY) -m captioning.fit --pairs $(INPUTS)/clean --out $(INPUTS)/captioner --steps 800
+	$(SICLIP) captions --data $(DATA) --model $(INPUTS)/captioner --workers 1 --batch-size 64
+	$(SICLIP) train --data $(DATA) --config demo_teacher --out demo-teacher --resume
+	$(SICLIP) export --data $(DATA) --run demo-teacher
+	$(SICLIP) teacher --data $(DATA) --teacher $(DATA)/runs/demo-teacher/clip --workers 1 --batch-size 64 \
+	    --augmentations 2 --set crop_scale=[0.8,1.0] --set flip=false
+	$(SICLIP) train --data $(DATA) --config demo --out demo --resume
+	$(SICLIP) eval --data $(DATA) --run demo $(DEMO_ZEROSHOT) --retrieval
 	$(SICLIP) manifest $(DATA)
+	@echo "plots: $$(ls $(DATA)/runs/demo/plots/*.png $(DATA)/runs/demo-teacher/plots/*.png | tr '\n' ' ')"
 
 clean-demo:
-	rm -rf data/demo
+	rm -rf data/demo data/demo-inputs

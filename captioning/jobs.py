@@ -132,11 +132,11 @@ def caption_shard(task: dict, captioner) -> dict:
             "timing": {"seconds": round(time.perf_counter() - t0, 3), "started": started, "finished": time.time()}}
 
 
-def crop_params(seed: int, key: str, k: int, scale: tuple[float, float]) -> list[float]:
+def crop_params(seed: int, key: str, k: int, scale: tuple[float, float], flip: bool = True) -> list[float]:
     """Augmentation k of sample `key`: [x0, y0, w, h] as fractions of the image, and flip (0/1).
 
-    A random-resized crop (area in `scale`, aspect 3/4..4/3) and a horizontal flip, recorded so
-    training can replay exactly the view the teacher saw.
+    A random-resized crop (area in `scale`, aspect 3/4..4/3) and a horizontal flip (unless `flip` is
+    false), recorded so training can replay exactly the view the teacher saw.
     """
     rng = random.Random(seed_for(seed, key, 1000 + k))
     area = rng.uniform(*scale)
@@ -145,7 +145,8 @@ def crop_params(seed: int, key: str, k: int, scale: tuple[float, float]) -> list
     h = min(1.0, math.sqrt(area / ratio))
     x0 = rng.uniform(0, 1 - w)
     y0 = rng.uniform(0, 1 - h)
-    return [x0, y0, w, h, float(rng.random() < 0.5)]
+    flipped = rng.random() < 0.5  # drawn either way, so the crops are the same with and without flips
+    return [x0, y0, w, h, float(flip and flipped)]
 
 
 def apply_crop(img, p: list[float]):
@@ -185,7 +186,7 @@ def teacher_shard(task: dict, teachers) -> dict:
             texts = [sample.get("txt", b"").decode("utf-8", errors="replace")]
             if "captions" in sample:
                 texts += sample["captions"]["captions"]
-            params = [crop_params(p["seed"], key, k, tuple(p["crop_scale"])) for k in range(K)]
+            params = [crop_params(p["seed"], key, k, tuple(p["crop_scale"]), p.get("flip", True)) for k in range(K)]
             views = [img] + [apply_crop(img, q) for q in params] if img is not None else None
             batch.append((key, why, views, texts, params))
             if len(batch) == task["batch_size"]:

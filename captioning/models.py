@@ -56,34 +56,39 @@ def seed_for(seed: int, key: str, index: int) -> int:
     return int.from_bytes(h[:8], "little") >> 1
 
 
-def _tiny_tokenizer():
+def _tiny_tokenizer(words=()):
+    """A WordPiece tokenizer of whole words: the tiny vocabulary plus `words` (a data set's own, for a fitted captioner)."""
     from transformers import BertTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(_SPECIAL + _TINY_WORDS)}
+    extra = [w for w in dict.fromkeys(w.lower() for w in words) if w not in _TINY_WORDS]
+    vocab = {w: i for i, w in enumerate(_SPECIAL + list(_TINY_WORDS) + extra)}
     tok = BertTokenizerFast(vocab=vocab, do_lower_case=True)
     tok.add_special_tokens({"bos_token": "[DEC]"})
     return tok
 
 
-def build_tiny_captioner(seed: int = 0):
-    """(model, processor) of a tiny random BLIP captioner; the same seed gives the same weights."""
+def build_tiny_captioner(seed: int = 0, words=(), image_size: int = 32, width: int = 32, layers: int = 2):
+    """(model, processor) of a tiny random BLIP captioner; the same arguments give the same weights.
+
+    `words` extend the vocabulary, `image_size`/`width`/`layers` the model: `captioning.fit` trains a
+    larger one on a data set's words; the defaults are the `tiny` model of the tests and benches."""
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
 
-    tok = _tiny_tokenizer()
+    tok = _tiny_tokenizer(words)
     ids = tok.convert_tokens_to_ids
     cfg = BlipConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, encoder_hidden_size=32, max_position_embeddings=64,
-                         bos_token_id=ids("[DEC]"), sep_token_id=ids("[SEP]"), eos_token_id=ids("[SEP]"),
-                         pad_token_id=ids("[PAD]")),
-        projection_dim=32)
+        vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                           num_attention_heads=2, image_size=image_size, patch_size=8),
+        text_config=dict(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
+                         num_hidden_layers=layers, num_attention_heads=2, encoder_hidden_size=width,
+                         max_position_embeddings=64, bos_token_id=ids("[DEC]"), sep_token_id=ids("[SEP]"),
+                         eos_token_id=ids("[SEP]"), pad_token_id=ids("[PAD]")),
+        projection_dim=width)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BlipForConditionalGeneration(cfg).eval()
-    processor = BlipProcessor(BlipImageProcessorPil(size={"height": 32, "width": 32}), tok)
+    processor = BlipProcessor(BlipImageProcessorPil(size={"height": image_size, "width": image_size}), tok)
     return model, processor
 
 

@@ -21,6 +21,7 @@ STAGE_COMMANDS = {
     "teacher": ("captioning.teacher_cli", "stage 2b: CLIP teacher embeddings into Arrow sidecars"),
     "train": ("training.cli", "stage 3: train a SiCLIP model with Accelerate"),
     "eval": ("training.eval_cli", "zero-shot classification and retrieval of a trained model"),
+    "export": ("training.export_cli", "a trained pre-LN run as a transformers CLIPModel folder"),
 }
 BENCHES = {
     "shards": ("pipeline.bench", "bench_shards", "siclip shards against raw img2dataset.download"),

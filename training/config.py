@@ -73,6 +73,7 @@ class TrainConfig:
     micro_batch: int = 0  # >0: gradient caching, activations held for this many samples at a time
     grad_checkpointing: bool = False  # recompute each block in the backward pass (less memory, more compute)
     workers: int = 2  # loader processes per training process (0: load in the training process)
+    threads: int = 0  # torch threads of the training process; 0: torch's default (1 is fastest for tiny models on a busy CPU)
     precision: str = "auto"  # no | bf16 | fp16 | auto (bf16 on a GPU that has it, fp16 on one without, fp32 on CPU)
     weight_decay: float = 0.1  # AdamW's, on weights only (not on gains, biases, norms or logit_scale)
     betas: list = field(default_factory=lambda: [0.9, 0.98])
@@ -102,7 +103,7 @@ class TrainConfig:
         for name in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise bad(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("micro_batch", "workers", "synthetic_captions", "eval_every", "pm_k"):
+        for name in ("micro_batch", "workers", "threads", "synthetic_captions", "eval_every", "pm_k"):
             if getattr(self, name) < 0:
                 raise bad(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:

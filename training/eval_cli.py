@@ -14,23 +14,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", metavar="DATA", help="data root the run lives in (to find --run by name)")
     parser.add_argument("--checkpoint", type=int, metavar="STEP", help="a checkpoint of the run (default: its final "
                                                                        "model, else its latest checkpoint)")
-    parser.add_argument("--imagefolder", type=Path, metavar="DIR", help="zero-shot: a folder of class sub-folders")
+    parser.add_argument("--imagefolder", type=Path, action="append", metavar="DIR",
+                        help="zero-shot: a folder of class sub-folders (its templates.txt, if any, gives its prompts); "
+                             "repeatable, one result per folder")
     parser.add_argument("--retrieval", nargs="?", const="", metavar="DATA",
                         help="retrieval on held-out shards of DATA (default: the run's data root and val_shards); "
                              "the default when --imagefolder is not given")
-    parser.add_argument("--templates", type=Path, metavar="FILE", help="prompt templates, one per line with {}")
+    parser.add_argument("--templates", type=Path, metavar="FILE",
+                        help="prompt templates, one per line with {}, for every folder (default: each folder's "
+                             "templates.txt, else photo prompts)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _run_folder(args) -> Path:
-    from manifests.errors import SiclipError
-
-    run = Path(args.run)
-    if not run.is_dir() and args.data:
-        run = Path(args.data) / "runs" / args.run
-    if not run.is_dir():
-        raise SiclipError(f"--run {args.run}: no such run folder" + ("" if args.data else " (pass --data DATA to find it by name)"))
-    return run
 
 
 def run(args) -> int:
@@ -40,9 +33,9 @@ def run(args) -> int:
     from manifests.layout import DataRoot
     from training.data import all_shards
     from training.evaluate import load, read_templates, retrieval, zeroshot
-    from training.runs import checkpoint_name
+    from training.runs import checkpoint_name, run_folder
 
-    run_dir = _run_folder(args)
+    run_dir = run_folder(args.run, args.data)
     target = run_dir
     if args.checkpoint is not None:
         target = run_dir / "checkpoints" / checkpoint_name(args.checkpoint)
@@ -54,8 +47,11 @@ def run(args) -> int:
     model, tokenizer, preprocess = load(target, device)
     result = {}
     if args.imagefolder:
-        result["zeroshot"] = zeroshot(model, tokenizer, preprocess, args.imagefolder, read_templates(args.templates),
-                                      device)
+        names = folder_names(args.imagefolder)
+        per_folder = {name: zeroshot(model, tokenizer, preprocess, folder, read_templates(args.templates, folder),
+                                     device) for name, folder in zip(names, args.imagefolder)}
+        # one folder keeps the documented shape {"zeroshot": {metrics}}; several are keyed by folder name
+        result["zeroshot"] = per_folder[names[0]] if len(names) == 1 else per_folder
     if args.retrieval is not None or not args.imagefolder:
         info = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
         data = Path(args.retrieval) if args.retrieval else Path(info.get("data_root") or args.data or run_dir.parents[1])
@@ -72,8 +68,30 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"eval of {target}:")
-        for part, metrics in result.items():
-            print(f"  {part}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in metrics.items()))
+        print(f"eval of {target}:\n{table(result, folder_names(args.imagefolder or []))}")
     return 0
+
+
+def folder_names(folders: list[Path]) -> list[str]:
+    """Each folder's name, or its whole path where two share a name."""
+    names = [Path(f).name for f in folders]
+    return [n if names.count(n) == 1 else str(f) for n, f in zip(names, folders)]
+
+
+def table(result: dict, names: list[str]) -> str:
+    """The eval as a small table: one row per zero-shot folder, then retrieval beside chance."""
+    lines = []
+    if "zeroshot" in result:
+        per_folder = {names[0]: result["zeroshot"]} if len(names) == 1 else result["zeroshot"]
+        lines.append(f"  {'zero-shot':<22}{'classes':>8}{'images':>8}{'top-1':>8}{'top-5':>8}{'recall':>8}{'chance':>8}")
+        for name, m in per_folder.items():
+            lines.append(f"  {name:<22}{m['classes']:>8}{m['images']:>8}{m['top1']:>8.3f}{m['top5']:>8.3f}"
+                         f"{m['mean_per_class_recall']:>8.3f}{m['chance_top1']:>8.3f}")
+    if "retrieval" in result:
+        r = result["retrieval"]
+        lines.append(f"  {'retrieval':<22}{'pairs':>8}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'':>8}{'chance':>8}")
+        for way in ("i2t", "t2i"):
+            label = "image -> text" if way == "i2t" else "text -> image"
+            lines.append(f"  {label:<22}{r['samples']:>8}{r[f'{way}_r1']:>8.3f}{r[f'{way}_r5']:>8.3f}"
+                         f"{r[f'{way}_r10']:>8.3f}{'':>8}{r['chance_r1']:>8.3f}")
+    return "\n".join(lines)

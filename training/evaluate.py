@@ -20,6 +20,7 @@ from manifests.errors import SiclipError
 TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.", "a photo of the {}.",
              "a close-up photo of a {}.", "a drawing of a {}."]
 PREPROCESS_FILE = "preprocess.json"
+TEMPLATES_FILE = "templates.txt"  # an image folder's own prompts, one per line with {}
 OPENAI_MEAN, OPENAI_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
@@ -137,13 +138,16 @@ def image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, items
 
 
-def read_templates(path: Path | None) -> list[str]:
+def read_templates(path: Path | None, folder: Path | None = None) -> list[str]:
+    """The prompts: `path`, else the image folder's own templates.txt, else photo prompts."""
+    if path is None and folder is not None and (Path(folder) / TEMPLATES_FILE).is_file():
+        path = Path(folder) / TEMPLATES_FILE
     if path is None:
         return TEMPLATES
     lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     bad = [ln for ln in lines if "{}" not in ln]
     if not lines or bad:
-        raise SiclipError(f"--templates {path}: one prompt per line, each with {{}} for the class name"
+        raise SiclipError(f"templates {path}: one prompt per line, each with {{}} for the class name"
                           + (f" (line without it: {bad[0]!r})" if bad else ""))
     return lines
 

@@ -122,16 +122,16 @@ _HF_NAMES = [  # transformers CLIPModel -> siclip
 ]
 
 
+def siclip_name(name: str) -> str:
+    """The siclip name of a transformers CLIPModel tensor (training.export runs it backwards)."""
+    for pattern, replacement in _HF_NAMES:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
 def from_transformers_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A transformers CLIPModel state dict in siclip names."""
-    out = {}
-    for name, tensor in state.items():
-        if name.endswith("position_ids"):
-            continue
-        for pattern, replacement in _HF_NAMES:
-            name = re.sub(pattern, replacement, name)
-        out[name] = tensor
-    return out
+    return {siclip_name(name): tensor for name, tensor in state.items() if not name.endswith("position_ids")}
 
 
 def from_open_clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -226,7 +226,9 @@ def _load_teacher(teacher) -> tuple[dict[str, torch.Tensor], str, dict[str, int 
         model = SiCLIP.from_pretrained(source)
         return model.state_dict(), f"siclip checkpoint {source}", _siclip_heads(model)
     from transformers import CLIPModel
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()
     model = CLIPModel.from_pretrained(source)
     return from_transformers_state(model.state_dict()), f"transformers CLIPModel {source}", _transformers_heads(model)
 

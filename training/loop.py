@@ -47,7 +47,7 @@ from training.objective import Features, Objective, load_teacher
 from training.runs import FINAL, Run, checkpoint_name, failpoint, folder_bytes, write_plots
 
 # keys a resumed run may change; the rest decide the data order or the numbers
-RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys"}
+RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys", "threads"}
 EXIT_BUDGET = 3
 
 
@@ -239,6 +239,8 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
 
     # -- prepare: the processes, the run folder, the config ---------------------------------------------
     accelerator = Accelerator(mixed_precision=resolve_precision(cfg.precision))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     main, rank, world, device = (accelerator.is_main_process, accelerator.process_index,
                                  accelerator.num_processes, accelerator.device)
     say = log if main else (lambda msg: None)
@@ -302,7 +304,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         inherited: set[str] = set()
         if cfg.inherit_from and resume_from is None:  # step 0: every process inherits the same way
             try:
-                report = inherit_weights(model, _inherit_source(cfg.inherit_from),
+                report = inherit_weights(model, _inherit_source(cfg.inherit_from, root),
                                          report_path=report_path if main else None)
             except (OSError, ValueError, RuntimeError, ImportError) as e:
                 raise SiclipError(f"inherit_from {cfg.inherit_from!r}: {str(e).splitlines()[0]}") from None
@@ -483,10 +485,12 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         return status
 
 
-def _inherit_source(spec: str):
-    """A siclip run resolves to its final (or latest) checkpoint; other specs go to inherit_weights as they are."""
-    from training.runs import find_checkpoint
+def _inherit_source(spec: str, root: DataRoot):
+    """A siclip run resolves to its final (or latest) checkpoint; a path relative to the data root to that path;
+    other specs go to inherit_weights as they are."""
+    from training.runs import find_checkpoint, in_data_root
 
+    spec = in_data_root(spec, root)
     found = find_checkpoint(spec)
     return str(found) if found is not None else spec
 

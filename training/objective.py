@@ -196,6 +196,7 @@ class TransformersTeacher(Teacher):
         from transformers.utils import logging
 
         logging.set_verbosity_error()
+        logging.disable_progress_bar()
         try:
             self.model = CLIPModel.from_pretrained(name).eval().requires_grad_(False)
             self.tokenizer = AutoTokenizer.from_pretrained(name)
@@ -276,13 +277,15 @@ def sidecar_dim(root) -> tuple[int, str]:
 
 
 def load_teacher(spec: str, root) -> Teacher | None:
-    """The teacher a stage names, loaded now so that a bad one stops the run before training starts."""
-    from training.runs import find_checkpoint
+    """The teacher a stage names, loaded now so that a bad one stops the run before training starts.
+    A path may be given relative to the data root (`runs/teacher/clip`)."""
+    from training.runs import find_checkpoint, in_data_root
 
     if spec == "none":
         return None
     if spec == "sidecar":
         return SidecarTeacher(*sidecar_dim(root))
+    spec = in_data_root(spec, root)
     if spec.startswith("open_clip:"):
         return OpenClipTeacher(spec)
     checkpoint = find_checkpoint(spec)

@@ -61,6 +61,24 @@ def fsync_tree(folder: Path) -> None:
     fsync_dir(folder)
 
 
+def run_folder(run: str, data: str | None = None) -> Path:
+    """The folder `--run` names: a path, or a run name under DATA/runs/ when --data is given."""
+    path = Path(run)
+    if not path.is_dir() and data:
+        path = Path(data) / "runs" / run
+    if not path.is_dir():
+        raise SiclipError(f"--run {run}: no such run folder" + ("" if data else " (pass --data DATA to find it by name)"))
+    return path
+
+
+def in_data_root(spec: str, root: DataRoot) -> str:
+    """A model path a config gives relative to the data root (`runs/teacher/clip`) made absolute; other
+    specs (hub names, existing paths, `open_clip:…`) unchanged."""
+    if spec and ":" not in spec and not Path(spec).expanduser().exists() and (root.root / spec).exists():
+        return str(root.root / spec)
+    return spec
+
+
 def find_checkpoint(path: str | Path) -> Path | None:
     """The model folder a path names: a checkpoint or model folder itself, or a run's final model, or its
     latest checkpoint; None when the path is no siclip run or checkpoint."""
@@ -189,8 +207,9 @@ class Run:
         for folder in folders:
             shutil.rmtree(folder)
 
-    def publish(self, tmp: Path, final: Path, state: dict) -> Path:
-        """Write state.json last, flush, rename `tmp` to `final` and record it in the train manifest."""
+    def publish(self, tmp: Path, final: Path, state: dict, kind: str | None = None) -> Path:
+        """Write state.json last, flush, rename `tmp` to `final` and record it in the train manifest
+        (as `kind`: checkpoint, final, or export)."""
         failpoint(f"before-state:{final.name}")
         atomic_write_bytes(tmp / STATE, (json.dumps(state, indent=1) + "\n").encode())
         fsync_tree(tmp)
@@ -201,7 +220,7 @@ class Run:
         failpoint(f"renamed:{final.name}")
         manifest = StageManifest.load(self.root, "train")
         manifest.add(self.root, self.unit(final), sorted(p for p in final.rglob("*") if p.is_file()), samples=0,
-                     step=state["step"], kind="final" if final.name == FINAL else "checkpoint")
+                     step=state["step"], kind=kind or ("final" if final.name == FINAL else "checkpoint"))
         manifest.save(self.root)
         return final
 

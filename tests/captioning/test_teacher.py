@@ -182,3 +182,14 @@ def test_teacher_needs_caption_sidecars_and_names_the_shard(shards_root, capsys)
     err = capsys.readouterr().err
     assert "shard 00001 skipped: no captions sidecar" in err and "shard 00002 skipped" in err
     assert sorted(p.name for p in shards_root.teacher.glob("*.arrow")) == ["00000.arrow"]
+
+
+def test_flip_false_records_the_same_crops_without_flips():
+    from captioning.jobs import crop_params
+
+    with_flips = [crop_params(0, f"{i:05d}", k, (0.35, 1.0)) for i in range(40) for k in range(2)]
+    without = [crop_params(0, f"{i:05d}", k, (0.35, 1.0), flip=False) for i in range(40) for k in range(2)]
+    assert any(p[4] == 1.0 for p in with_flips) and all(p[4] == 0.0 for p in without)
+    assert [p[:4] for p in with_flips] == [p[:4] for p in without]
+    assert "flip" not in TeacherConfig(data="d").params()  # sidecars made before the option keep their parameters
+    assert TeacherConfig(data="d", flip=False).params()["flip"] is False

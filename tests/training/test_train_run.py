@@ -4,6 +4,7 @@ against a loopback server) with caption and teacher sidecars from the real stage
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -353,6 +354,27 @@ def test_zero_shot_on_a_folder_of_classes(root, tmp_path):
     assert zs["classes"] == 3 and zs["images"] == 9 and zs["chance_top1"] == pytest.approx(1 / 3)
     assert 0 <= zs["top1"] <= zs["top5"] == 1.0 and 0 <= zs["mean_per_class_recall"] <= 1
     assert "retrieval" not in out
+
+    # several folders: one result each, keyed by folder name; each folder's templates.txt gives its prompts
+    shapes = tmp_path / "shapes"
+    for shape in ("circle", "square"):
+        (shapes / shape).mkdir(parents=True)
+        for i in range(2):
+            img = Image.new("RGB", (48, 48), "white")
+            (ImageDraw.Draw(img).ellipse if shape == "circle" else ImageDraw.Draw(img).rectangle)((8, 8, 40 - i, 40),
+                                                                                                fill="red")
+            img.save(shapes / shape / f"{i}.png")
+    (shapes / "templates.txt").write_text("a red {}\na small red {}\n")
+    args = ("eval", "--run", root.runs / "zs", "--imagefolder", folder, "--imagefolder", shapes, "--retrieval")
+    out = json.loads(siclip(*args, "--json").stdout)
+    assert set(out["zeroshot"]) == {"classes", "shapes"} and out["zeroshot"]["classes"] == zs
+    assert out["zeroshot"]["shapes"]["classes"] == 2 and out["zeroshot"]["shapes"]["images"] == 4
+    assert out["retrieval"]["samples"] > 0
+    table = siclip(*args).stdout
+    assert re.search(r"shapes\s+2\s+4\s", table) and re.search(r"image -> text\s+\d+", table)
+    (shapes / "templates.txt").write_text("no placeholder here\n")
+    res = siclip(*args, check=False)
+    assert res.returncode == 2 and f"templates {shapes / 'templates.txt'}: one prompt per line" in res.stderr
 
 
 def test_two_processes_split_the_shards_and_resume_to_the_same_end(root, tmp_path):

@@ -1,0 +1,195 @@
+"""A trained siclip model as a transformers `CLIPModel` folder: the reverse of `inherit.from_transformers_state`.
+
+The folder (config.json, model.safetensors, a CLIPTokenizer's vocab.json/merges.txt made from the shipped
+BPE merge list, a CLIPImageProcessor with the run's image size, mean and std) loads anywhere through
+`CLIPModel.from_pretrained`, `AutoTokenizer` and `AutoImageProcessor`: as a `siclip teacher --teacher`,
+an `inherit_from`, or a stage's online teacher. Only what CLIPModel can express exports: a ViT image
+tower and a causal text tower, both of standard pre-LN blocks without sharing (a teacher's shape); a
+SAS-P model is refused with the reason.
+
+Inside a data root the folder is published like a checkpoint (written aside, `state.json` last, renamed)
+and recorded in the `train` manifest, so it counts against the storage budget; a rerun that finds the
+same source exported already skips.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from manifests.errors import SiclipError
+from training.inherit import siclip_name
+from training.model import SiCLIP, SiCLIPConfig, block_types
+
+EXPORT_KIND = "export"
+
+
+def check_exportable(cfg: SiCLIPConfig) -> None:
+    """A one-line error unless CLIPModel can hold the model exactly."""
+    problems = []
+    if cfg.image.kind != "vit":
+        problems.append(f"its image tower is {cfg.image.kind!r}, not a ViT")
+    for name, tower in (("image", cfg.image), ("text", cfg.text)):
+        if tower.share_attention:
+            problems.append(f"its {name} tower shares attention")
+        if cfg.image.kind == "vit" or name == "text":
+            kinds = sorted(set(block_types(tower)) - {"preln"})
+            if kinds:
+                problems.append(f"its {name} tower has {'/'.join(kinds)} blocks")
+    if not cfg.text.causal:
+        problems.append("its text tower is bidirectional (CLIPModel's is causal)")
+    if problems:
+        raise SiclipError(f"model {cfg.name!r} does not export to a transformers CLIPModel: {'; '.join(problems)} "
+                          f"(only pre-LN ViT teachers export)")
+
+
+def clip_config(cfg: SiCLIPConfig):
+    """The transformers CLIPConfig of a pre-LN siclip model."""
+    from transformers import CLIPConfig
+
+    from training.tokenizer import EOT, SOT, ClipTokenizer
+
+    check_exportable(cfg)
+    v, t = cfg.image, cfg.text
+    tok = ClipTokenizer()
+    return CLIPConfig(
+        projection_dim=cfg.embed_dim, logit_scale_init_value=cfg.init_logit_scale,
+        vision_config=dict(hidden_size=v.width, intermediate_size=int(v.width * v.mlp_ratio),
+                           num_hidden_layers=v.depth, num_attention_heads=v.heads, image_size=v.image_size,
+                           patch_size=v.patch_size, hidden_act=v.act, layer_norm_eps=v.ln_eps),
+        text_config=dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=int(t.width * t.mlp_ratio),
+                         num_hidden_layers=t.depth, num_attention_heads=t.heads,
+                         max_position_embeddings=t.context_length, hidden_act=t.act, layer_norm_eps=t.ln_eps,
+                         bos_token_id=tok.encoder[SOT], eos_token_id=t.eot_token_id, pad_token_id=tok.encoder[EOT]))
+
+
+def to_transformers(model: SiCLIP):
+    """A CLIPModel holding exactly the siclip model's weights."""
+    from transformers import CLIPModel
+
+    clip = CLIPModel(clip_config(model.config)).eval()
+    ours = model.state_dict()
+    state = {}
+    for name, tensor in clip.state_dict().items():
+        if name.endswith("position_ids"):  # a buffer of CLIPModel's own
+            state[name] = tensor
+            continue
+        source = siclip_name(name)
+        if source not in ours or ours[source].shape != tensor.shape:
+            raise SiclipError(f"export: CLIPModel's {name} {list(tensor.shape)} has no counterpart in the siclip "
+                              f"model (looked for {source})")
+        state[name] = ours[source].detach().to(tensor.dtype)
+    clip.load_state_dict(state, strict=True)
+    return clip
+
+
+def write_tokenizer(folder: Path, context_length: int) -> None:
+    """CLIP's tokenizer as transformers reads it: vocab.json and merges.txt from the shipped merge list."""
+    from transformers import CLIPTokenizer
+
+    from training.tokenizer import DEFAULT_VOCAB, N_MERGES, ClipTokenizer
+
+    tok = ClipTokenizer()
+    with gzip.open(DEFAULT_VOCAB, "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1:N_MERGES + 1]
+    (folder / "vocab.json").write_text(json.dumps(tok.encoder, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    CLIPTokenizer.from_pretrained(folder, model_max_length=context_length).save_pretrained(folder)
+
+
+def write_image_processor(folder: Path, image_size: int, mean, std) -> None:
+    from transformers import CLIPImageProcessor
+
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                       image_mean=list(mean), image_std=list(std), resample=3).save_pretrained(folder)
+
+
+def export_model(model: SiCLIP, preprocess, folder: str | Path) -> Path:
+    """Write the CLIPModel folder (weights, config, tokenizer, image processor) into `folder`."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    to_transformers(model).save_pretrained(folder)
+    write_tokenizer(folder, model.config.text.context_length)
+    write_image_processor(folder, preprocess.image_size, preprocess.mean, preprocess.std)
+    return folder
+
+
+def export_run(source: str | Path, out: str | Path | None = None, log=print) -> tuple[Path, bool]:
+    """Export a run's final model (else its latest checkpoint) or a checkpoint folder: (out folder, written).
+
+    Inside a data root, `out` (default RUN/clip) is published and recorded in the train manifest after a
+    budget check; outside one it is only written."""
+    from manifests.layout import DataRoot
+    from manifests.manifest import StageManifest
+    from manifests.storage import StorageBudget, format_size
+    from training.evaluate import load
+    from training.runs import STATE, Run, find_checkpoint, folder_bytes
+
+    checkpoint = find_checkpoint(source)
+    if checkpoint is None:
+        raise SiclipError(f"--run {source}: not a siclip run (no final/ or checkpoints/step-*/) nor a checkpoint folder")
+    run_dir = Path(source) if checkpoint != Path(source) else checkpoint.parent
+    out = Path(out) if out else run_dir / "clip"
+    state = json.loads((checkpoint / STATE).read_text()) if (checkpoint / STATE).is_file() else {}
+    root = _data_root_of(out.absolute())
+    record = {"step": state.get("step"), "source": str(checkpoint.resolve()), "kind": EXPORT_KIND}
+    if (out / STATE).is_file() and json.loads((out / STATE).read_text()) == record:
+        if root is not None:
+            data = DataRoot(root)
+            manifest = StageManifest.load(data, "train")
+            if not manifest.entry_ok(data, data.rel(out)):  # a kill between rename and record
+                manifest.add(data, data.rel(out), sorted(p for p in out.rglob("*") if p.is_file()), samples=0,
+                             kind=EXPORT_KIND, step=record["step"])
+                manifest.save(data)
+        log(f"export: {out} holds {checkpoint} already; skipped")
+        return out, False
+
+    model, _, preprocess = load(checkpoint)
+    check_exportable(model.config)
+    if root is None:
+        export_model(model, preprocess, out)
+        (out / STATE).write_text(json.dumps(record, indent=1) + "\n")
+        log(f"export: {checkpoint} -> {out} (outside any data root: not counted in a budget)")
+        return out, True
+    data = DataRoot(root)
+    need = sum(p.numel() * p.element_size() for p in model.state_dict().values()) + 4 * 2**20  # + tokenizer files
+    budget = StorageBudget.load(data)
+    old = folder_bytes(out) if out.is_dir() else 0
+    if budget.budget_bytes and need > budget.remaining_bytes + old:
+        raise SiclipError(f"export needs about {format_size(need)} but only {format_size(budget.remaining_bytes)} of "
+                          f"the {format_size(budget.budget_bytes)} budget is left ('siclip manifest {root}')")
+    tmp = out.parent / f".tmp-{out.name}"
+    if tmp.exists():  # what a killed export left
+        shutil.rmtree(data.inside(tmp))
+    export_model(model, preprocess, tmp)
+    Run(data, run_dir.absolute()).publish(tmp, out.absolute(), record, kind=EXPORT_KIND)
+    log(f"export: {checkpoint} -> {out} ({format_size(folder_bytes(out))}, recorded in {data.manifest_path('train')})")
+    return out, True
+
+
+def _data_root_of(path: Path) -> Path | None:
+    """The data root (a folder with manifests/shards.json) that holds `path`, if any."""
+    for parent in [path, *path.parents]:
+        if (parent / "manifests" / "shards.json").is_file():
+            return parent
+    return None
+
+
+@torch.no_grad()
+def same_embeddings(model: SiCLIP, clip, pixels: torch.Tensor, token_ids: torch.Tensor) -> tuple[float, float]:
+    """Largest absolute difference of the image and text embeddings of the two models on the same inputs."""
+    ours_i, ours_t = model.encode_image(pixels), model.encode_text(token_ids)
+    theirs_i = clip.get_image_features(pixel_values=pixels)
+    theirs_t = clip.get_text_features(input_ids=token_ids)
+    theirs_i = getattr(theirs_i, "pooler_output", theirs_i)
+    theirs_t = getattr(theirs_t, "pooler_output", theirs_t)
+    norm = torch.nn.functional.normalize
+    return float((ours_i - norm(theirs_i, dim=-1)).abs().max()), float((ours_t - norm(theirs_t, dim=-1)).abs().max())
