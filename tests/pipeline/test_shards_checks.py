@@ -43,9 +43,10 @@ def test_a_server_dying_mid_run_fails_the_run_against_its_pilot_and_retry_failed
     m = StageManifest.load(DataRoot(data), "shards")
     assert len(m.entries) == 6 and m.total_samples < 24  # every shard finished, badly
     # the verdict is the data root's: a rerun with nothing to do says it again, unless the floor is lowered
-    # under the rate (about 31%: the pilot, and shard 00001's rows the server accepted before it went)
+    # under the rate: the pilot's 8 rows (16.7%) and those of shard 00001 that the server accepted before it
+    # went, which depends on the timing of 8 threads (9 and 15 of 48 seen)
     assert siclip(*args, check=False).returncode == 1
-    assert siclip(*args, "--set", "min_success_ratio=0.25").returncode == 0
+    assert siclip(*args, "--set", "min_success_ratio=0.1").returncode == 0
 
     with ImageServer(files, port=server.port):  # the server is back
         res = siclip(*args, "--retry-failed")
