@@ -88,9 +88,10 @@ def assemble(image: torch.Tensor, texts: torch.Tensor, valid: torch.Tensor, teac
 
 def forward_backward(model, objective: Objective, pixels, texts, valid, teacher: dict | None, micro: int,
                      accelerator) -> dict[str, torch.Tensor]:
-    """The stage's loss over the whole batch and its gradients, holding activations for `micro` samples at a time."""
+    """The stage's loss over the whole batch and its gradients, holding activations for `micro` images (and `micro`
+    captions) at a time; `micro` 0, or at least the batch's images, is one plain forward and backward."""
     scale = model.scale()
-    if micro >= max(len(pixels), len(texts)):  # the batch fits: one plain forward and backward
+    if not micro or micro >= len(pixels):  # no gradient caching: the batch, captions and all, fits
         with accelerator.autocast():
             image, text = model.encode_image(pixels), model.encode_text(texts)
         terms = objective(assemble(image.float(), text.float(), valid, teacher), scale)
@@ -251,7 +252,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
     if cfg.batch_size % world:
         raise SiclipError(f"batch_size {cfg.batch_size} does not split evenly over {world} processes")
     local_batch = cfg.batch_size // world
-    micro = min(cfg.micro_batch or local_batch, local_batch)
+    micro = min(cfg.micro_batch, local_batch)  # 0: no gradient caching
 
     with ExitStack() as stack:
         locked = None

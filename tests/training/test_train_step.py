@@ -163,3 +163,21 @@ def test_batchnorm_statistics_count_each_sample_once_with_caching_and_stay_put_w
     before = {k: v.clone() for k, v in model.image.state_dict().items()}
     forward_backward(model, objective, x, ids, valid, None, 2, accelerator)
     assert all(torch.equal(before[k], v) for k, v in model.image.state_dict().items())
+
+
+@pytest.mark.parametrize("micro, passes", [(0, 1), (GLOBAL_BATCH, 1), (GLOBAL_BATCH // 2, 2)])
+def test_without_gradient_caching_each_tower_runs_once_per_step_whatever_the_captions(accelerator, micro, passes):
+    """micro_batch 0 (or the whole batch) is one plain pass, though the captions (web + synthetic) outnumber the
+    images; gradient caching is the pass without gradients and the recomputation (it once ran for every
+    run with synthetic captions, 25% slower)."""
+    model, objective = small_model()
+    pixels, web, syn, valid, teacher = global_batch()
+    texts = torch.cat([web, syn[valid]])
+    assert len(texts) > len(pixels)
+    calls = {"image": 0, "text": 0}
+    for tower, attr in (("image", "visual"), ("text", "text")):
+        getattr(model, attr).register_forward_hook(lambda *_, t=tower: calls.__setitem__(t, calls[t] + 1))
+    forward_backward(model, objective, pixels, texts, valid, teacher, micro, accelerator)
+    chunks = -(-len(pixels) // micro) if passes > 1 else 1
+    text_chunks = -(-len(texts) // micro) if passes > 1 else 1
+    assert calls == {"image": passes * chunks, "text": passes * text_chunks}
