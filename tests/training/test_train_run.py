@@ -206,6 +206,30 @@ def test_a_checkpoint_that_would_pass_the_budget_is_refused_and_nothing_is_lost(
     assert_same_end(whole, root.runs / "tight")
 
 
+def test_the_loop_clamps_logit_scale_after_each_step(root, tmp_path):
+    """exp(logit_scale) starts at 150, over the cap of 100: after each step the loop puts it back on the cap (the
+    parameter keeps its gradient in the forward pass; the clamp is the loop's job, not the model's)."""
+    import math
+
+    cfg = config(tmp_path / "c.toml", SMALL_MODEL.replace('"embed_dim=16"]', '"embed_dim=16", "init_logit_scale=5.0111"]')
+                 + """
+batch_size = 16
+workers = 1
+val_shards = 1
+eval_every = 0
+[[stages]]
+name = "one"
+steps = 2
+lr = 1e-3
+[stages.loss]
+clip_web = 1.0
+""", small=False)
+    siclip(*run_args(root, cfg, "clamp"))
+    scale = weights(root.runs / "clamp" / "final")["logit_scale"]
+    # clamped at step 1, then moved by at most about lr by step 2; unclamped it would still be near log(150)
+    assert math.exp(5.0111) > 150 and math.log(100.0) - 0.01 < float(scale) <= math.log(100.0) + 1e-6
+
+
 def test_frozen_modules_stay_bit_identical_through_their_stage(root, tmp_path):
     from training.model import build_model, load_config
 
