@@ -323,7 +323,11 @@ def _finish(root, cfg, manifest: StageManifest, runner: ShardRunner, t0: float) 
         f"budget {format_size(storage.used_bytes)} of {format_size(storage.budget_bytes)} used")
     status = 0
     low = _below_pilot(manifest, cfg.min_success_ratio, rows, ok)
-    if low:
+    if rows and not ok:  # nothing for the later stages to read: a failure, whatever the reasons
+        log(f"shards: no image was downloaded of {rows:,} row(s) (failures: {fail_txt}); the data root holds no "
+            f"samples for the later stages")
+        status = 1
+    elif low:
         log(f"shards: {low}")
         status = 1
     if runner.stopped_by_budget:

@@ -129,7 +129,8 @@ def test_a_loopback_list_is_refused_row_by_row_without_the_flag(tmp_path, image_
         rows = [(f"{server.base}/{p}", c) for p, c in image_server.good_rows[:10]]
         urls = write_list(tmp_path / "urls.parquet", rows)
         args = [a for a in SMALL if a != "--allow-private-addresses"]
-        res = siclip("shards", "--urls", urls, "--data", tmp_path / "data", *args)
+        res = siclip("shards", "--urls", urls, "--data", tmp_path / "data", *args, check=False)
+    assert res.returncode == 1  # a run that downloaded nothing has failed, whatever the reasons
     assert not server.hits  # not one connection reached it
     outcomes = row_outcomes(tmp_path / "data")
     assert set(outcomes) == {u for u, _ in rows}
@@ -139,9 +140,11 @@ def test_a_loopback_list_is_refused_row_by_row_without_the_flag(tmp_path, image_
                            "to fetch from your own network")
     m = StageManifest.load(DataRoot(tmp_path / "data"), "shards")
     assert m.total_samples == 0 and sum(e["failures"]["private_address"] for e in m.entries.values()) == len(rows)
-    hint, summary = res.stderr.strip().splitlines()[-2:]
+    hint, summary, verdict = res.stderr.strip().splitlines()[-3:]
     assert hint.startswith(f"shards: {len(rows)} row(s) point at loopback") and "--allow-private-addresses" in hint
     assert "failures: private_address 10" in summary
+    assert verdict == ("shards: no image was downloaded of 10 row(s) (failures: private_address 10); the data root "
+                       "holds no samples for the later stages")
 
 
 @pytest.mark.parametrize("address, public", [

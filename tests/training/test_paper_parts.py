@@ -224,7 +224,8 @@ def paper_data(tmp_path_factory, teacher_dir):
     with serve_generated(48, seed=7) as (server, rows):
         urls = write_list(d / "urls.parquet", [(f"{server.base}/{p}", c) for p, c in rows])
         siclip("shards", "--urls", urls, "--data", d / "data", "--image-size", "64", "--samples-per-shard", "16",
-               "--processes", "2", "--threads", "8", "--budget", "8GB", "--reserve", "0%", "--set", "timeout=20")
+               "--processes", "2", "--threads", "8", "--budget", "8GB", "--reserve", "0%", "--set", "timeout=20",
+               "--allow-private-addresses")
     siclip("captions", "--data", d / "data", "--model", "tiny", "--workers", "0", "--num-captions", "3",
            "--max-new-tokens", "12")
     siclip("teacher", "--data", d / "data", "--teacher", f"open_clip:{teacher_dir}", "--workers", "0",
