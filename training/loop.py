@@ -235,7 +235,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
     """Train per `cfg` on the data root; 0 when the schedule (or max_steps) is done, 3 when stopped at the budget."""
     from accelerate import Accelerator
 
-    from training.inherit import inherit_weights
+    from training.inherit import INHERITED, inherit_weights
     from training.model import build_model, load_config
 
     # -- prepare: the processes, the run folder, the config ---------------------------------------------
@@ -312,8 +312,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
             say(f"train: {report.summary()} (report: {report_path})")
             inherited = set(report.inherited_names())
         elif cfg.inherit_from:  # the checkpoint holds the weights; the report says which were inherited
-            inherited = {t["name"] for t in json.loads(report_path.read_text())["tensors"]
-                         if t["how"] in ("copied", "sliced", "interpolated")}
+            inherited = {t["name"] for t in json.loads(report_path.read_text())["tensors"] if t["how"] in INHERITED}
         frozen_inherited = inherited if cfg.inherit_freeze else set()
 
         teachers, loaded = {}, {}
