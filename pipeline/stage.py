@@ -218,21 +218,29 @@ def _fit_encoding(root, cfg, plan: Plan, manifest: StageManifest):
     return replace(cand, fit_by="samples")
 
 
+def retry_reasons(cfg) -> set[str]:
+    """The failure reasons --retry-failed fetches again: the transient ones, and `private_address` once the
+    settings allow such addresses (the rows a run without --allow-private-addresses refused)."""
+    return RETRYABLE | ({"private_address"} if cfg.allow_private_addresses else set())
+
+
 def _retry_jobs(root, cfg, manifest: StageManifest) -> list:
     """New shards of the rows that failed for a retryable reason in shards not harvested yet."""
     import pyarrow.parquet as pq
 
     info = manifest.info.setdefault("retry", {"harvested": [], "shards": {}})
+    reasons = retry_reasons(cfg)
     urls, caps = [], []
     for unit in sorted(manifest.entries):
         if unit in info["harvested"]:
             continue
         t = pq.read_table(shard_files(root.shards, int(unit))[1], columns=["url", "caption", "status", "error_message"])
         for u, c, st, err in zip(*(t.column(n).to_pylist() for n in t.column_names)):
-            if st != "success" and classify(err) in RETRYABLE:
+            if st != "success" and classify(err) in reasons:
                 urls.append(u)
                 caps.append(c or "")
         info["harvested"].append(unit)
+        info.setdefault("reasons", {})[unit] = sorted(reasons)  # which of its failures were tried again
     planned = manifest.info["plan"]["shards"]
     next_id = max([planned - 1] + [int(k) for k in info["shards"]] + [int(u) for u in manifest.entries]) + 1
     sps = cfg.samples_per_shard
@@ -245,7 +253,7 @@ def _retry_jobs(root, cfg, manifest: StageManifest) -> list:
         info["shards"][shard_name(sid)] = min(sps, table.num_rows - i)
     manifest.save(root)
     log(f"shards: --retry-failed: {table.num_rows:,} rows failed for a retryable reason "
-        f"({', '.join(sorted(RETRYABLE))}); {-(-table.num_rows // sps)} new shard(s)")
+        f"({', '.join(sorted(reasons))}); {-(-table.num_rows // sps)} new shard(s)")
     return _pending_retry_jobs(root, cfg, manifest)
 
 
@@ -295,13 +303,14 @@ def net_outcome(manifest: StageManifest) -> tuple[int, int, dict[str, int], int]
     counted once: a row that --retry-failed downloaded again counts by its last try."""
     retry = manifest.info.get("retry", {})
     retry_shards, harvested = retry.get("shards", {}), set(retry.get("harvested", []))
+    retried = {unit: set(r) for unit, r in retry.get("reasons", {}).items()}  # else RETRYABLE (older manifests)
     rows = samples = 0
     failures: dict[str, int] = {}
     for unit, e in manifest.entries.items():
         rows += 0 if unit in retry_shards else e["rows"]
         samples += e["samples"]
         for r, n in e.get("failures", {}).items():
-            if not (unit in harvested and r in RETRYABLE):  # those rows were tried again in a retry shard
+            if not (unit in harvested and r in retried.get(unit, RETRYABLE)):  # tried again in a retry shard
                 failures[r] = failures.get(r, 0) + n
     waiting = sum(n for name, n in retry_shards.items() if name not in manifest.entries)
     return rows, samples, failures, waiting
@@ -315,7 +324,8 @@ def _finish(root, cfg, manifest: StageManifest, runner: ShardRunner, t0: float) 
     secs = time.monotonic() - t0
     if failures.get("private_address"):
         log(f"shards: {failures['private_address']:,} row(s) point at loopback, private, link-local or other non-public "
-            f"addresses and were not fetched; pass {ALLOW_PRIVATE_FLAG} if the images are served on your own network")
+            f"addresses and were not fetched; if the images are served on your own network, rerun with "
+            f"{ALLOW_PRIVATE_FLAG} --retry-failed to fetch them")
     log(f"shards: done: {len(manifest.entries)} shards, {ok:,}/{rows:,} images ({100 * ok / max(1, rows):.1f}%)"
         f"{f', net of {retried:,} row(s) downloaded again by --retry-failed' if retried else ''}, "
         f"{format_size(manifest.total_bytes)} in {secs:.1f} s; failures: {fail_txt}"

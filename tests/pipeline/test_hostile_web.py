@@ -145,6 +145,16 @@ def test_a_loopback_list_is_refused_row_by_row_without_the_flag(tmp_path, image_
     assert "failures: private_address 10" in summary
     assert verdict == ("shards: no image was downloaded of 10 row(s) (failures: private_address 10); the data root "
                        "holds no samples for the later stages")
+    assert "rerun with --allow-private-addresses --retry-failed" in hint
+
+    # the rerun the hint names fetches the refused rows, and the net outcome has no failure left
+    with ImageServer(dict(image_server.files), port=server.port) as again:
+        res = siclip("shards", "--urls", urls, "--data", tmp_path / "data", *args, "--allow-private-addresses",
+                     "--retry-failed")
+    assert len(again.hits) == len(rows)
+    done = next(line for line in res.stderr.splitlines() if line.startswith("shards: done:"))
+    assert "10/10 images (100.0%), net of 10 row(s) downloaded again by --retry-failed" in done
+    assert "failures: none;" in done
 
 
 @pytest.mark.parametrize("address, public", [
