@@ -108,6 +108,7 @@ def _pipeline_rate(model_path: Path, jpegs: list[bytes], time_cap: float, device
             pipe, kw = pipeline("image-text-to-text", model=str(model_path), **on_gpu), {"text": ""}
         except (KeyError, ValueError):
             pipe, kw = pipeline("image-to-text", model=str(model_path), **on_gpu), {}
+    # the bench's own RGB JPEGs, decoded as a pipeline user would: nothing from outside, so not siclip.images
     images = [Image.open(io.BytesIO(b)).convert("RGB") for b in jpegs]
     default_threads = torch.get_num_threads()
     best = (0.0, default_threads)

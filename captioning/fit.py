@@ -3,7 +3,9 @@ mean something (a random captioner's do not). The demo's stand-in for a captione
 
     python -m captioning.fit --pairs DIR --out DIR [--minutes 1.5 | --steps N]
 
-DIR holds pairs: an image (jpg/png/webp) and a .txt of the same stem with its caption. The vocabulary
+DIR holds pairs: an image (jpg/png/webp/...) and a .txt of the same stem with its caption; images are decoded
+as stage 1 decodes the shards' (siclip.images: transparency onto white), one that does not decode is skipped
+and counted. The vocabulary
 is the tiny one plus the captions' words; training is teacher forcing (next-token cross-entropy given
 the image), AdamW, for a time or step budget. The result is saved with save_pretrained, with
 `fit.json` beside it, and loads through `siclip captions --model DIR`. A rerun with the same
@@ -21,8 +23,8 @@ from pathlib import Path
 
 from manifests.errors import SiclipError
 from manifests.progress import Progress, format_duration
+from siclip.images import UnreadableImage, decode_image, is_image_file
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 FIT_FILE = "fit.json"
 
 
@@ -32,7 +34,7 @@ def read_pairs(folder: str | Path) -> list[tuple[Path, str]]:
     if not folder.is_dir():
         raise SiclipError(f"--pairs {folder}: not a folder")
     pairs = []
-    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    for image in sorted(p for p in folder.iterdir() if is_image_file(p)):
         text = image.with_suffix(".txt")
         caption = text.read_text(errors="replace").strip() if text.is_file() else ""
         if caption:
@@ -41,6 +43,25 @@ def read_pairs(folder: str | Path) -> list[tuple[Path, str]]:
         raise SiclipError(f"--pairs {folder}: needs two or more images with a caption in a .txt of the same stem "
                           f"(found {len(pairs)})")
     return pairs
+
+
+def decode_pairs(pairs: list[tuple[Path, str]], log) -> tuple[list, list[str], int]:
+    """(RGB images, their captions, how many were unreadable) of `pairs`; an image that does not decode is
+    left out and the first such is logged."""
+    images, captions, unreadable = [], [], []
+    for path, caption in pairs:
+        try:
+            images.append(decode_image(path))
+            captions.append(caption)
+        except UnreadableImage as e:
+            unreadable.append(e)
+    if unreadable:
+        log(f"fit: skipped {len(unreadable)} unreadable image{'s' * (len(unreadable) > 1)} of {len(pairs)}: "
+            f"{unreadable[0]}")
+    if len(images) < 2:
+        raise SiclipError(f"--pairs {pairs[0][0].parent}: needs two or more readable images with a caption "
+                          f"(found {len(images)}; {len(unreadable)} unreadable, such as {unreadable[0]})")
+    return images, captions, len(unreadable)
 
 
 def caption_words(captions: list[str]) -> list[str]:
@@ -53,7 +74,6 @@ def fit(pairs_dir: str | Path, out: str | Path, minutes: float = 1.5, steps: int
         threads: int = 1, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict:
     """Train the captioner for `steps` steps (or `minutes` when steps is 0), save it into `out`; its summary."""
     import torch
-    from PIL import Image
 
     from captioning.models import _quiet_transformers, build_tiny_captioner
 
@@ -68,13 +88,11 @@ def fit(pairs_dir: str | Path, out: str | Path, minutes: float = 1.5, steps: int
     if threads:  # tiny models: one thread is fastest, and on a busy machine by far
         torch.set_num_threads(threads)
     _quiet_transformers()
-    pairs = read_pairs(pairs_dir)
-    captions = [c for _, c in pairs]
+    images, captions, unreadable = decode_pairs(read_pairs(pairs_dir), log)
     model, processor = build_tiny_captioner(seed, words=caption_words(captions), image_size=image_size,
                                             width=width, layers=layers)
     tok = processor.tokenizer
-    pixels = processor.image_processor(images=[Image.open(p).convert("RGB") for p, _ in pairs],
-                                       return_tensors="pt")["pixel_values"]
+    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
     enc = tok(captions, padding="longest", truncation=True, max_length=40, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     ids[:, 0] = model.config.text_config.bos_token_id  # BLIP decodes from [DEC], as generate() starts
@@ -87,11 +105,11 @@ def fit(pairs_dir: str | Path, out: str | Path, minutes: float = 1.5, steps: int
     progress = Progress("fit", steps or round(minutes * 60), unit="steps" if steps else "s", every_s=5.0)
     model.train()
     started, step, first, loss = time.monotonic(), 0, None, None
-    order = torch.randperm(len(pairs), generator=gen)
+    order = torch.randperm(len(captions), generator=gen)
     cursor = 0
     while (step < budget) if budget else (time.monotonic() < deadline):
         if cursor + batch_size > len(order):
-            order, cursor = torch.randperm(len(pairs), generator=gen), 0
+            order, cursor = torch.randperm(len(captions), generator=gen), 0
         idx = order[cursor:cursor + batch_size]
         cursor += batch_size
         loss = model(pixel_values=pixels[idx], input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
@@ -110,12 +128,12 @@ def fit(pairs_dir: str | Path, out: str | Path, minutes: float = 1.5, steps: int
     model.save_pretrained(out)
     processor.save_pretrained(out)
     seconds = time.monotonic() - started
-    summary = {"params": params, "pairs": len(pairs), "steps": step, "samples": step * batch_size,
+    summary = {"params": params, "pairs": len(captions), "unreadable": unreadable, "steps": step, "samples": step * batch_size,
                "loss_first": first, "loss": float(loss.detach()) if loss is not None else float("nan"),
                "seconds": round(seconds, 1), "vocabulary": len(tok)}
     record.write_text(json.dumps(summary, indent=1) + "\n")
-    log(f"fit: {step} steps ({step * batch_size:,} pairs seen, {step * batch_size / len(pairs):.1f} epochs of "
-        f"{len(pairs)}) in {format_duration(seconds)}, loss {summary['loss_first']:.3f} -> {summary['loss']:.3f}; "
+    log(f"fit: {step} steps ({step * batch_size:,} pairs seen, {step * batch_size / len(captions):.1f} epochs of "
+        f"{len(captions)}) in {format_duration(seconds)}, loss {summary['loss_first']:.3f} -> {summary['loss']:.3f}; "
         f"captioner in {out} (siclip captions --model {out})")
     return summary
 

@@ -7,7 +7,6 @@ other shards go on.
 
 from __future__ import annotations
 
-import io
 import math
 import queue
 import random
@@ -18,25 +17,22 @@ from pathlib import Path
 
 from manifests.errors import SiclipError
 from manifests.samples import CorruptShardError, iter_samples, iter_shard
+from siclip.images import UnreadableImage, decode_image, image_member
 from captioning.models import seed_for
 from captioning.sidecar import OK
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _END = object()
 
 
 def _decode_image(sample: dict):
-    from PIL import Image
-
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    """(RGB image, None), or (None, why) for a sample whose image is missing or does not decode."""
+    ext = image_member(sample)
     if ext is None:
         return None, "no image member"
     try:
-        img = Image.open(io.BytesIO(sample[ext]))
-        img.load()
-        return img.convert("RGB"), None
-    except Exception as e:  # a bad image is a status, never a crash
-        return None, f"cannot decode {ext}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        return decode_image(sample[ext]), None
+    except UnreadableImage as e:  # a bad image is a status, never a crash
+        return None, f"cannot decode {ext}: {e.reason}"
 
 
 def _prefetch(produce, depth: int = 2):

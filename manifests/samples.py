@@ -281,31 +281,6 @@ def iter_samples(root: DataRoot | str | Path, shard: str, sidecars: tuple[str, .
         lookup.check_all_used(used)
 
 
-def decode_sample(sample: dict) -> dict:
-    """Decode the usual members in place: 'jpg'/'png'/'webp' to a PIL image, 'txt' to str, 'json' to dict.
-
-    Raises CorruptShardError naming the sample when an image member cannot be decoded.
-    """
-    import io
-
-    from PIL import Image
-
-    for ext in ("jpg", "jpeg", "png", "webp"):
-        if ext in sample and isinstance(sample[ext], bytes):
-            try:
-                img = Image.open(io.BytesIO(sample[ext]))
-                img.load()
-            except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for truncated or foreign data
-                raise CorruptShardError(f"sample {sample.get('__key__')}: its {ext} member is not a readable image "
-                                        f"({e})") from None
-            sample[ext] = img
-    if isinstance(sample.get("txt"), bytes):
-        sample["txt"] = sample["txt"].decode("utf-8", errors="replace")
-    if isinstance(sample.get("json"), bytes):
-        sample["json"] = json.loads(sample["json"])
-    return sample
-
-
 def recorded_view(params, width: int, height: int) -> tuple[tuple[int, int, int, int], bool]:
     """The pixel box and flip of one recorded augmentation (a teacher sidecar's `aug_params` row:
     x0, y0, w, h as fractions of the image, flip >= 0.5), so training replays the teacher's view."""

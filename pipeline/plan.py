@@ -103,7 +103,7 @@ def reencoded_bytes(tar_path, image_size: int, quality: int, encode_format: str,
                 continue
             data = tar.extractfile(m).read()
             now += len(data)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # stage 1's own output, re-encoded as it is only to count bytes
             img.load()
             if max(img.size) != image_size:
                 scale = image_size / (min(img.size) if resize_mode in ("center_crop", "keep_ratio") else max(img.size))

@@ -18,6 +18,7 @@ from typing import Any
 
 from manifests.config import coerce_value, unknown_key
 from manifests.errors import SiclipError
+from siclip.images import OPENAI_MEAN, OPENAI_STD
 
 try:
     import tomllib
@@ -83,8 +84,8 @@ class TrainConfig:
     crop_scale: list = field(default_factory=lambda: [0.6, 1.0])  # random resized crop, area fraction; [1, 1]: none
     flip: bool = False  # horizontal flips (off: captions name left and right)
     shuffle_buffer: int = 1000  # samples each loader worker shuffles among
-    image_mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])  # OpenAI CLIP's
-    image_std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    image_mean: list = field(default_factory=lambda: list(OPENAI_MEAN))
+    image_std: list = field(default_factory=lambda: list(OPENAI_STD))
     val_shards: Any = 0  # held out, never trained on: a count (the last N shards) or a list of shard names
     eval_every: int = 0  # retrieval on the held-out shards every N steps (and at the end); 0: at the end only
     checkpoint_every: int = 100  # steps

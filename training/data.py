@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,7 @@ from manifests.errors import SiclipError
 from manifests.layout import DataRoot
 from manifests.manifest import SIDECAR_INPUTS, Inputs, StageManifest
 from manifests.samples import ShardSidecars, embeddings, finished_shards, recorded_view, shard_samples
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from siclip.images import UnreadableImage, decode_image, image_member
 
 
 @dataclass(frozen=True)
@@ -231,18 +229,14 @@ class SampleSettings:
 
 
 def _decode(sample: dict):
-    from PIL import Image
-
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    ext = image_member(sample)
     if ext is None:
         raise SiclipError(f"{sample.get('__url__')}: sample {sample['__key__']} has no image member")
     try:
-        img = Image.open(io.BytesIO(sample[ext]))
-        img.load()
-    except Exception as e:
+        return decode_image(sample[ext])
+    except UnreadableImage as e:
         raise SiclipError(f"{sample.get('__url__')}: sample {sample['__key__']}: cannot decode its {ext} "
-                          f"({type(e).__name__}); siclip manifest DATA --verify checks the shards") from None
-    return img.convert("RGB")
+                          f"({e.reason}); siclip manifest DATA --verify checks the shards") from None
 
 
 def center_box(width: int, height: int, box=None) -> tuple[int, int, int, int]:

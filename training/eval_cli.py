@@ -86,7 +86,8 @@ def table(result: dict, names: list[str]) -> str:
         lines.append(f"  {'zero-shot':<22}{'classes':>8}{'images':>8}{'top-1':>8}{'top-5':>8}{'recall':>8}{'chance':>8}")
         for name, m in per_folder.items():
             lines.append(f"  {name:<22}{m['classes']:>8}{m['images']:>8}{m['top1']:>8.3f}{m['top5']:>8.3f}"
-                         f"{m['mean_per_class_recall']:>8.3f}{m['chance_top1']:>8.3f}")
+                         f"{m['mean_per_class_recall']:>8.3f}{m['chance_top1']:>8.3f}"
+                         + (f"  ({m['unreadable']} unreadable, skipped)" if m.get("unreadable") else ""))
     if "retrieval" in result:
         r = result["retrieval"]
         lines.append(f"  {'retrieval':<22}{'pairs':>8}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'':>8}{'chance':>8}")

@@ -2,13 +2,15 @@
 
 - `retrieval`: image <-> text recall@1/5/10 on held-out shards (each image's web caption is its match).
 - `zeroshot`: classification of a folder of class sub-folders, class names from the folder names,
-  each class embedded as the mean of its prompt templates: top-1, top-5, mean per-class recall.
+  each class embedded as the mean of its prompt templates: top-1, top-5, mean per-class recall. Files are
+  decoded by `siclip.images` as stage 1 decoded the shards' images; one that does not decode is skipped and counted.
 - `load(run or checkpoint folder)`: (model, tokenizer, preprocess) for encoding images and texts.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,18 +18,18 @@ import numpy as np
 import torch
 
 from manifests.errors import SiclipError
+from siclip.images import OPENAI_MEAN, OPENAI_STD, UnreadableImage, decode_image, is_image_file
 
 TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.", "a photo of the {}.",
              "a close-up photo of a {}.", "a drawing of a {}."]
 PREPROCESS_FILE = "preprocess.json"
 TEMPLATES_FILE = "templates.txt"  # an image folder's own prompts, one per line with {}
-OPENAI_MEAN, OPENAI_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
 
 @dataclass
 class Preprocess:
-    """PIL image -> normalised float tensor (3, size, size): shortest side resized, center crop."""
+    """An image (PIL image of any mode, bytes or a path; decoded by siclip.images, alpha onto white) ->
+    normalised float tensor (3, size, size): shortest side resized, center crop. UnreadableImage if it won't decode."""
 
     image_size: int
     mean: list
@@ -36,7 +38,7 @@ class Preprocess:
     def __call__(self, img) -> torch.Tensor:
         from training.data import _pixels
 
-        x = torch.from_numpy(_pixels(img.convert("RGB"), None, self.image_size, False)).float().div_(255)
+        x = torch.from_numpy(_pixels(decode_image(img), None, self.image_size, False)).float().div_(255)
         return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
 
     def save(self, folder: Path) -> None:
@@ -49,7 +51,7 @@ class Preprocess:
         if path.is_file():
             d = json.loads(path.read_text())
             return cls(int(d["image_size"]), d["mean"], d["std"])
-        return cls(image_size, OPENAI_MEAN, OPENAI_STD)
+        return cls(image_size, list(OPENAI_MEAN), list(OPENAI_STD))
 
 
 def load(path: str | Path, device: str = "cpu"):
@@ -131,7 +133,7 @@ def image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         raise SiclipError(f"--imagefolder {folder}: not a folder")
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     items = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).rglob("*"))
-             if p.suffix.lower() in IMAGE_SUFFIXES]
+             if is_image_file(p)]
     if len(classes) < 2 or not items:
         raise SiclipError(f"--imagefolder {folder}: needs two or more class sub-folders holding images "
                           f"(found {len(classes)} classes, {len(items)} images)")
@@ -154,10 +156,9 @@ def read_templates(path: Path | None, folder: Path | None = None) -> list[str]:
 
 @torch.no_grad()
 def zeroshot(model, tokenizer, preprocess: Preprocess, folder: Path, templates: list[str], device="cpu",
-             batch_size: int = 64) -> dict[str, float]:
-    """Zero-shot classification: top-1, top-5 and mean per-class recall over a folder of class folders."""
-    from PIL import Image
-
+             batch_size: int = 64, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict[str, float]:
+    """Zero-shot classification: top-1, top-5 and mean per-class recall over a folder of class folders.
+    A file that does not decode is left out: `unreadable` counts them, and `log` names the first."""
     classes, items = image_folder(folder)
     model.eval()
     context = model.config.text.context_length
@@ -167,18 +168,30 @@ def zeroshot(model, tokenizer, preprocess: Preprocess, folder: Path, templates: 
         emb = model.encode_text(tokenizer([t.format(readable) for t in templates], context).to(device)).float()
         weights.append(torch.nn.functional.normalize(emb.mean(dim=0), dim=-1))
     weights = torch.stack(weights)
-    correct1, correct5, labels = [], [], []
+    correct1, correct5, labels, unreadable = [], [], [], []
     for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        pixels = torch.stack([preprocess(Image.open(p)) for p, _ in chunk]).to(device)
-        logits = model.encode_image(pixels).float() @ weights.T
+        inputs, y = [], []
+        for path, label in items[start:start + batch_size]:
+            try:
+                inputs.append(preprocess(path))
+                y.append(label)
+            except UnreadableImage as e:
+                unreadable.append(e)
+        if not inputs:
+            continue
+        logits = model.encode_image(torch.stack(inputs).to(device)).float() @ weights.T
         top = logits.topk(min(5, len(classes)), dim=1).indices.cpu()
-        y = torch.tensor([c for _, c in chunk])
+        y = torch.tensor(y)
         correct1.append(top[:, 0] == y)
         correct5.append((top == y[:, None]).any(dim=1))
         labels.append(y)
+    if unreadable:
+        log(f"eval: zero-shot {folder}: skipped {len(unreadable)} unreadable image{'s' * (len(unreadable) > 1)} of "
+            f"{len(items)}: {unreadable[0]}" + (f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""))
+    if not labels:
+        raise SiclipError(f"--imagefolder {folder}: none of its {len(items)} images is readable ({unreadable[0]})")
     c1, c5, y = torch.cat(correct1), torch.cat(correct5), torch.cat(labels)
     per_class = [float(c1[y == i].float().mean()) for i in range(len(classes)) if (y == i).any()]
     return {"top1": float(c1.float().mean()), "top5": float(c5.float().mean()),
             "mean_per_class_recall": float(np.mean(per_class)), "classes": len(classes), "images": len(y),
-            "chance_top1": 1.0 / len(classes)}
+            "unreadable": len(unreadable), "chance_top1": 1.0 / len(classes)}

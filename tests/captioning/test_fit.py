@@ -70,3 +70,18 @@ def test_pairs_without_captions_are_one_clear_error(tmp_path):
     res = subprocess.run([sys.executable, "-m", "captioning.fit", "--pairs", str(tmp_path / "nothing"), "--out",
                           str(tmp_path / "out"), "--steps", "1"], capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("fit: error: --pairs")
+
+
+def test_an_image_that_does_not_decode_is_skipped_and_counted(tmp_path):
+    from PIL import Image
+
+    write_pairs(tmp_path / "pairs", seed=13, n=3)
+    Image.new("RGBA", (64, 64), (200, 30, 30, 0)).save(tmp_path / "pairs" / "clear.png")  # transparent: white
+    (tmp_path / "pairs" / "clear.txt").write_text("a white picture")
+    (tmp_path / "pairs" / "notes.jpg").write_text("a text file with an image's name\n")
+    (tmp_path / "pairs" / "notes.txt").write_text("a caption for it")
+    lines = []
+    summary = fit(tmp_path / "pairs", tmp_path / "out", steps=1, batch_size=2, log=lines.append)
+    assert summary["pairs"] == 4 and summary["unreadable"] == 1
+    assert any(ln.startswith(f"fit: skipped 1 unreadable image of 5: {tmp_path / 'pairs' / 'notes.jpg'}: not a "
+                             "readable image") for ln in lines), lines

@@ -12,7 +12,7 @@ import pytest
 
 from manifests.layout import DataRoot
 from manifests.manifest import StageManifest
-from manifests.samples import (CorruptShardError, SidecarMismatchError, decode_sample, embeddings, finished_shards,
+from manifests.samples import (CorruptShardError, SidecarMismatchError, embeddings, finished_shards,
                                iter_samples, iter_shard, read_sidecar)
 from manifests.errors import SiclipError
 
@@ -71,24 +71,6 @@ def test_a_key_whose_members_are_not_together_is_a_corrupt_shard(tmp_path):
     assert next(got)["__key__"] == "a" and next(got)["__key__"] == "b"
     with pytest.raises(CorruptShardError, match=f"{tar}: key a appears twice"):
         next(got)
-
-
-def test_decode_sample_turns_members_into_an_image_a_caption_and_metadata():
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (5, 3), (10, 200, 30)).save(buf, "PNG")
-    sample = decode_sample({"__key__": "k", "png": buf.getvalue(), "txt": "caf\u00e9".encode() + b" \xff",
-                            "json": b'{"url": "http://x/y.png"}', "npy": b"raw"})
-    assert sample["png"].size == (5, 3) and sample["png"].getpixel((0, 0)) == (10, 200, 30)
-    assert sample["txt"] == "caf\u00e9 \ufffd"  # an undecodable byte is replaced, not fatal
-    assert sample["json"] == {"url": "http://x/y.png"} and sample["npy"] == b"raw" and sample["__key__"] == "k"
-    assert decode_sample(sample) is sample  # decoding twice changes nothing
-
-
-def test_decode_sample_names_the_sample_whose_image_is_unreadable():
-    with pytest.raises(CorruptShardError, match="sample 000000007: its jpg member is not a readable image"):
-        decode_sample({"__key__": "000000007", "jpg": b"\xff\xd8 not really a jpeg"})
 
 
 def test_samples_joined_with_captions_by_key(tmp_path):

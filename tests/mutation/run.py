@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).with_name("mutation.toml")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled",
        "COLUMNS": "300"}  # pytest's summary lines keep the assertion that failed
-PACKAGES = ["manifests", "pipeline", "captioning", "training"]
+PACKAGES = ["manifests", "siclip", "pipeline", "captioning", "training"]
 SKIP = shutil.ignore_patterns(".venv*", ".git", "data", "mutants", "__pycache__", "*.egg-info", ".pytest_cache")
 
 
