@@ -287,7 +287,8 @@ def build_blocks(cfg: ImageTowerConfig | TextTowerConfig) -> nn.ModuleList:
 
 
 def init_weights(module: nn.Module):
-    """CLIP-style normal init; applied children first, so ShapedAttention re-zeroes its W_Q (and W_V) afterwards."""
+    """CLIP-style normal init of embeddings and stems; applied children first, so ShapedAttention re-zeroes its
+    W_Q (and W_V) afterwards. The blocks and the projection are then scaled by `init_tower`."""
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         nn.init.normal_(module.weight, std=0.02)
         if module.bias is not None:
@@ -296,6 +297,29 @@ def init_weights(module: nn.Module):
         nn.init.normal_(module.weight, std=0.02)
     elif isinstance(module, ShapedAttention):
         module.reset_identity()
+
+
+def init_blocks(blocks, width: int, depth: int) -> None:
+    """OpenAI CLIP's init of transformer blocks, scaled by width and depth (open_clip's text tower uses it).
+
+    Attention projections get std width^-1/2, the first MLP layer (2·width)^-1/2 and every layer that
+    writes into the residual stream width^-1/2·(2·depth)^-1/2. A flat 0.02 leaves the query-key logits
+    of a 128-wide tower near zero, and since W_Q's gradient scales with W_K (and back) attention then
+    takes hundreds of steps to learn anything. A SAS-P block's W_Q (and W_V) stays zero: its attention
+    is still the identity at init, and its W_K at width^-1/2 lets W_Q grow from the first step.
+    """
+    attn_std, fc_std = width**-0.5, (2 * width) ** -0.5
+    out_std = attn_std * (2 * depth) ** -0.5
+    for block in blocks:
+        attn = block.attn
+        if isinstance(attn, ShapedAttention):
+            nn.init.normal_(attn.k.weight, std=attn_std)
+        else:
+            for layer in (attn.q, attn.k, attn.v):
+                nn.init.normal_(layer.weight, std=attn_std)
+            nn.init.normal_(attn.out.weight, std=out_std)
+        nn.init.normal_(block.mlp.fc1.weight, std=fc_std)
+        nn.init.normal_(block.mlp.fc2.weight, std=out_std)
 
 
 # ----------------------------------------------------------------------------- towers
@@ -327,8 +351,10 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         self.apply(init_weights)
+        init_blocks(self.blocks, cfg.width, cfg.depth)
         nn.init.normal_(self.cls_token, std=cfg.width**-0.5)
         nn.init.normal_(self.pos_embed, std=0.01)
+        nn.init.normal_(self.proj.weight, std=cfg.width**-0.5)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # (B, patches, width)
@@ -370,11 +396,13 @@ class MCi0Tower(nn.Module):
         if len(stage.blocks) != cfg.depth or stage.blocks[0].token_mixer.qkv.in_features != cfg.width:
             raise ValueError(f"mci0's last stage has {len(stage.blocks)} blocks of width 512; config says "
                              f"depth={cfg.depth}, width={cfg.width}")
-        sasp = build_blocks(cfg)
+        sasp, fresh = build_blocks(cfg), []
         for i, kind in enumerate(block_types(cfg)):
             if kind == "sasp":
                 sasp[i].apply(init_weights)
+                fresh.append(sasp[i])
                 stage.blocks[i] = TokenBlock(sasp[i])
+        init_blocks(fresh, cfg.width, cfg.depth)
 
     @property
     def grad_checkpointing(self) -> bool:
@@ -402,7 +430,9 @@ class TextTransformer(nn.Module):
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         self.apply(init_weights)
+        init_blocks(self.blocks, cfg.width, cfg.depth)
         nn.init.normal_(self.pos_embed, std=0.01)
+        nn.init.normal_(self.proj.weight, std=cfg.width**-0.5)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         B, N = token_ids.shape
