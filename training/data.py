@@ -315,8 +315,10 @@ class SampleMaker:
         view, flip, v = None, False, 0
         if s.teacher and s.train:
             t = sample["teacher"]
-            k = len(t["aug"])
-            v = rng.randint(1, k) if k else 0  # a recorded augmentation when there are some, else the plain view
+            # A view recorded mirrored is replayed only where the config flips: its teacher embedding is of the
+            # mirror image, which flip = false forbids (captions name left and right).
+            usable = [i for i, params in enumerate(t["aug"], start=1) if s.flip or float(params[4]) < 0.5]
+            v = usable[rng.randrange(len(usable))] if usable else 0  # 0: the plain image's row
             if v:
                 view, flip = recorded_view(t["aug"][v - 1], *img.size)
             out["t_image"] = t["image"][v]

@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from manifests.errors import SiclipError
 from manifests.layout import DataRoot
-from manifests.manifest import stage_lock
+from manifests.manifest import StageManifest, stage_lock
 from manifests.progress import Progress, format_duration
 from manifests.storage import format_size
 from training.config import StageConfig, TrainConfig, match_globs, to_toml
@@ -291,6 +291,10 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         use_teacher_sidecar = any(s.teacher == "sidecar" for s in cfg.stages)
         if use_teacher_sidecar:
             check_sidecars(root, "teacher", train_shards, "teacher = 'sidecar'")
+            made = StageManifest.load(root, "teacher").params
+            if made.get("augmentations") and made.get("flip", True) and not cfg.flip:
+                say("train: the teacher sidecars were made with flips on; with flip = false a view recorded "
+                    "mirrored is not replayed (its embedding is of the mirror image), so fewer views are used")
 
         # -- model, inheritance, teachers, objectives ---------------------------------------------------
         try:

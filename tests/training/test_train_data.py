@@ -161,6 +161,24 @@ def test_a_sample_without_a_recorded_view_gets_the_random_crop_and_flip(tmp_path
     assert len({p.numpy().tobytes() for p, _ in plain}) == 1
 
 
+def test_a_view_recorded_flipped_is_replayed_only_when_the_config_flips(tmp_path):
+    # view 1: the top half (red | green) recorded mirrored; view 2: the bottom half (blue | yellow) as it is
+    top_mirrored, bottom = [0.0, 0.0, 1.0, 0.5, 1.0], [0.0, 0.5, 1.0, 0.5, 0.0]
+    root = make_root(tmp_path, [8, 8], recorded=[top_mirrored, bottom])
+    left = slice(0, 8)
+    with_flips = samples_of(root, settings(teacher=True, flip=True, image_size=32))
+    assert {v for _, v in with_flips} == {1, 2}
+    assert all(colour_at(p, left) == (1 if v == 1 else 2) for p, v in with_flips)  # view 1 mirrored: green left
+    # flip = false (captions name left and right): no sample is mirrored, so the view recorded mirrored is not
+    # replayed (its teacher embedding is of the mirror image), and the unmirrored one is
+    no_flips = samples_of(root, settings(teacher=True, flip=False, image_size=32))
+    assert all(v == 2 and colour_at(p, left) == 2 for p, v in no_flips)
+    # only mirrored views recorded: the sample is one without a recorded view (plain image's row, random crop)
+    root = make_root(tmp_path / "only-mirrored", [8, 8], recorded=[top_mirrored])
+    only = samples_of(root, settings(teacher=True, flip=False, crop_scale=(0.2, 0.5), image_size=32))
+    assert all(v == 0 for _, v in only) and len({p.numpy().tobytes() for p, _ in only}) > len(only) // 2
+
+
 def test_a_shard_changed_since_its_manifest_entry_and_a_missing_sidecar_are_clear_errors(tmp_path):
     root = make_root(tmp_path, [4, 4])
     shards = all_shards(root)
