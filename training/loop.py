@@ -500,10 +500,18 @@ def _inherit_source(spec: str, root: DataRoot):
 
 
 def _evaluate(run: Run, model, root, val_shards, preprocess, model_config, device, step, accelerator) -> None:
+    problem = None
     if accelerator.is_main_process:
-        metrics = retrieval(model, root, val_shards, preprocess, model_config.text.context_length, device)
-        run.append_metrics({"step": step, "eval": metrics})
-        write_plots(run)
+        try:
+            metrics = retrieval(model, root, val_shards, preprocess, model_config.text.context_length, device,
+                                where=f"{run.path} at step {step}")
+            run.append_metrics({"step": step, "eval": metrics})
+            write_plots(run)
+        except SiclipError as e:  # a diverged model: every process stops, none waits for the main one
+            problem = str(e)
+    problem = _broadcast_message(problem, accelerator)
+    if problem:
+        raise SiclipError(problem)
     accelerator.wait_for_everyone()
 
 
