@@ -193,7 +193,7 @@ def place_stages(stages: list[StageConfig], steps_per_epoch: int) -> list[StageS
 
 def set_trainable(model: nn.Module, stage: StageConfig, frozen_inherited: set[str]) -> tuple[int, int]:
     """requires_grad per the stage's globs (a tensor shared by several layers trains if any of its names is
-    listed in `train` and none in `freeze`); returns (trainable, all) parameter counts."""
+    listed in `train` and none in `freeze` or `frozen_inherited`); returns (trainable, all) parameter counts."""
     named = list(model.named_parameters(remove_duplicate=False))
     names = [n for n, _ in named]
     train, freeze = match_globs(names, stage.train), match_globs(names, stage.freeze)
@@ -235,7 +235,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
     """Train per `cfg` on the data root; 0 when the schedule (or max_steps) is done, 3 when stopped at the budget."""
     from accelerate import Accelerator
 
-    from training.inherit import INHERITED, inherit_weights
+    from training.inherit import inherit_weights
     from training.model import build_model, load_config
 
     # -- prepare: the processes, the run folder, the config ---------------------------------------------
@@ -306,18 +306,19 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         model.set_grad_checkpointing(cfg.grad_checkpointing)
         report_path = run.path / "inherit_report.json"
         resume_from = run.latest() if resume else None
-        inherited: set[str] = set()
+        # inherit_freeze: what inherit_weights freezes (inherited tensors, not logit_scale nor new modules) stays
+        # frozen through the first stage; the later stages' globs alone decide what trains
+        frozen_inherited: set[str] = set()
         if cfg.inherit_from and resume_from is None:  # step 0: every process inherits the same way
             try:
-                report = inherit_weights(model, _inherit_source(cfg.inherit_from, root),
+                report = inherit_weights(model, _inherit_source(cfg.inherit_from, root), freeze=cfg.inherit_freeze,
                                          report_path=report_path if main else None)
             except (OSError, ValueError, RuntimeError, ImportError) as e:
                 raise SiclipError(f"inherit_from {cfg.inherit_from!r}: {str(e).splitlines()[0]}") from None
             say(f"train: {report.summary()} (report: {report_path})")
-            inherited = set(report.inherited_names())
-        elif cfg.inherit_from:  # the checkpoint holds the weights; the report says which were inherited
-            inherited = {t["name"] for t in json.loads(report_path.read_text())["tensors"] if t["how"] in INHERITED}
-        frozen_inherited = inherited if cfg.inherit_freeze else set()
+            frozen_inherited = set(report.frozen_names())
+        elif cfg.inherit_from:  # the checkpoint holds the weights; the report says which were frozen
+            frozen_inherited = {t["name"] for t in json.loads(report_path.read_text())["tensors"] if t["frozen"]}
 
         teachers, loaded = {}, {}
         for s in cfg.stages:
@@ -328,8 +329,8 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         objectives = nn.ModuleDict({
             s.name: Objective(s.loss, model_config.embed_dim, teachers[s.name].dim if teachers[s.name] else None,
                               cfg.pm_k) for s in cfg.stages})
-        for s in cfg.stages:  # unknown module globs stop the run now, not at a stage boundary
-            set_trainable(model, s, frozen_inherited)
+        for i, s in enumerate(cfg.stages):  # unknown module globs stop the run now, not at a stage boundary
+            set_trainable(model, s, frozen_inherited if i == 0 else set())
 
         online = [t for t in loaded.values() if t is not None and t.image_size]
         settings = SampleSettings(
@@ -406,7 +407,8 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                         raise RuntimeError(f"loader out of order at step {step}: got {batch['position']}")
                     if span is None or not span.start <= step < span.end:
                         span = next(sp for sp in spans if sp.start <= step < sp.end)
-                        trainable, count = set_trainable(model, span.cfg, frozen_inherited)
+                        trainable, count = set_trainable(model, span.cfg,
+                                                         frozen_inherited if span.index == 0 else set())
                         model.train()
                         frozen_batchnorm_to_eval(model)
                         teacher = teachers[span.cfg.name]

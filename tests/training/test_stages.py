@@ -1,0 +1,65 @@
+"""What a stage takes over from the run and from the stages before it: the tensors `inherit_freeze` keeps
+frozen, the pair-matching term's own parameters, the teacher's logit scale for CRD. Real `siclip train` runs
+on small real shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+from siclip_testing import siclip
+from training.inherit import INHERITED
+from train_helpers import assert_same_end, make_root, weights
+
+SMALL_MODEL = ['image.image_size=16', 'image.patch_size=8', 'image.width=32', 'image.depth=2', 'image.heads=2',
+               'image.share_attention=[[1, 2]]', 'text.width=32', 'text.depth=2', 'text.heads=2',
+               'text.share_attention=[[1, 2]]', 'text.context_length=16', 'embed_dim=16']
+
+
+def small_model(seed: int):
+    from training.config import load_train_config
+    from training.model import build_model, load_config
+
+    overrides = load_train_config({"model_set": SMALL_MODEL, "stages": [{"steps": 1}]}).model_overrides()
+    torch.manual_seed(seed)
+    return build_model(load_config("tiny", overrides))
+
+
+def train(root, tmp_path: Path, out: str, body: str, env=None, check=True):
+    cfg = tmp_path / f"{out}.toml"
+    cfg.write_text(f"model_set = {json.dumps(SMALL_MODEL)}\nbatch_size = 8\nworkers = 0\nsynthetic_captions = 0\n"
+                   f"record_keys = true\n{body}")
+    return siclip("train", "--data", root.root, "--config", cfg, "--out", out, check=check, env=env)
+
+
+def stage(name: str, steps: int, extra: str = "", lr: float = 1e-3, **loss) -> str:
+    terms = "".join(f"{k} = {v}\n" for k, v in {"clip_web": 1.0, "clip_synthetic": 0.0, **loss}.items())
+    return f"[[stages]]\nname = '{name}'\nsteps = {steps}\nlr = {lr}\n{extra}\n[stages.loss]\n{terms}"
+
+
+def test_inherit_freeze_holds_the_inherited_tensors_through_the_first_stage_only_and_never_logit_scale(tmp_path):
+    root = make_root(tmp_path / "data", [16, 16])
+    teacher = small_model(seed=7).save_pretrained(tmp_path / "teacher")
+    body = (f"inherit_from = '{teacher}'\ninherit_freeze = true\ncheckpoint_every = 2\nkeep_checkpoints = 3\n"
+            + stage("frozen", 3, pm=0.1) + stage("thawed", 2, pm=0.1))  # pm: the loss has a gradient before the fix too
+    train(root, tmp_path, "run", body)
+    run = root.runs / "run"
+    report = json.loads((run / "inherit_report.json").read_text())
+    inherited = {t["name"] for t in report["tensors"] if t["how"] in INHERITED}
+    assert "logit_scale" in inherited  # copied from the teacher, and still it trains
+    start, after_first, end = weights(teacher), weights(run / "checkpoints" / "step-000002"), weights(run / "final")
+    stored = (inherited - {"logit_scale"}) & set(start)  # a tensor shared by several layers is stored once
+    assert all(torch.equal(after_first[n], start[n]) for n in stored), "the first stage trained an inherited tensor"
+    assert not torch.equal(after_first["logit_scale"], start["logit_scale"]), "logit_scale was frozen"
+    thawed = [n for n in stored if not torch.equal(end[n], start[n])]
+    assert len(thawed) > len(stored) // 2, "the second stage's globs (train = ['*']) did not unfreeze them"
+    assert {t["name"] for t in report["tensors"] if t["frozen"]} == inherited - {"logit_scale"}
+    # killed in the first stage after a checkpoint, the resumed run reads what stays frozen from the report
+    res = train(root, tmp_path, "killed", body, check=False, env={**os.environ, "SICLIP_FAILPOINT": "step:3"})
+    assert res.returncode == -signal.SIGKILL
+    siclip("train", "--data", root.root, "--config", tmp_path / "killed.toml", "--out", "killed", "--resume")
+    assert_same_end(run, root.runs / "killed")
