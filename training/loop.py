@@ -43,7 +43,7 @@ from training.config import StageConfig, TrainConfig, match_globs, to_toml
 from training.data import (SampleSettings, check_shards_intact, check_sidecars, plan_epoch, split_shards,
                            train_loader)
 from training.evaluate import Preprocess, retrieval, to_input
-from training.objective import Features, Objective, load_teacher
+from training.objective import Features, Objective, load_teacher, stage_objectives
 from training.runs import FINAL, Run, checkpoint_name, failpoint, folder_bytes, write_plots
 
 # keys a resumed run may change; the rest decide the data order or the numbers
@@ -326,9 +326,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                 loaded[s.teacher] = load_teacher(s.teacher, root)
             teachers[s.name] = loaded[s.teacher]
         torch.manual_seed(cfg.seed + 1)
-        objectives = nn.ModuleDict({
-            s.name: Objective(s.loss, model_config.embed_dim, teachers[s.name].dim if teachers[s.name] else None,
-                              cfg.pm_k) for s in cfg.stages})
+        objectives = stage_objectives(cfg.stages, model_config.embed_dim, teachers, cfg.pm_k)
         for i, s in enumerate(cfg.stages):  # unknown module globs stop the run now, not at a stage boundary
             set_trainable(model, s, frozen_inherited if i == 0 else set())
 
@@ -412,10 +410,12 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                         model.train()
                         frozen_batchnorm_to_eval(model)
                         teacher = teachers[span.cfg.name]
+                        crd = objectives[span.cfg.name].crd
                         say(f"train: stage {span.index + 1}/{len(spans)} {span.cfg.name!r}, steps {span.start}-"
                             f"{span.end - 1}: {trainable:,} of {count:,} parameters train; teacher: "
                             f"{teacher.name if teacher else 'none'}; loss: " + ", ".join(
-                                f"{k}={v:g}" for k, v in vars(span.cfg.loss).items() if v))
+                                f"{k}={v:g}" for k, v in vars(span.cfg.loss).items() if v)
+                            + (f"; CRD teacher scale {crd.teacher_scale:.4g}" if crd is not None else ""))
                     t0 = time.perf_counter()
                     lr = span.lr(step)
                     for group in optimizer.param_groups:

@@ -9,6 +9,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 
 from siclip_testing import siclip
@@ -63,3 +64,38 @@ def test_inherit_freeze_holds_the_inherited_tensors_through_the_first_stage_only
     assert res.returncode == -signal.SIGKILL
     siclip("train", "--data", root.root, "--config", tmp_path / "killed.toml", "--out", "killed", "--resume")
     assert_same_end(run, root.runs / "killed")
+
+
+def test_crd_compares_with_the_teachers_own_logit_scale_where_it_is_known(tmp_path):
+    import math
+
+    import torch.nn.functional as F
+    from transformers import CLIPModel
+
+    from captioning.models import save_tiny
+    from training.config import load_train_config
+    from training.objective import Features, load_teacher, stage_objectives
+
+    root = make_root(tmp_path / "data", [8], teacher_views=0)
+    own = small_model(seed=7)
+    with torch.no_grad():
+        own.logit_scale.fill_(math.log(30.0))
+    folder = own.save_pretrained(tmp_path / "teacher")
+    clip_dir = save_tiny("clip", tmp_path / "tiny_clip")
+    crd_stage = {"steps": 1, "loss": {"crd": 1.0}}
+    cfg = load_train_config({"model_set": SMALL_MODEL, "stages": [
+        {"name": "siclip", "teacher": str(folder), **crd_stage},
+        {"name": "clipmodel", "teacher": str(clip_dir), **crd_stage},
+        {"name": "sidecar", "teacher": "sidecar", **crd_stage}]})
+    teachers = {s.name: load_teacher(s.teacher, root) for s in cfg.stages}
+    objectives = stage_objectives(cfg.stages, 16, teachers, cfg.pm_k)
+    assert objectives["siclip"].crd.teacher_scale == pytest.approx(30.0)
+    assert objectives["clipmodel"].crd.teacher_scale == pytest.approx(
+        float(CLIPModel.from_pretrained(clip_dir).logit_scale.exp()))
+    assert objectives["sidecar"].crd.teacher_scale == 100.0  # sidecars record no scale
+    assert objectives["clipmodel"].crd.teacher_scale < 50  # CLIP's initial 1/0.07, far from the default
+    # a student that is its teacher, temperature included, has nothing to learn from CRD
+    image, text = F.normalize(torch.randn(8, 16), dim=-1), F.normalize(torch.randn(8, 16), dim=-1)
+    same = Features(image, text, torch.zeros(8, 0, 16), torch.zeros(8, 0, dtype=torch.bool), image, text)
+    assert objectives["siclip"](same, torch.tensor(30.0))["crd"].item() == pytest.approx(0, abs=1e-5)
+    assert objectives["sidecar"](same, torch.tensor(30.0))["crd"].item() > 0.01
