@@ -538,7 +538,7 @@ def _broadcast_message(msg: str | None, accelerator) -> str | None:
 def _checkpoint(run: Run, cfg: TrainConfig, step: int, epoch: int, span: StageSpan, model, objectives, preprocess,
                 accelerator) -> bool:
     """Write a checkpoint atomically after checking the budget; False (nothing written) when it would not fit."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_model
 
     main = accelerator.is_main_process
     refusal = run.room_for(step, _estimate_checkpoint(run, model, objectives), cfg.keep_checkpoints) if main else None
@@ -552,8 +552,7 @@ def _checkpoint(run: Run, cfg: TrainConfig, step: int, epoch: int, span: StageSp
         tmp.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(tmp)
         preprocess.save(tmp)
-        save_file({k: v.detach().cpu().contiguous() for k, v in objectives.state_dict().items()},
-                  str(tmp / "objective.safetensors"))
+        save_model(objectives, str(tmp / "objective.safetensors"))  # the stages' shared PM term stored once
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "accelerate"))
     accelerator.wait_for_everyone()
@@ -567,7 +566,7 @@ def _checkpoint(run: Run, cfg: TrainConfig, step: int, epoch: int, span: StageSp
 
 
 def _load_checkpoint(folder: Path, model, objectives, accelerator, world: int) -> int:
-    from safetensors.torch import load_file, load_model
+    from safetensors.torch import load_model
 
     state = json.loads((folder / "state.json").read_text())
     if state.get("processes", 1) != world:
@@ -575,7 +574,12 @@ def _load_checkpoint(folder: Path, model, objectives, accelerator, world: int) -
                           f"number (the data split depends on it), not {world}")
     device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # safetensors refuses "cpu:0"
     load_model(model, str(folder / "model.safetensors"), device=device)
-    objectives.load_state_dict(load_file(str(folder / "objective.safetensors"), device=device))
+    try:
+        load_model(objectives, str(folder / "objective.safetensors"), device=device)
+    except RuntimeError as e:
+        raise SiclipError(f"{folder}: the loss terms' parameters it holds do not fit this run's "
+                          f"({str(e).strip().splitlines()[-1].strip()}); a checkpoint written before the stages "
+                          f"shared one pair-matching term cannot be resumed when several stages use pm") from None
     accelerator.load_state(str(folder / "accelerate"))
     return int(state["step"])
 

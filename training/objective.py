@@ -79,11 +79,14 @@ class Objective(nn.Module):
     teacher's own exp(logit_scale) for CRD's teacher logits, where known."""
 
     def __init__(self, weights: LossWeights, embed_dim: int, teacher_dim: int | None = None, pm_k: int = 8,
-                 teacher_scale: float | None = None):
+                 teacher_scale: float | None = None, pm: PairMatchingLoss | None = None):
         super().__init__()
         self.weights = weights
         self.clip = ClipLoss()
-        self.pm = PairMatchingLoss(k=pm_k or None) if weights.pm > 0 else None
+        if weights.pm > 0:  # `pm`: a term shared with other stages, else one of its own
+            self.pm = pm if pm is not None else PairMatchingLoss(k=pm_k or None)
+        else:
+            self.pm = None
         distill = teacher_dim is not None
         self.fd = FeatureDistillLoss(embed_dim, teacher_dim) if distill and weights.fd > 0 else None
         self.crd = ContrastiveRelationDistillLoss(teacher_scale or CRD_TEACHER_SCALE) \
@@ -119,12 +122,18 @@ class Objective(nn.Module):
 
 
 def stage_objectives(stages, embed_dim: int, teachers: dict, pm_k: int = 8) -> nn.ModuleDict:
-    """Each stage's Objective by stage name, against that stage's teacher (`teachers`: name -> Teacher or None)."""
+    """Each stage's Objective by stage name, against that stage's teacher (`teachers`: name -> Teacher or None).
+
+    Every stage with a PM term shares one: its hyperplane is the run's, and goes on from where the stage before
+    left it. FD's and ICL's projections stay each stage's own (they map to that stage's teacher). The shared
+    term appears under each stage's name in the state dict; save and load it with safetensors' save_model and
+    load_model, which store a shared tensor once."""
+    pm = PairMatchingLoss(k=pm_k or None) if any(s.loss.pm > 0 for s in stages) else None
     out = {}
     for s in stages:
         teacher = teachers[s.name]
         out[s.name] = Objective(s.loss, embed_dim, teacher.dim if teacher else None, pm_k,
-                                teacher_scale=teacher.logit_scale if teacher else None)
+                                teacher_scale=teacher.logit_scale if teacher else None, pm=pm)
     return nn.ModuleDict(out)
 
 

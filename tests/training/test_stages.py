@@ -5,6 +5,7 @@ on small real shards."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -59,7 +60,8 @@ def test_inherit_freeze_holds_the_inherited_tensors_through_the_first_stage_only
     thawed = [n for n in stored if not torch.equal(end[n], start[n])]
     assert len(thawed) > len(stored) // 2, "the second stage's globs (train = ['*']) did not unfreeze them"
     assert {t["name"] for t in report["tensors"] if t["frozen"]} == inherited - {"logit_scale"}
-    # killed in the first stage after a checkpoint, the resumed run reads what stays frozen from the report
+    # killed in the first stage after a checkpoint, the resumed run reads what stays frozen from the report (and
+    # the PM term both stages share is saved and restored)
     res = train(root, tmp_path, "killed", body, check=False, env={**os.environ, "SICLIP_FAILPOINT": "step:3"})
     assert res.returncode == -signal.SIGKILL
     siclip("train", "--data", root.root, "--config", tmp_path / "killed.toml", "--out", "killed", "--resume")
@@ -67,8 +69,6 @@ def test_inherit_freeze_holds_the_inherited_tensors_through_the_first_stage_only
 
 
 def test_crd_compares_with_the_teachers_own_logit_scale_where_it_is_known(tmp_path):
-    import math
-
     import torch.nn.functional as F
     from transformers import CLIPModel
 
@@ -99,3 +99,33 @@ def test_crd_compares_with_the_teachers_own_logit_scale_where_it_is_known(tmp_pa
     same = Features(image, text, torch.zeros(8, 0, 16), torch.zeros(8, 0, dtype=torch.bool), image, text)
     assert objectives["siclip"](same, torch.tensor(30.0))["crd"].item() == pytest.approx(0, abs=1e-5)
     assert objectives["sidecar"](same, torch.tensor(30.0))["crd"].item() > 0.01
+
+
+def test_the_pair_matching_hyperplane_goes_on_from_stage_to_stage(tmp_path):
+    from safetensors.torch import load_file
+
+    from training.config import load_train_config
+    from training.objective import stage_objectives
+
+    stages = load_train_config({"stages": [{"name": n, "steps": 1, "loss": {"pm": pm}} for n, pm in
+                                           (("a", 0.1), ("no-pm", 0.0), ("b", 0.1))]}).stages
+    objectives = stage_objectives(stages, 16, {s.name: None for s in stages})
+    assert objectives["a"].pm is objectives["b"].pm and objectives["no-pm"].pm is None
+    assert len(list(objectives.parameters())) == 2  # the optimizer sees one t and one b
+
+    # a real run: stage b learns at a vanishing rate, so it ends where it started, which is where stage a ended
+    root = make_root(tmp_path / "data", [16, 16])
+    train(root, tmp_path, "run", "checkpoint_every = 2\nkeep_checkpoints = 3\n"
+          + stage("a", 2, pm=0.1) + stage("b", 2, lr=1e-9, pm=0.1))
+    checkpoints = root.runs / "run" / "checkpoints"
+
+    def pm_values(step: int) -> dict[str, float]:
+        saved = load_file(str(checkpoints / f"step-{step:06d}" / "objective.safetensors"))
+        return {k: float(v) for k, v in saved.items() if ".pm." in k}
+
+    after_a, after_b = pm_values(2), pm_values(4)
+    assert after_a["a.pm.log_scale"] != pytest.approx(math.log(10.0), abs=1e-4)  # stage a trained it
+    assert after_a["a.pm.bias"] != pytest.approx(-10.0, abs=1e-4)
+    for name, value in after_b.items():
+        term = name.rsplit(".", 1)[1]
+        assert value == pytest.approx(after_a[f"a.pm.{term}"], abs=1e-6), f"{name} started afresh in stage b"
