@@ -88,7 +88,7 @@ class TeacherConfig(RunConfig):
     dtype: str = field(default="float16", **_flag("storage precision of the embeddings (the model runs in float32 on cpu)", choices=["float16", "bfloat16"]))
     captions: bool = True  # embed every synthetic caption too (needs the captions sidecars); false: the web caption only
     crop_scale: list = field(default_factory=lambda: [0.35, 1.0])  # area fraction range of the random crops
-    flip: bool = True  # random horizontal flips of the crops; false where captions name left and right
+    flip: bool = False  # random horizontal flips of the crops; off by default, as in training: captions name left and right
 
     def validate(self) -> None:
         self.validate_common("siclip teacher")
@@ -112,5 +112,6 @@ class TeacherConfig(RunConfig):
     def params(self) -> dict:
         return {"teacher": self.teachers(), "augmentations": self.augmentations, "dtype": self.dtype,
                 "captions": self.captions, "crop_scale": [float(x) for x in self.crop_scale], "seed": self.seed,
-                # absent means flips on, so sidecars made before this option keep matching their parameters
-                **({} if self.flip else {"flip": False})}
+                # absent means flips on or no crops to flip: sidecars made before this option, or made with flips
+                # on (the old default), or without augmentations, keep matching their parameters
+                **({"flip": False} if self.augmentations and not self.flip else {})}

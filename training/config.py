@@ -68,7 +68,7 @@ class TrainConfig:
     model: str = "tiny"  # a preset in training/presets/ or a model config file
     model_set: list = field(default_factory=list)  # dotted overrides of the model config: ["image.image_size=32"]
     inherit_from: str = ""  # run inherit_weights from this teacher before the first stage ("" = start fresh)
-    inherit_freeze: bool = False  # freeze the inherited tensors (the stages' globs decide after that)
+    inherit_freeze: bool = False  # inherited tensors frozen in the first stage (not logit_scale, new modules); later stages' globs decide
     seed: int = 0
     batch_size: int = 64  # global batch: every contrastive term sees all of it, across processes
     micro_batch: int = 0  # >0: gradient caching, activations held for this many samples at a time

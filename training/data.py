@@ -223,7 +223,7 @@ class SampleSettings:
     crop_scale: tuple[float, float] = (1.0, 1.0)
     flip: bool = False
     captions: bool = False  # join the caption sidecars
-    teacher: bool = False  # join the teacher sidecars (and replay their recorded views)
+    teacher: bool = False  # join the teacher sidecars (and replay their recorded views; without one, crop_scale and flip)
     teacher_image_size: int = 0  # >0: also a view at this size for an online teacher
     train: bool = True  # False: center crop, web caption only (evaluation)
 
@@ -306,21 +306,24 @@ class SampleMaker:
                 synthetic = [(i, row["captions"][i]) for i in picks]
         out["has_synthetic"] = have
 
-        view, flip = None, False
+        view, flip, v = None, False, 0
         if s.teacher and s.train:
             t = sample["teacher"]
-            k = len(t["aug"])
-            v = rng.randint(1, k) if k else 0  # a recorded augmentation when there are some, else the plain view
+            # A view recorded mirrored is replayed only where the config flips: its teacher embedding is of the
+            # mirror image, which flip = false forbids (captions name left and right).
+            usable = [i for i, params in enumerate(t["aug"], start=1) if s.flip or float(params[4]) < 0.5]
+            v = usable[rng.randrange(len(usable))] if usable else 0  # 0: the plain image's row
             if v:
                 view, flip = recorded_view(t["aug"][v - 1], *img.size)
             out["t_image"] = t["image"][v]
             texts = t["text"]
             out["t_text"] = texts[0]
             out["t_syn"] = [texts[1 + i] if 1 + i < len(texts) else None for i, _ in synthetic]
-        elif s.train and tuple(s.crop_scale) != (1.0, 1.0):
-            view = random_resized_box(*img.size, s.crop_scale, rng)
-        if s.train and s.flip and not s.teacher:
-            flip = rng.random() < 0.5
+        if s.train and not v:  # no recorded view to replay: the config's own augmentation
+            if tuple(s.crop_scale) != (1.0, 1.0):
+                view = random_resized_box(*img.size, s.crop_scale, rng)
+            if s.flip:
+                flip = rng.random() < 0.5
         out["pixels"] = _pixels(img, view, s.image_size, flip)
         if s.teacher_image_size:
             out["teacher_pixels"] = _pixels(img, view, s.teacher_image_size, flip)

@@ -64,7 +64,8 @@ def run(args) -> int:
                   f"retrieval over all {len(shards)} shards of {root.root}"
                   + (", which the run trained on" if not args.retrieval else ""), file=sys.stderr)
             chosen = shards
-        result["retrieval"] = retrieval(model, root, chosen, preprocess, model.config.text.context_length, device)
+        result["retrieval"] = retrieval(model, root, chosen, preprocess, model.config.text.context_length, device,
+                                        where=f"eval of {target}")
     if args.json:
         print(json.dumps(result))
     else:

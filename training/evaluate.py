@@ -93,14 +93,29 @@ def embed_batches(model, batches, mean, std, device) -> tuple[torch.Tensor, torc
 
 
 def recall_at(similarity: torch.Tensor, ks=(1, 5, 10)) -> dict[int, float]:
-    """Row i's match is column i: the fraction of rows whose match ranks within the top k."""
+    """Row i's match is column i: the fraction of rows whose match ranks within the top k.
+
+    A candidate that ties with the match ranks above it (and a NaN beats everything), so collapsed embeddings,
+    where every score ties, hit nothing until k covers every candidate."""
     target = similarity.diagonal().unsqueeze(1)
-    rank = (similarity > target).sum(dim=1)  # how many candidates beat the match (ties count for it)
+    others = ~torch.eye(*similarity.shape, dtype=torch.bool, device=similarity.device)
+    ahead = (similarity >= target) | similarity.isnan() | target.isnan()
+    rank = (ahead & others).sum(dim=1)  # the candidates ranked above the match
     return {k: float((rank < k).float().mean()) for k in ks}
 
 
-def retrieval_metrics(image: torch.Tensor, text: torch.Tensor) -> dict[str, float]:
-    """Recall@1/5/10 image->text and text->image, plus the chance level of R@1."""
+def check_finite(embeddings: torch.Tensor, what: str, where: str) -> None:
+    """A model that diverged gives NaN or inf embeddings: an error naming where, never a retrieval score."""
+    bad = int((~torch.isfinite(embeddings)).any(dim=1).sum())
+    if bad:
+        raise SiclipError(f"{where}: {bad} of {len(embeddings)} {what} embeddings are not finite (NaN or inf): "
+                          f"the model has diverged, so it has no retrieval figures")
+
+
+def retrieval_metrics(image: torch.Tensor, text: torch.Tensor, where: str = "retrieval") -> dict[str, float]:
+    """Recall@1/5/10 image->text and text->image, plus the chance level of R@1; `where` names the model in errors."""
+    check_finite(image, "image", where)
+    check_finite(text, "text", where)
     sim = image @ text.T
     i2t, t2i = recall_at(sim), recall_at(sim.T)
     out = {f"i2t_r{k}": v for k, v in i2t.items()} | {f"t2i_r{k}": v for k, v in t2i.items()}
@@ -110,8 +125,8 @@ def retrieval_metrics(image: torch.Tensor, text: torch.Tensor) -> dict[str, floa
 
 
 def retrieval(model, root, shards, preprocess: Preprocess, context_length: int, device="cpu",
-              batch_size: int = 64) -> dict[str, float]:
-    """Image <-> text retrieval on `shards` (their samples in order, web captions)."""
+              batch_size: int = 64, where: str = "retrieval") -> dict[str, float]:
+    """Image <-> text retrieval on `shards` (their samples in order, web captions); `where` names the model in errors."""
     from training.data import SampleSettings, eval_batches
 
     settings = SampleSettings(seed=0, image_size=preprocess.image_size, context_length=context_length,
@@ -123,7 +138,7 @@ def retrieval(model, root, shards, preprocess: Preprocess, context_length: int, 
                                     preprocess.std, device)
     finally:
         model.train(was)
-    return retrieval_metrics(image, text)
+    return retrieval_metrics(image, text, where)
 
 
 def image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:

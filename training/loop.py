@@ -36,14 +36,14 @@ import torch.nn as nn
 
 from manifests.errors import SiclipError
 from manifests.layout import DataRoot
-from manifests.manifest import stage_lock
+from manifests.manifest import StageManifest, stage_lock
 from manifests.progress import Progress, format_duration
 from manifests.storage import format_size
 from training.config import StageConfig, TrainConfig, match_globs, to_toml
 from training.data import (SampleSettings, check_shards_intact, check_sidecars, plan_epoch, split_shards,
                            train_loader)
 from training.evaluate import Preprocess, retrieval, to_input
-from training.objective import Features, Objective, load_teacher
+from training.objective import Features, Objective, load_teacher, stage_objectives
 from training.runs import FINAL, Run, checkpoint_name, failpoint, folder_bytes, write_plots
 
 # keys a resumed run may change; the rest decide the data order or the numbers
@@ -193,7 +193,7 @@ def place_stages(stages: list[StageConfig], steps_per_epoch: int) -> list[StageS
 
 def set_trainable(model: nn.Module, stage: StageConfig, frozen_inherited: set[str]) -> tuple[int, int]:
     """requires_grad per the stage's globs (a tensor shared by several layers trains if any of its names is
-    listed in `train` and none in `freeze`); returns (trainable, all) parameter counts."""
+    listed in `train` and none in `freeze` or `frozen_inherited`); returns (trainable, all) parameter counts."""
     named = list(model.named_parameters(remove_duplicate=False))
     names = [n for n, _ in named]
     train, freeze = match_globs(names, stage.train), match_globs(names, stage.freeze)
@@ -235,7 +235,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
     """Train per `cfg` on the data root; 0 when the schedule (or max_steps) is done, 3 when stopped at the budget."""
     from accelerate import Accelerator
 
-    from training.inherit import INHERITED, inherit_weights
+    from training.inherit import inherit_weights
     from training.model import build_model, load_config
 
     # -- prepare: the processes, the run folder, the config ---------------------------------------------
@@ -291,6 +291,10 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         use_teacher_sidecar = any(s.teacher == "sidecar" for s in cfg.stages)
         if use_teacher_sidecar:
             check_sidecars(root, "teacher", train_shards, "teacher = 'sidecar'")
+            made = StageManifest.load(root, "teacher").params
+            if made.get("augmentations") and made.get("flip", True) and not cfg.flip:
+                say("train: the teacher sidecars were made with flips on; with flip = false a view recorded "
+                    "mirrored is not replayed (its embedding is of the mirror image), so fewer views are used")
 
         # -- model, inheritance, teachers, objectives ---------------------------------------------------
         try:
@@ -302,18 +306,19 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         model.set_grad_checkpointing(cfg.grad_checkpointing)
         report_path = run.path / "inherit_report.json"
         resume_from = run.latest() if resume else None
-        inherited: set[str] = set()
+        # inherit_freeze: what inherit_weights freezes (inherited tensors, not logit_scale nor new modules) stays
+        # frozen through the first stage; the later stages' globs alone decide what trains
+        frozen_inherited: set[str] = set()
         if cfg.inherit_from and resume_from is None:  # step 0: every process inherits the same way
             try:
-                report = inherit_weights(model, _inherit_source(cfg.inherit_from, root),
+                report = inherit_weights(model, _inherit_source(cfg.inherit_from, root), freeze=cfg.inherit_freeze,
                                          report_path=report_path if main else None)
             except (OSError, ValueError, RuntimeError, ImportError) as e:
                 raise SiclipError(f"inherit_from {cfg.inherit_from!r}: {str(e).splitlines()[0]}") from None
             say(f"train: {report.summary()} (report: {report_path})")
-            inherited = set(report.inherited_names())
-        elif cfg.inherit_from:  # the checkpoint holds the weights; the report says which were inherited
-            inherited = {t["name"] for t in json.loads(report_path.read_text())["tensors"] if t["how"] in INHERITED}
-        frozen_inherited = inherited if cfg.inherit_freeze else set()
+            frozen_inherited = set(report.frozen_names())
+        elif cfg.inherit_from:  # the checkpoint holds the weights; the report says which were frozen
+            frozen_inherited = {t["name"] for t in json.loads(report_path.read_text())["tensors"] if t["frozen"]}
 
         teachers, loaded = {}, {}
         for s in cfg.stages:
@@ -321,11 +326,9 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                 loaded[s.teacher] = load_teacher(s.teacher, root)
             teachers[s.name] = loaded[s.teacher]
         torch.manual_seed(cfg.seed + 1)
-        objectives = nn.ModuleDict({
-            s.name: Objective(s.loss, model_config.embed_dim, teachers[s.name].dim if teachers[s.name] else None,
-                              cfg.pm_k) for s in cfg.stages})
-        for s in cfg.stages:  # unknown module globs stop the run now, not at a stage boundary
-            set_trainable(model, s, frozen_inherited)
+        objectives = stage_objectives(cfg.stages, model_config.embed_dim, teachers, cfg.pm_k)
+        for i, s in enumerate(cfg.stages):  # unknown module globs stop the run now, not at a stage boundary
+            set_trainable(model, s, frozen_inherited if i == 0 else set())
 
         online = [t for t in loaded.values() if t is not None and t.image_size]
         settings = SampleSettings(
@@ -402,14 +405,17 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                         raise RuntimeError(f"loader out of order at step {step}: got {batch['position']}")
                     if span is None or not span.start <= step < span.end:
                         span = next(sp for sp in spans if sp.start <= step < sp.end)
-                        trainable, count = set_trainable(model, span.cfg, frozen_inherited)
+                        trainable, count = set_trainable(model, span.cfg,
+                                                         frozen_inherited if span.index == 0 else set())
                         model.train()
                         frozen_batchnorm_to_eval(model)
                         teacher = teachers[span.cfg.name]
+                        crd = objectives[span.cfg.name].crd
                         say(f"train: stage {span.index + 1}/{len(spans)} {span.cfg.name!r}, steps {span.start}-"
                             f"{span.end - 1}: {trainable:,} of {count:,} parameters train; teacher: "
                             f"{teacher.name if teacher else 'none'}; loss: " + ", ".join(
-                                f"{k}={v:g}" for k, v in vars(span.cfg.loss).items() if v))
+                                f"{k}={v:g}" for k, v in vars(span.cfg.loss).items() if v)
+                            + (f"; CRD teacher scale {crd.teacher_scale:.4g}" if crd is not None else ""))
                     t0 = time.perf_counter()
                     lr = span.lr(step)
                     for group in optimizer.param_groups:
@@ -496,10 +502,18 @@ def _inherit_source(spec: str, root: DataRoot):
 
 
 def _evaluate(run: Run, model, root, val_shards, preprocess, model_config, device, step, accelerator) -> None:
+    problem = None
     if accelerator.is_main_process:
-        metrics = retrieval(model, root, val_shards, preprocess, model_config.text.context_length, device)
-        run.append_metrics({"step": step, "eval": metrics})
-        write_plots(run)
+        try:
+            metrics = retrieval(model, root, val_shards, preprocess, model_config.text.context_length, device,
+                                where=f"{run.path} at step {step}")
+            run.append_metrics({"step": step, "eval": metrics})
+            write_plots(run)
+        except SiclipError as e:  # a diverged model: every process stops, none waits for the main one
+            problem = str(e)
+    problem = _broadcast_message(problem, accelerator)
+    if problem:
+        raise SiclipError(problem)
     accelerator.wait_for_everyone()
 
 
@@ -524,7 +538,7 @@ def _broadcast_message(msg: str | None, accelerator) -> str | None:
 def _checkpoint(run: Run, cfg: TrainConfig, step: int, epoch: int, span: StageSpan, model, objectives, preprocess,
                 accelerator) -> bool:
     """Write a checkpoint atomically after checking the budget; False (nothing written) when it would not fit."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_model
 
     main = accelerator.is_main_process
     refusal = run.room_for(step, _estimate_checkpoint(run, model, objectives), cfg.keep_checkpoints) if main else None
@@ -538,8 +552,7 @@ def _checkpoint(run: Run, cfg: TrainConfig, step: int, epoch: int, span: StageSp
         tmp.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(tmp)
         preprocess.save(tmp)
-        save_file({k: v.detach().cpu().contiguous() for k, v in objectives.state_dict().items()},
-                  str(tmp / "objective.safetensors"))
+        save_model(objectives, str(tmp / "objective.safetensors"))  # the stages' shared PM term stored once
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "accelerate"))
     accelerator.wait_for_everyone()
@@ -553,7 +566,7 @@ def _checkpoint(run: Run, cfg: TrainConfig, step: int, epoch: int, span: StageSp
 
 
 def _load_checkpoint(folder: Path, model, objectives, accelerator, world: int) -> int:
-    from safetensors.torch import load_file, load_model
+    from safetensors.torch import load_model
 
     state = json.loads((folder / "state.json").read_text())
     if state.get("processes", 1) != world:
@@ -561,7 +574,12 @@ def _load_checkpoint(folder: Path, model, objectives, accelerator, world: int) -
                           f"number (the data split depends on it), not {world}")
     device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # safetensors refuses "cpu:0"
     load_model(model, str(folder / "model.safetensors"), device=device)
-    objectives.load_state_dict(load_file(str(folder / "objective.safetensors"), device=device))
+    try:
+        load_model(objectives, str(folder / "objective.safetensors"), device=device)
+    except RuntimeError as e:
+        raise SiclipError(f"{folder}: the loss terms' parameters it holds do not fit this run's "
+                          f"({str(e).strip().splitlines()[-1].strip()}); a checkpoint written before the stages "
+                          f"shared one pair-matching term cannot be resumed when several stages use pm") from None
     accelerator.load_state(str(folder / "accelerate"))
     return int(state["step"])
 

@@ -172,14 +172,18 @@ class FeatureDistillLoss(_Term):
         return (F.mse_loss(image, teacher_image_features) + F.mse_loss(text, teacher_text_features)) / 2
 
 
+CRD_TEACHER_SCALE = 100.0  # where a teacher's own is unknown: the scale CLIP teachers end training with
+
+
 class ContrastiveRelationDistillLoss(_Term):
     """CRD: KL(teacher ‖ student) of the image→text and text→image similarity distributions, averaged.
 
-    Teacher logits use a fixed scale (100, as CLIP teachers end training with), the student
-    its own logit_scale; KL is summed over the batch's candidates and averaged over anchors.
+    Teacher logits use `teacher_scale`: the teacher's own exp(logit_scale) where the caller knows
+    it, else 100 (as CLIP teachers end training with); the student its own logit_scale. KL is
+    summed over the batch's candidates and averaged over anchors.
     """
 
-    def __init__(self, teacher_scale: float = 100.0, gather: bool = False):
+    def __init__(self, teacher_scale: float = CRD_TEACHER_SCALE, gather: bool = False):
         super().__init__(gather)
         self.teacher_scale = teacher_scale
 

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from manifests.errors import SiclipError
 from training.config import LossWeights
-from training.losses import (ClipLoss, ContrastiveRelationDistillLoss, FeatureDistillLoss, InteractiveContrastiveLoss,
-                             PairMatchingLoss, gather_features)
+from training.losses import (CRD_TEACHER_SCALE, ClipLoss, ContrastiveRelationDistillLoss, FeatureDistillLoss,
+                             InteractiveContrastiveLoss, PairMatchingLoss, gather_features)
 
 
 @dataclass
@@ -75,16 +75,22 @@ def _enough(rows: torch.Tensor | None) -> bool:
 
 class Objective(nn.Module):
     """The weighted sum of one stage's loss terms; holds the terms' own parameters (PM's hyperplane,
-    FD's and ICL's projections), which the optimizer trains with the model."""
+    FD's and ICL's projections), which the optimizer trains with the model. `teacher_scale`: the
+    teacher's own exp(logit_scale) for CRD's teacher logits, where known."""
 
-    def __init__(self, weights: LossWeights, embed_dim: int, teacher_dim: int | None = None, pm_k: int = 8):
+    def __init__(self, weights: LossWeights, embed_dim: int, teacher_dim: int | None = None, pm_k: int = 8,
+                 teacher_scale: float | None = None, pm: PairMatchingLoss | None = None):
         super().__init__()
         self.weights = weights
         self.clip = ClipLoss()
-        self.pm = PairMatchingLoss(k=pm_k or None) if weights.pm > 0 else None
+        if weights.pm > 0:  # `pm`: a term shared with other stages, else one of its own
+            self.pm = pm if pm is not None else PairMatchingLoss(k=pm_k or None)
+        else:
+            self.pm = None
         distill = teacher_dim is not None
         self.fd = FeatureDistillLoss(embed_dim, teacher_dim) if distill and weights.fd > 0 else None
-        self.crd = ContrastiveRelationDistillLoss() if distill and weights.crd > 0 else None
+        self.crd = ContrastiveRelationDistillLoss(teacher_scale or CRD_TEACHER_SCALE) \
+            if distill and weights.crd > 0 else None
         self.icl = InteractiveContrastiveLoss(embed_dim, teacher_dim) if distill and weights.icl > 0 else None
 
     def forward(self, f: Features, logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -115,6 +121,22 @@ class Objective(nn.Module):
         return terms
 
 
+def stage_objectives(stages, embed_dim: int, teachers: dict, pm_k: int = 8) -> nn.ModuleDict:
+    """Each stage's Objective by stage name, against that stage's teacher (`teachers`: name -> Teacher or None).
+
+    Every stage with a PM term shares one: its hyperplane is the run's, and goes on from where the stage before
+    left it. FD's and ICL's projections stay each stage's own (they map to that stage's teacher). The shared
+    term appears under each stage's name in the state dict; save and load it with safetensors' save_model and
+    load_model, which store a shared tensor once."""
+    pm = PairMatchingLoss(k=pm_k or None) if any(s.loss.pm > 0 for s in stages) else None
+    out = {}
+    for s in stages:
+        teacher = teachers[s.name]
+        out[s.name] = Objective(s.loss, embed_dim, teacher.dim if teacher else None, pm_k,
+                                teacher_scale=teacher.logit_scale if teacher else None, pm=pm)
+    return nn.ModuleDict(out)
+
+
 # ----------------------------------------------------------------------------- teachers
 
 
@@ -134,6 +156,7 @@ class Teacher:
     name: str = "teacher"
     dim: int = 0
     image_size: int = 0
+    logit_scale: float | None = None  # its own exp(logit_scale), where known: CRD's teacher scale
 
     def embed(self, batch: dict, device) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -154,7 +177,8 @@ class Teacher:
 
 
 class SidecarTeacher(Teacher):
-    """Embeddings precomputed by `siclip teacher` and joined by the loader."""
+    """Embeddings precomputed by `siclip teacher` and joined by the loader. The sidecars record no logit scale
+    (an ensemble, whose embeddings are concatenated, has none of its own), so CRD uses its default."""
 
     def __init__(self, dim: int, description: str):
         self.dim, self.name = dim, description
@@ -172,6 +196,7 @@ class SiclipTeacher(Teacher):
         self.model, self.tokenizer, self.preprocess = load(folder)
         self.model.eval().requires_grad_(False)
         self.name, self.dim = f"siclip {folder}", self.model.config.embed_dim
+        self.logit_scale = float(self.model.scale())
         self.image_size = self.model.config.image.image_size
         self.context = self.model.config.text.context_length
 
@@ -205,6 +230,7 @@ class TransformersTeacher(Teacher):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SiclipError(f"teacher {name!r} does not load as a transformers CLIPModel: {first}") from None
         self.name, self.dim = f"CLIPModel {name}", int(self.model.config.projection_dim)
+        self.logit_scale = float(self.model.logit_scale.exp())
         self.image_size = int(self.model.config.vision_config.image_size)
         self.mean, self.std = list(processor.image_mean), list(processor.image_std)
         self.context = int(self.model.config.text_config.max_position_embeddings)
@@ -248,6 +274,8 @@ class OpenClipTeacher(Teacher):
         with torch.no_grad():
             self.dim = int(self.model.encode_text(self.tokenizer(["a"])).shape[-1])
         self.name = f"open_clip {spec}"
+        scale = getattr(self.model, "logit_scale", None)
+        self.logit_scale = float(scale.exp()) if isinstance(scale, torch.Tensor) else None
 
     def to(self, device):
         self.model.to(device)

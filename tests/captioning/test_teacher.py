@@ -191,5 +191,8 @@ def test_flip_false_records_the_same_crops_without_flips():
     without = [crop_params(0, f"{i:05d}", k, (0.35, 1.0), flip=False) for i in range(40) for k in range(2)]
     assert any(p[4] == 1.0 for p in with_flips) and all(p[4] == 0.0 for p in without)
     assert [p[:4] for p in with_flips] == [p[:4] for p in without]
-    assert "flip" not in TeacherConfig(data="d").params()  # sidecars made before the option keep their parameters
-    assert TeacherConfig(data="d", flip=False).params()["flip"] is False
+    # off by default, as training's flip; absent from the parameters where it changes nothing, so sidecars made
+    # before the option (flips on) or without augmentations keep their parameters
+    assert not TeacherConfig(data="d").flip and "flip" not in TeacherConfig(data="d").params()
+    assert "flip" not in TeacherConfig(data="d", augmentations=2, flip=True).params()
+    assert TeacherConfig(data="d", augmentations=2).params()["flip"] is False

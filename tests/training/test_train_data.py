@@ -134,6 +134,51 @@ def test_teacher_rows_follow_the_view_the_loader_replays(tmp_path):
     assert len(views) >= 3  # views are drawn per sample, not one for all
 
 
+def samples_of(root, s: SampleSettings) -> list[tuple[torch.Tensor, int]]:
+    """(pixels, the teacher image row's view or -1) of every sample of one epoch."""
+    plan = plan_epoch(all_shards(root), 3, 0, 0, 1, 1, 4)
+    return [(b["pixels"][i], int(b["t_image"][i].argmax()) if "t_image" in b else -1)
+            for b in train_loader(root, plan, s, 4, 16, in_process=True) for i in range(len(b["keys"]))]
+
+
+def colour_at(pixels: torch.Tensor, columns: slice) -> int:
+    """The quadrant colour nearest the mean of these columns of the upper half of the pixels."""
+    mean = pixels[:, : pixels.shape[1] // 2, columns].float().mean(dim=(1, 2)).numpy()
+    return int(np.argmin([np.abs(mean - np.array(c)).sum() for c in QUADRANTS]))
+
+
+@pytest.mark.parametrize("teacher", [False, True])
+def test_a_sample_without_a_recorded_view_gets_the_random_crop_and_flip(tmp_path, teacher):
+    # teacher sidecars made with `augmentations = 0` record no view: the config's crop_scale and flip apply,
+    # whether or not the run reads them (every sample holds the same picture, so equal pixels mean equal views)
+    root = make_root(tmp_path, [8, 8], teacher_views=0 if teacher else -1)
+    cropped = samples_of(root, settings(teacher=teacher, crop_scale=(0.2, 0.5), image_size=32))
+    assert len({p.numpy().tobytes() for p, _ in cropped}) > len(cropped) // 2
+    assert all(v == (0 if teacher else -1) for _, v in cropped)  # the plain image's teacher row
+    flipped = samples_of(root, settings(teacher=teacher, flip=True, image_size=32))
+    assert len({p.numpy().tobytes() for p, _ in flipped}) == 2  # the picture and its mirror image
+    plain = samples_of(root, settings(teacher=teacher, image_size=32))
+    assert len({p.numpy().tobytes() for p, _ in plain}) == 1
+
+
+def test_a_view_recorded_flipped_is_replayed_only_when_the_config_flips(tmp_path):
+    # view 1: the top half (red | green) recorded mirrored; view 2: the bottom half (blue | yellow) as it is
+    top_mirrored, bottom = [0.0, 0.0, 1.0, 0.5, 1.0], [0.0, 0.5, 1.0, 0.5, 0.0]
+    root = make_root(tmp_path, [8, 8], recorded=[top_mirrored, bottom])
+    left = slice(0, 8)
+    with_flips = samples_of(root, settings(teacher=True, flip=True, image_size=32))
+    assert {v for _, v in with_flips} == {1, 2}
+    assert all(colour_at(p, left) == (1 if v == 1 else 2) for p, v in with_flips)  # view 1 mirrored: green left
+    # flip = false (captions name left and right): no sample is mirrored, so the view recorded mirrored is not
+    # replayed (its teacher embedding is of the mirror image), and the unmirrored one is
+    no_flips = samples_of(root, settings(teacher=True, flip=False, image_size=32))
+    assert all(v == 2 and colour_at(p, left) == 2 for p, v in no_flips)
+    # only mirrored views recorded: the sample is one without a recorded view (plain image's row, random crop)
+    root = make_root(tmp_path / "only-mirrored", [8, 8], recorded=[top_mirrored])
+    only = samples_of(root, settings(teacher=True, flip=False, crop_scale=(0.2, 0.5), image_size=32))
+    assert all(v == 0 for _, v in only) and len({p.numpy().tobytes() for p, _ in only}) > len(only) // 2
+
+
 def test_a_shard_changed_since_its_manifest_entry_and_a_missing_sidecar_are_clear_errors(tmp_path):
     root = make_root(tmp_path, [4, 4])
     shards = all_shards(root)

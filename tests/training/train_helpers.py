@@ -43,12 +43,13 @@ def key_of(shard: int, i: int) -> str:
 
 
 def make_root(folder: Path, sizes: list[int], captions: int = 0, missing_captions: set[str] = frozenset(),
-              teacher_views: int = -1, dim: int = 8, budget: int = 10**9) -> DataRoot:
+              teacher_views: int = -1, dim: int = 8, budget: int = 10**9, recorded: list | None = None) -> DataRoot:
     """A data root with one shard per entry of `sizes` (that many samples each).
 
     captions > 0: caption sidecars with that many captions per sample (keys in `missing_captions` get a
     failure status instead); teacher_views >= 0: teacher sidecars with that many recorded views, where
-    view v (1-based) crops quadrant v-1 and its image embedding is the one-hot vector e_v.
+    view v (1-based) crops quadrant v-1 and its image embedding is the one-hot vector e_v (e_0: the plain image).
+    `recorded`: the views' augmentations [x0, y0, w, h, flip] instead, the same for every sample.
     """
     from captioning.sidecar import write_caption_sidecar, write_teacher_sidecar
 
@@ -74,13 +75,14 @@ def make_root(folder: Path, sizes: list[int], captions: int = 0, missing_caption
             status = ["cannot decode jpg" if k in missing_captions else "ok" for k in keys]
             write_caption_sidecar(path, keys, caps, status, {"stage": "captions", "shard": name})
             cap_manifest.add(root, name, [path], n)
-        if teacher_views >= 0:
-            views = teacher_views
+        if teacher_views >= 0 or recorded is not None:
+            views = teacher_views if recorded is None else len(recorded)
             image_emb = np.zeros((n, 1 + views, dim), np.float16)
             for v in range(1 + views):
                 image_emb[:, v, v % dim] = 1
             text = [np.eye(1 + captions, dim, dtype=np.float16) for _ in keys]  # text j = e_j
-            aug = np.array([[quadrant_crop(v % 4) for v in range(views)] for _ in keys], np.float32).reshape(n, views, 5)
+            per_sample = recorded if recorded is not None else [quadrant_crop(v % 4) for v in range(views)]
+            aug = np.array([per_sample for _ in keys], np.float32).reshape(n, views, 5)
             path = root.teacher / f"{name}.arrow"
             write_teacher_sidecar(path, keys, image_emb, text, aug, ["ok"] * n, "float16",
                                   {"stage": "teacher", "shard": name, "dim": dim, "teachers": [{"id": "made-up"}]})
@@ -88,7 +90,7 @@ def make_root(folder: Path, sizes: list[int], captions: int = 0, missing_caption
     manifest.save(root)
     if captions:
         cap_manifest.save(root)
-    if teacher_views >= 0:
+    if teacher_views >= 0 or recorded is not None:
         t_manifest.save(root)
     write_storage(root, budget_bytes=budget, reserve_bytes=0)
     return root
