@@ -183,6 +183,7 @@ def zeroshot(model, tokenizer, preprocess: Preprocess, folder: Path, templates: 
         emb = model.encode_text(tokenizer([t.format(readable) for t in templates], context).to(device)).float()
         weights.append(torch.nn.functional.normalize(emb.mean(dim=0), dim=-1))
     weights = torch.stack(weights)
+    check_finite(weights, "class prompt", f"zero-shot {folder}")
     correct1, correct5, labels, unreadable = [], [], [], []
     for start in range(0, len(items), batch_size):
         inputs, y = [], []
@@ -194,7 +195,9 @@ def zeroshot(model, tokenizer, preprocess: Preprocess, folder: Path, templates: 
                 unreadable.append(e)
         if not inputs:
             continue
-        logits = model.encode_image(torch.stack(inputs).to(device)).float() @ weights.T
+        images = model.encode_image(torch.stack(inputs).to(device)).float()
+        check_finite(images, "image", f"zero-shot {folder}")
+        logits = images @ weights.T
         top = logits.topk(min(5, len(classes)), dim=1).indices.cpu()
         y = torch.tensor(y)
         correct1.append(top[:, 0] == y)

@@ -78,3 +78,21 @@ clip_synthetic = 0.0
     last = res.stderr.strip().splitlines()[-1]
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert last.startswith(f"siclip train: error: {root.runs / 'diverged'} at step 2: ") and "not finite" in last
+
+
+def test_a_diverged_model_stops_zero_shot_with_one_line_naming_the_folder(tmp_path):
+    from PIL import Image
+
+    from training.data import shared_tokenizer
+    from training.evaluate import zeroshot
+    from training.model import build_model, load_config
+
+    folder = tmp_path / "classes"
+    for name, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        (folder / name).mkdir(parents=True)
+        Image.new("RGB", (20, 20), colour).save(folder / name / "0.png")
+    model = build_model(load_config("tiny", {"image.image_size": 16, "text.context_length": 16}))
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.startswith("visual.")).fill_(float("nan"))
+    with pytest.raises(SiclipError, match=rf"^zero-shot {folder}: 2 of 2 image embeddings are not finite"):
+        zeroshot(model, shared_tokenizer(), Preprocess(16, [0.5] * 3, [0.25] * 3), folder, ["a {}."])
