@@ -390,3 +390,24 @@ def test_a_tiny_sasp_clip_learns_to_match_fixed_pairs_with_clip_and_pm_losses(to
         (contrastive + 0.1 * pm(image, text)).backward()
         optimizer.step()
     assert contrastive.item() < 0.5 < math.log(16)  # chance level is log 16 = 2.77
+
+
+@pytest.mark.parametrize("block", ["preln", "sasp"])
+def test_blocks_start_as_clip_does_scaled_by_width_and_depth(block):
+    """OpenAI CLIP's init (open_clip's text tower): a flat 0.02 left attention of a narrow tower learning slowly."""
+    width, depth = 256, 8
+    torch.manual_seed(0)
+    tower = TextTransformer(TextTowerConfig(vocab_size=64, context_length=8, width=width, depth=depth, heads=4,
+                                            block=block), embed_dim=64)
+    std = lambda w: float(w.detach().std())
+    near = lambda w, want: abs(std(w) - want) < 0.05 * want
+    attn_std, out_std, fc_std = width**-0.5, width**-0.5 * (2 * depth) ** -0.5, (2 * width) ** -0.5
+    for b in tower.blocks:
+        assert near(b.attn.k.weight, attn_std)
+        if block == "preln":
+            assert near(b.attn.q.weight, attn_std) and near(b.attn.v.weight, attn_std)
+            assert near(b.attn.out.weight, out_std)
+        else:  # the identity at init, and W_K ready to move W_Q from the first step
+            assert b.attn.q.weight.abs().max() == 0
+        assert near(b.mlp.fc1.weight, fc_std) and near(b.mlp.fc2.weight, out_std)
+    assert near(tower.proj.weight, attn_std)
