@@ -7,9 +7,9 @@ One epoch, top to bottom:
   2. `plan_epoch`: the shards in a seeded order, dealt to processes, then to loader workers;
      every worker's batch count, and so the epoch's step count, follows from the manifest's
      sample counts (no sample-count flag);
-  3. `WorkerStream`: per worker, a webdataset `DataPipeline`: shard list -> samples (through
-     `manifests.samples`) -> sidecar join -> seeded shuffle -> skip what a resumed run already
-     used -> decode, crop, tokenise -> batches.
+  3. `WorkerStream`: per worker, a webdataset `DataPipeline`: its shards read `open_shards` at a
+     time and interleaved (each through `manifests.samples`, then its sidecar join) -> seeded
+     shuffle -> skip what a resumed run already used -> decode, crop, tokenise -> batches.
 The position in the data is the global step alone: which worker yields a step's batch, and how
 many it yielded before, follow from the plan, so a resumed run continues at the exact next sample.
 torch's DataLoader takes batches from its workers in turn and skips those that have finished;
@@ -32,6 +32,7 @@ from manifests.layout import DataRoot
 from manifests.manifest import SIDECAR_INPUTS, Inputs, StageManifest
 from manifests.samples import ShardSidecars, embeddings, finished_shards, recorded_view, shard_samples
 from siclip.images import UnreadableImage, decode_image, image_member
+from training.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -387,6 +388,24 @@ def join_sidecars(samples, root: DataRoot, captions: bool, teacher: bool):
         yield sample
 
 
+def interleave(shards: list[Shard], read, open_shards: int, rng: random.Random):
+    """The samples of `shards`, `open_shards` of them read at once: each sample comes from an open shard
+    drawn in proportion to the samples it has left (all open: a uniformly random merge, so no shard is
+    left to end the epoch alone); a shard that ends makes room for the next in the list."""
+    waiting, reading = list(shards), []  # reading: [samples left by the manifest, sample iterator]
+    while waiting or reading:
+        while waiting and len(reading) < open_shards:
+            shard = waiting.pop(0)
+            reading.append([shard.samples, read(shard)])
+        i = rng.choices(range(len(reading)), weights=[max(left, 1) for left, _ in reading])[0]
+        sample = next(reading[i][1], None)
+        if sample is None:
+            del reading[i]
+            continue
+        reading[i][0] -= 1
+        yield sample
+
+
 def keep_every(samples, world: int, rank: int):
     """Striping for fewer shards than processes: this process's share of one common stream."""
     for i, sample in enumerate(samples):
@@ -405,23 +424,30 @@ class WorkerStream(torch.utils.data.IterableDataset):
     """The batches of one process for one epoch; each DataLoader worker reads its own shards."""
 
     def __init__(self, root: DataRoot, plan: EpochPlan, settings: SampleSettings, local_batch: int,
-                 shuffle_buffer: int, start_step: int = 0):
+                 shuffle_buffer: int, shuffle_initial: int, open_shards: int, start_step: int = 0):
         super().__init__()
         self.root, self.plan, self.settings = root, plan, settings
         self.local_batch, self.shuffle_buffer = local_batch, shuffle_buffer
+        self.shuffle_initial, self.open_shards = shuffle_initial, open_shards
         self.used, self.first = plan.position(start_step)
+
+    def read(self, shard: Shard):
+        """One shard's samples with their sidecar rows."""
+        s = self.settings
+        return join_sidecars(shard_samples([shard.source()]), self.root, s.captions, s.teacher)
 
     def pipeline(self, worker: int):
         import webdataset as wds
 
         plan, s = self.plan, self.settings
         maker = SampleMaker(s, plan.epoch)
-        stages = [lambda: iter([sh.source() for sh in plan.workers[worker]]), shard_samples]
+        # striped, every process interleaves alike, so that their shares of the one stream stay disjoint
+        mix = _rng(s.seed, "interleave", plan.epoch, *(() if plan.stripe else (plan.rank, worker)))
+        stages = [lambda: interleave(plan.workers[worker], self.read, self.open_shards, mix)]
         if plan.stripe:
             stages.append(wds.filters.pipelinefilter(keep_every)(plan.world, plan.rank))
         stages += [
-            wds.filters.pipelinefilter(join_sidecars)(self.root, s.captions, s.teacher),
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_initial, self.shuffle_buffer),
                         rng=_rng(s.seed, "shuffle", plan.epoch, plan.rank, worker)),
             wds.filters.pipelinefilter(skip)(self.used[worker] * self.local_batch),
             wds.map(maker),
@@ -458,11 +484,14 @@ def _loader_worker_init(worker_id: int) -> None:
 
 
 def train_loader(root: DataRoot, plan: EpochPlan, settings: SampleSettings, local_batch: int, shuffle_buffer: int,
-                 start_step: int = 0, in_process: bool = False) -> torch.utils.data.DataLoader:
+                 start_step: int = 0, in_process: bool = False, shuffle_initial: int = TrainConfig.shuffle_initial,
+                 open_shards: int = TrainConfig.open_shards) -> torch.utils.data.DataLoader:
     """A DataLoader over one epoch of this process's batches, from `start_step` of the epoch on.
 
-    `in_process`: read in the training process (one logical worker, for debugging and tests)."""
-    stream = WorkerStream(root, plan, settings, local_batch, shuffle_buffer, start_step)
+    Each worker reads `open_shards` of its shards at once, interleaved, through a shuffle buffer of
+    `shuffle_buffer` samples (`shuffle_initial` before the first). `in_process`: read in the training
+    process (one logical worker, for debugging and tests)."""
+    stream = WorkerStream(root, plan, settings, local_batch, shuffle_buffer, shuffle_initial, open_shards, start_step)
     workers = 0 if in_process else len(plan.workers)
     shared_tokenizer()
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
