@@ -399,7 +399,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
             expected = plan.order(in_epoch)
             try:
                 for batch in loader:
-                    if tuple(batch["position"][1:]) != next(expected):
+                    if batch["position"] != (epoch, next(expected, None)):
                         raise RuntimeError(f"loader out of order at step {step}: got {batch['position']}")
                     if span is None or not span.start <= step < span.end:
                         span = next(sp for sp in spans if sp.start <= step < sp.end)
