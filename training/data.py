@@ -502,8 +502,8 @@ def join_chunks(chunks: list[dict]) -> dict:
         values = [c[name] for c in chunks]
         if name == "position":
             batch[name] = (int(first[0]), tuple((int(p[1]), int(p[2])) for p in values))
-        elif isinstance(first, torch.Tensor):
-            batch[name] = torch.cat(values)
+        elif isinstance(first, torch.Tensor):  # numpy's copy: torch.cat's thread pool spins on a busy CPU
+            batch[name] = torch.from_numpy(np.concatenate([v.numpy() for v in values]))
         elif isinstance(first, list):
             batch[name] = [x for v in values for x in v]
         else:
