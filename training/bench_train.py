@@ -121,7 +121,8 @@ def _loader_rate(cfg, root: DataRoot, batches: int) -> tuple[float, dict]:
                               captions=True)
     plan = plan_epoch(shards, 0, 0, 0, 1, cfg.workers, cfg.batch_size)
     first, n, start = None, 0, None
-    for i, batch in enumerate(train_loader(root, plan, settings, cfg.batch_size, cfg.shuffle_buffer)):
+    for i, batch in enumerate(train_loader(root, plan, settings, cfg.batch_size, cfg.shuffle_buffer,
+                                           shuffle_initial=cfg.shuffle_initial, open_shards=cfg.open_shards)):
         if i == 1:  # after the workers' start-up and the shuffle buffer's first fill
             start = time.perf_counter()
         first = first or batch

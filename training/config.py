@@ -83,7 +83,9 @@ class TrainConfig:
     synthetic_captions: int = 1  # synthetic captions per image per step, sampled from its caption sidecar
     crop_scale: list = field(default_factory=lambda: [0.6, 1.0])  # random resized crop, area fraction; [1, 1]: none
     flip: bool = False  # horizontal flips (off: captions name left and right)
-    shuffle_buffer: int = 1000  # samples each loader worker shuffles among
+    shuffle_buffer: int = 5000  # samples each loader worker shuffles among (open_clip's size)
+    shuffle_initial: int = 1000  # samples in that buffer before the first leaves it (a quicker start)
+    open_shards: int = 8  # shards each loader worker reads at once, interleaved (batches mix even a sorted list)
     image_mean: list = field(default_factory=lambda: list(OPENAI_MEAN))
     image_std: list = field(default_factory=lambda: list(OPENAI_STD))
     val_shards: Any = 0  # held out, never trained on: a count (the last N shards) or a list of shard names
@@ -101,7 +103,8 @@ class TrainConfig:
 
         if not self.stages:
             raise bad("no [[stages]]: a config needs at least one stage")
-        for name in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "shuffle_buffer"):
+        for name in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "shuffle_buffer",
+                     "shuffle_initial", "open_shards"):
             if getattr(self, name) < 1:
                 raise bad(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("micro_batch", "workers", "threads", "synthetic_captions", "eval_every", "pm_k"):

@@ -7,19 +7,24 @@ One epoch, top to bottom:
   2. `plan_epoch`: the shards in a seeded order, dealt to processes, then to loader workers;
      every worker's batch count, and so the epoch's step count, follows from the manifest's
      sample counts (no sample-count flag);
-  3. `WorkerStream`: per worker, a webdataset `DataPipeline`: shard list -> samples (through
-     `manifests.samples`) -> sidecar join -> seeded shuffle -> skip what a resumed run already
-     used -> decode, crop, tokenise -> batches.
-The position in the data is the global step alone: which worker yields a step's batch, and how
-many it yielded before, follow from the plan, so a resumed run continues at the exact next sample.
-torch's DataLoader takes batches from its workers in turn and skips those that have finished;
-on resume the workers are renumbered so that its first turn falls on the worker that is due.
+  3. `WorkerStream`: per worker, a webdataset `DataPipeline`: its shards read `open_shards` at a
+     time and interleaved (each through `manifests.samples`, then its sidecar join) -> seeded
+     shuffle -> skip what a resumed run already used -> decode, crop, tokenise -> chunks, a
+     fraction of a batch each;
+  4. `Batches`: torch's DataLoader takes chunks from its workers in turn (skipping those that have
+     finished), and consecutive chunks are joined into a batch, so that each batch holds samples
+     of every worker's shards: batches mix even when the URL list was sorted by category.
+The position in the data is the global step alone: which worker yields each chunk of a step, and
+how many it yielded before, follow from the plan, so a resumed run continues at the exact next
+sample. On resume the workers are renumbered so that the DataLoader's first turn falls on the
+worker that is due.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +37,7 @@ from manifests.layout import DataRoot
 from manifests.manifest import SIDECAR_INPUTS, Inputs, StageManifest
 from manifests.samples import ShardSidecars, embeddings, finished_shards, recorded_view, shard_samples
 from siclip.images import UnreadableImage, decode_image, image_member
+from training.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -113,44 +119,53 @@ def _rng(*parts) -> random.Random:
 
 @dataclass
 class EpochPlan:
-    """Which shards each loader worker of one process reads in one epoch, and how many batches it yields."""
+    """Which shards each loader worker of one process reads in one epoch, and how it hands them over.
+
+    A worker yields chunks of `chunk` samples; the DataLoader takes one chunk from each worker in
+    turn, skipping those that are done, and `per_batch` consecutive chunks make one batch. So every
+    batch holds samples of several workers' shards, and which chunks make a step follows from the plan.
+    """
 
     epoch: int
     rank: int
     world: int
     stripe: bool  # fewer shards than processes: every process reads every shard and keeps every world-th sample
     workers: list[list[Shard]]  # per worker of this process
-    batches: list[int]  # per worker: full batches it yields
+    batches: list[int]  # per worker: the full batches' worth of samples it yields (batches * per_batch chunks)
     steps: int  # the epoch's steps: the fewest full batches any process has
     samples: int  # samples this process's workers read
+    chunk: int  # samples per chunk, a divisor of the batch
+    per_batch: int  # chunks per batch
     note: str = ""
 
-    def order(self, start: int = 0):
-        """(worker, its batch index) of each step of the epoch from `start` on, as the DataLoader delivers them."""
-        used, w = self.position(start)
-        n = len(self.batches)
-        while any(u < b for u, b in zip(used, self.batches)):
-            while used[w] >= self.batches[w]:
+    def deliveries(self):
+        """(worker, its chunk index) of every chunk of the epoch, in the order the DataLoader delivers them."""
+        quota = [b * self.per_batch for b in self.batches]
+        used, w, n = [0] * len(quota), 0, len(quota)
+        for _ in range(sum(quota)):
+            while used[w] >= quota[w]:
                 w = (w + 1) % n
             yield w, used[w]
             used[w] += 1
             w = (w + 1) % n
 
-    def position(self, step: int) -> tuple[list[int], int]:
-        """(batches each worker has yielded, the worker due next) after `step` steps of this epoch.
+    def order(self, start: int = 0):
+        """The chunks of each step from `start` on: per step, a tuple of (worker, its chunk index)."""
+        chunks = itertools.islice(self.deliveries(), start * self.per_batch, None)
+        while len(step := tuple(itertools.islice(chunks, self.per_batch))) == self.per_batch:
+            yield step
 
-        The DataLoader takes one batch from each worker in turn, skipping those that are done.
-        """
-        used, w, n = [0] * len(self.batches), 0, len(self.batches)
-        for _ in range(step):
-            while used[w] >= self.batches[w]:
-                w = (w + 1) % n
-            used[w] += 1
-            w = (w + 1) % n
-        if any(u < b for u, b in zip(used, self.batches)):
-            while used[w] >= self.batches[w]:
-                w = (w + 1) % n
-        return used, w
+    def position(self, step: int) -> tuple[list[int], int]:
+        """(chunks each worker has yielded, the worker due next) after `step` steps of this epoch."""
+        used, chunks = [0] * len(self.batches), self.deliveries()
+        for w, i in itertools.islice(chunks, step * self.per_batch):
+            used[w] = i + 1
+        return used, next(chunks, (0, 0))[0]
+
+
+def chunk_size(local_batch: int, workers: int) -> int:
+    """The largest divisor of the batch that lets every worker give at least one chunk to each batch."""
+    return max(c for c in range(1, max(local_batch // workers, 1) + 1) if local_batch % c == 0)
 
 
 def _deal(shards: list[Shard], parts: int) -> list[list[Shard]]:
@@ -172,7 +187,8 @@ def plan_epoch(shards: list[Shard], seed: int, epoch: int, rank: int, world: int
     Fewer shards than processes: every process reads every shard and keeps every world-th
     sample (more reading, no idle process). Fewer shards in a process than loader workers: that
     process starts only as many workers as it has shards (a worker with nothing to read would
-    sit idle), and the note says so.
+    sit idle), and the note says so. Each worker hands over its samples in chunks small enough
+    for every worker to give one to each batch.
     """
     workers = max(workers, 1)
     stripe = len(shards) < world
@@ -202,11 +218,13 @@ def plan_epoch(shards: list[Shard], seed: int, epoch: int, rank: int, world: int
             notes.append(f"process {rank} has {len(assignment)} shard(s) for {workers} loader workers: starting "
                          f"{len(assignment)} (a worker needs a shard of its own to read)")
     steps = min(per_rank_batches)
+    chunk = chunk_size(local_batch, len(assignment))
     if steps == 0:
         raise SiclipError(f"an epoch has no full batch: {sum(s.samples for s in shards)} training samples for a "
                           f"batch of {local_batch} per process across {world} process(es) and {workers} worker(s); "
                           f"lower batch_size or workers")
-    return EpochPlan(epoch, rank, world, stripe, assignment, batches, steps, samples, "; ".join(notes))
+    return EpochPlan(epoch, rank, world, stripe, assignment, batches, steps, samples, chunk, local_batch // chunk,
+                     "; ".join(notes))
 
 
 # ----------------------------------------------------------------------------- one sample
@@ -390,6 +408,24 @@ def join_sidecars(samples, root: DataRoot, captions: bool, teacher: bool):
         yield sample
 
 
+def interleave(shards: list[Shard], read, open_shards: int, rng: random.Random):
+    """The samples of `shards`, `open_shards` of them read at once: each sample comes from an open shard
+    drawn in proportion to the samples it has left (all open: a uniformly random merge, so no shard is
+    left to end the epoch alone); a shard that ends makes room for the next in the list."""
+    waiting, reading = list(shards), []  # reading: [samples left by the manifest, sample iterator]
+    while waiting or reading:
+        while waiting and len(reading) < open_shards:
+            shard = waiting.pop(0)
+            reading.append([shard.samples, read(shard)])
+        i = rng.choices(range(len(reading)), weights=[max(left, 1) for left, _ in reading])[0]
+        sample = next(reading[i][1], None)
+        if sample is None:
+            del reading[i]
+            continue
+        reading[i][0] -= 1
+        yield sample
+
+
 def keep_every(samples, world: int, rank: int):
     """Striping for fewer shards than processes: this process's share of one common stream."""
     for i, sample in enumerate(samples):
@@ -405,43 +441,89 @@ def skip(samples, n: int):
 
 
 class WorkerStream(torch.utils.data.IterableDataset):
-    """The batches of one process for one epoch; each DataLoader worker reads its own shards."""
+    """The chunks of one process for one epoch; each DataLoader worker reads its own shards."""
 
-    def __init__(self, root: DataRoot, plan: EpochPlan, settings: SampleSettings, local_batch: int,
-                 shuffle_buffer: int, start_step: int = 0):
+    def __init__(self, root: DataRoot, plan: EpochPlan, settings: SampleSettings, shuffle_buffer: int,
+                 shuffle_initial: int, open_shards: int, start_step: int = 0):
         super().__init__()
         self.root, self.plan, self.settings = root, plan, settings
-        self.local_batch, self.shuffle_buffer = local_batch, shuffle_buffer
+        self.shuffle_buffer, self.shuffle_initial, self.open_shards = shuffle_buffer, shuffle_initial, open_shards
         self.used, self.first = plan.position(start_step)
+
+    def read(self, shard: Shard):
+        """One shard's samples with their sidecar rows."""
+        s = self.settings
+        return join_sidecars(shard_samples([shard.source()]), self.root, s.captions, s.teacher)
 
     def pipeline(self, worker: int):
         import webdataset as wds
 
         plan, s = self.plan, self.settings
         maker = SampleMaker(s, plan.epoch)
-        stages = [lambda: iter([sh.source() for sh in plan.workers[worker]]), shard_samples]
+        # striped, every process interleaves alike, so that their shares of the one stream stay disjoint
+        mix = _rng(s.seed, "interleave", plan.epoch, *(() if plan.stripe else (plan.rank, worker)))
+        stages = [lambda: interleave(plan.workers[worker], self.read, self.open_shards, mix)]
         if plan.stripe:
             stages.append(wds.filters.pipelinefilter(keep_every)(plan.world, plan.rank))
         stages += [
-            wds.filters.pipelinefilter(join_sidecars)(self.root, s.captions, s.teacher),
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_initial, self.shuffle_buffer),
                         rng=_rng(s.seed, "shuffle", plan.epoch, plan.rank, worker)),
-            wds.filters.pipelinefilter(skip)(self.used[worker] * self.local_batch),
+            wds.filters.pipelinefilter(skip)(self.used[worker] * plan.chunk),
             wds.map(maker),
-            wds.batched(self.local_batch, collation_fn=lambda xs: collate(xs, s, maker.tokenizer), partial=False),
+            wds.batched(plan.chunk, collation_fn=lambda xs: collate(xs, s, maker.tokenizer), partial=False),
         ]
-        for index, batch in enumerate(wds.DataPipeline(*stages), start=self.used[worker]):
-            if index >= plan.batches[worker]:
+        quota = plan.batches[worker] * plan.per_batch
+        for index, chunk in enumerate(wds.DataPipeline(*stages), start=self.used[worker]):
+            if index >= quota:
                 return
-            batch["position"] = (plan.epoch, worker, index)
-            yield batch
+            chunk["position"] = (plan.epoch, worker, index)
+            yield chunk
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         n = len(self.plan.workers)
-        physical = info.id if info is not None else 0
-        # renumbered so that the DataLoader's first turn goes to the worker that is due
-        yield from self.pipeline((physical + self.first) % n)
+        if info is not None:
+            # renumbered so that the DataLoader's first turn goes to the worker that is due
+            yield from self.pipeline((info.id + self.first) % n)
+            return
+        # in the training process: every worker's chunks in the DataLoader's order, one from each in turn
+        streams = [self.pipeline((i + self.first) % n) for i in range(n)]
+        while streams:
+            for stream in list(streams):
+                chunk = next(stream, None)
+                if chunk is None:
+                    streams.remove(stream)
+                else:
+                    yield chunk
+
+
+def join_chunks(chunks: list[dict]) -> dict:
+    """One batch of consecutive chunks: tensors joined on the sample axis, lists concatenated, counts
+    added; `position` becomes (epoch, ((worker, chunk index), ...)), as EpochPlan.order gives a step."""
+    batch = {}
+    for name, first in chunks[0].items():
+        values = [c[name] for c in chunks]
+        if name == "position":
+            batch[name] = (int(first[0]), tuple((int(p[1]), int(p[2])) for p in values))
+        elif isinstance(first, torch.Tensor):  # numpy's copy: torch.cat's thread pool spins on a busy CPU
+            batch[name] = torch.from_numpy(np.concatenate([v.numpy() for v in values]))
+        elif isinstance(first, list):
+            batch[name] = [x for v in values for x in v]
+        else:
+            batch[name] = sum(values)
+    return batch
+
+
+class Batches:
+    """The training batches of one epoch: each joins `per_batch` consecutive chunks of the DataLoader."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, per_batch: int):
+        self.loader, self.per_batch = loader, per_batch
+
+    def __iter__(self):
+        chunks = iter(self.loader)
+        while len(group := list(itertools.islice(chunks, self.per_batch))) == self.per_batch:
+            yield join_chunks(group)
 
 
 def _loader_worker_init(worker_id: int) -> None:
@@ -461,16 +543,24 @@ def _loader_worker_init(worker_id: int) -> None:
 
 
 def train_loader(root: DataRoot, plan: EpochPlan, settings: SampleSettings, local_batch: int, shuffle_buffer: int,
-                 start_step: int = 0, in_process: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader over one epoch of this process's batches, from `start_step` of the epoch on.
+                 start_step: int = 0, in_process: bool = False, shuffle_initial: int = TrainConfig.shuffle_initial,
+                 open_shards: int = TrainConfig.open_shards) -> Batches:
+    """The batches of one epoch of this process, from `start_step` of the epoch on.
 
-    `in_process`: read in the training process (one logical worker, for debugging and tests)."""
-    stream = WorkerStream(root, plan, settings, local_batch, shuffle_buffer, start_step)
+    Each worker reads `open_shards` of its shards at once, interleaved, through a shuffle buffer of
+    `shuffle_buffer` samples (`shuffle_initial` before the first); a batch joins chunks of every
+    worker. `in_process`: read in the training process (for debugging and tests)."""
+    if local_batch != plan.chunk * plan.per_batch:
+        raise ValueError(f"the plan was made for batches of {plan.chunk * plan.per_batch}, not {local_batch}")
+    stream = WorkerStream(root, plan, settings, shuffle_buffer, shuffle_initial, open_shards, start_step)
     workers = 0 if in_process else len(plan.workers)
     shared_tokenizer()
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                       prefetch_factor=2 if workers else None, persistent_workers=False,
-                                       worker_init_fn=_loader_worker_init if workers else None)
+    # as many samples in flight as two batches per worker
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                         prefetch_factor=2 * plan.per_batch if workers else None,
+                                         persistent_workers=False,
+                                         worker_init_fn=_loader_worker_init if workers else None)
+    return Batches(loader, plan.per_batch)
 
 
 def eval_batches(root: DataRoot, shards: list[Shard], settings: SampleSettings, batch_size: int):

@@ -397,11 +397,12 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
             epoch, in_epoch = divmod(step, steps_per_epoch)
             plan = plan_epoch(train_shards, cfg.seed, epoch, rank, world, cfg.workers, local_batch)
             loader = train_loader(root, plan, settings, local_batch, cfg.shuffle_buffer, in_epoch,
-                                  in_process=cfg.workers == 0)
+                                  in_process=cfg.workers == 0, shuffle_initial=cfg.shuffle_initial,
+                                  open_shards=cfg.open_shards)
             expected = plan.order(in_epoch)
             try:
                 for batch in loader:
-                    if tuple(batch["position"][1:]) != next(expected):
+                    if batch["position"] != (epoch, next(expected, None)):
                         raise RuntimeError(f"loader out of order at step {step}: got {batch['position']}")
                     if span is None or not span.start <= step < span.end:
                         span = next(sp for sp in spans if sp.start <= step < sp.end)
