@@ -22,7 +22,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
 .PHONY: install install-mobileclip install-scaleout shards captions teacher train eval manifests bench \
-	bench-real ablations test test-mobileclip test-scaleout mutation demo clean-demo
+	bench-real ablations bench-fit test test-mobileclip test-scaleout mutation demo clean-demo
 
 # A virtual environment $(1) with the project and its extras $(2): torch first, pinned to the CPU build this project
 # is tested with; a GPU user installs theirs before `make install`
@@ -87,6 +87,11 @@ bench-real: install
 # The ablation table on bench-real's data (prepared first if missing): 5 rows x 3 seeds, about 30 minutes more.
 ablations: install
 	$(PY) bench/real.py --ablations
+
+# How fast each model shape fits the same generated pairs, in one process with one optimizer, beside open_clip's
+# CLIP of tiny_preln's shape (the mobileclip environment has open_clip): about 20 minutes on 2 cores.
+bench-fit: install-mobileclip
+	$(MC_PY) bench/fit.py $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
