@@ -25,8 +25,9 @@ The training loss at 25/50/100% of the steps (mean over the last 5% of steps up 
     python bench/peer.py                     3 seeds, both sets, both tools; a table on stderr, one JSON line
     python bench/peer.py --quick             1 seed, 3 epochs
     python bench/peer.py --only siclip --sets transparent --seeds 0
-A rerun skips the runs that finished. A run's name carries a digest of what it depends on (for siclip, the
-code of training/ and manifests/ and the config), so a change to the code trains anew.
+A rerun skips the runs that finished (--retrain: trains them again, to measure samples/s anew). A run's name
+carries a digest of what it depends on (for siclip, the code of training/ and manifests/ and the config), so a
+change to the code trains anew.
 """
 
 from __future__ import annotations
@@ -152,23 +153,39 @@ def run_command(cmd: list, console: Path | None = None) -> float:
     return time.monotonic() - started
 
 
+MEASURED = "bench-peer.json"  # written beside each run: the load and the wall time while it trained
+
+
+def train_measured(cmd: list, run: Path, console: Path | None = None) -> None:
+    """Train with `cmd`, then record beside the run the 1-minute load before and after and the wall time, so that a
+    rerun that skips the run still reports the conditions it was measured in."""
+    load = os.getloadavg()[0]
+    seconds = run_command(cmd, console)
+    (run / MEASURED).write_text(json.dumps({"load_1min": [round(load, 2), round(os.getloadavg()[0], 2)],
+                                            "wall_minutes": round(seconds / 60, 2)}) + "\n")
+
+
+def measured(run: Path) -> dict:
+    return json.loads((run / MEASURED).read_text()) if (run / MEASURED).is_file() else {}
+
+
 def siclip_code() -> list[Path]:
     """What a siclip run's result depends on besides its data: the training and data-layer code, the presets."""
     files = [*REPO.glob("training/**/*.py"), *REPO.glob("training/presets/*.toml"), *REPO.glob("manifests/*.py")]
     return sorted(files)
 
 
-def siclip_run(data: Path, cfg, seed: int, schedule: Schedule) -> dict:
-    """`siclip train` with the benchmark's config; skipped when the same run finished before."""
+def siclip_run(data: Path, cfg, seed: int, schedule: Schedule, retrain: bool = False) -> dict:
+    """`siclip train` with the benchmark's config; skipped when the same run finished before (unless `retrain`)."""
     sets = schedule.sets(seed)
     name = f"siclip-e{schedule.epochs}-s{seed}-{digest(CONFIG, *sets, *siclip_code())}"
     run = data / "runs" / name
-    if not (run / "final" / "state.json").is_file():
-        if run.exists():  # started and stopped: measured whole or not at all
+    if retrain or not (run / "final" / "state.json").is_file():
+        if run.exists():  # started and stopped, or to be measured again: whole or not at all
             shutil.rmtree(run)
         log(f"{data.name}: siclip train {name}")
-        run_command([sys.executable, "-m", "manifests.cli", "train", "--data", data, "--config", CONFIG, "--out",
-                     name, *[a for s in sets for a in ("--set", s)]])
+        train_measured([sys.executable, "-m", "manifests.cli", "train", "--data", data, "--config", CONFIG, "--out",
+                        name, *[a for s in sets for a in ("--set", s)]], run)
     return {"tool": "siclip", "seed": seed, "run": name, "path": str(run)}
 
 
@@ -182,7 +199,8 @@ def open_clip_args(data: Path, cfg, seed: int, schedule: Schedule) -> list[str]:
 
     train, held = split(data, cfg)
     stage = cfg.stages[0]
-    per_epoch = plan_epoch(train, seed, 0, 0, 1, cfg.workers, cfg.batch_size).steps * cfg.batch_size
+    per_epoch = plan_epoch(train, seed=seed, epoch=0, rank=0, world=1, workers=cfg.workers,
+                           local_batch=cfg.batch_size).steps * cfg.batch_size
     args = ["--model", OPEN_CLIP_MODEL, "--dataset-type", "webdataset",
             "--train-data", "::".join(s.tar for s in train), "--train-num-samples", per_epoch,
             "--val-data", "::".join(s.tar for s in held), "--val-num-samples", sum(s.samples for s in held),
@@ -201,8 +219,9 @@ def open_clip_args(data: Path, cfg, seed: int, schedule: Schedule) -> list[str]:
     return [str(a) for a in args]
 
 
-def open_clip_run(data: Path, cfg, seed: int, schedule: Schedule) -> dict:
-    """open_clip_train through bench/open_clip_peer.py; skipped when the same run finished before."""
+def open_clip_run(data: Path, cfg, seed: int, schedule: Schedule, retrain: bool = False) -> dict:
+    """open_clip_train through bench/open_clip_peer.py; skipped when the same run finished before (unless
+    `retrain`)."""
     import open_clip
 
     args = open_clip_args(data, cfg, seed, schedule)
@@ -210,12 +229,12 @@ def open_clip_run(data: Path, cfg, seed: int, schedule: Schedule) -> dict:
     name = f"open_clip-e{schedule.epochs}-s{seed}-{digest(*args, model_json, WRAPPER, open_clip.__version__)}"
     logs = data.parent / "open_clip" / data.name
     run = logs / name
-    if not (run / "checkpoints" / f"epoch_{schedule.epochs}.pt").is_file():
+    if retrain or not (run / "checkpoints" / f"epoch_{schedule.epochs}.pt").is_file():
         if run.exists():
             shutil.rmtree(run)
         run.mkdir(parents=True)
         log(f"{data.name}: open_clip_train {name} (its output: {run / 'console.txt'})")
-        run_command([sys.executable, WRAPPER, *args, "--logs", logs, "--name", name], run / "console.txt")
+        train_measured([sys.executable, WRAPPER, *args, "--logs", logs, "--name", name], run, run / "console.txt")
     return {"tool": "open_clip", "seed": seed, "run": name, "path": str(run),
             "checkpoint": str(run / "checkpoints" / f"epoch_{schedule.epochs}.pt")}
 
@@ -554,15 +573,13 @@ def bench(args) -> dict:
         pairs = [p for s in held for p in heldout_pairs(s.tar)]
         agree = tokenizers_agree(inputs, pairs)
         for seed in seeds:
-            for tool in tools:  # open_clip first, then siclip, seed by seed: the same CPU, close in time
-                load_before = os.getloadavg()[0]
-                began = time.monotonic()
-                run = (open_clip_run if tool == "open_clip" else siclip_run)(data, cfg, seed, schedule)
+            # seed by seed, both tools close in time on the same CPU; which goes first alternates, so that a load
+            # that rises or falls over the benchmark does not favour one tool's samples/s
+            for tool in (tools if seed % 2 == 0 else tools[::-1]):
+                run = (open_clip_run if tool == "open_clip" else siclip_run)(data, cfg, seed, schedule, args.retrain)
                 path = Path(run["path"])
                 curve = siclip_curve(path) if tool == "siclip" else open_clip_curve(path)
-                run.update(set=set_name, **curve_figures(curve, cfg.batch_size),
-                           load_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)],
-                           wall_minutes=round((time.monotonic() - began) / 60, 2))
+                run.update(set=set_name, **curve_figures(curve, cfg.batch_size), **measured(path))
                 evaluate(data, inputs, run, tokenizer, pairs)
                 run["tokenizers_agree"] = agree
                 run.pop("path"), run.pop("checkpoint", None)
@@ -589,6 +606,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (0 with --quick)")
     p.add_argument("--only", choices=TOOLS, help="run one tool (ratios need both)")
     p.add_argument("--sets", nargs="+", choices=sorted(SETS), default=list(SETS))
+    p.add_argument("--retrain", action="store_true",
+                   help="train the finished runs again too (samples/s measured anew, e.g. on quiet cores)")
     args = p.parse_args(argv)
     args.data, args.inputs = (REPO / args.data).absolute(), (REPO / args.inputs).absolute()
     print(json.dumps(bench(args)), flush=True)

@@ -27,9 +27,9 @@ def test_the_open_clip_config_is_tiny_preln_tensor_for_tensor_in_count():
     theirs, ours = open_clip.create_model(OPEN_CLIP_MODEL), build_model("tiny_preln")
     assert count_parameters(theirs) == count_parameters(ours) == 7_986_817
     assert count_parameters(theirs.visual) == count_parameters(ours.visual)
+    pixels, ids = torch.zeros(2, 3, 64, 64), torch.zeros(2, 77, dtype=torch.long)
     with torch.no_grad():
-        assert theirs.encode_image(torch.zeros(2, 3, 64, 64)).shape == ours.encode_image(torch.zeros(2, 3, 64, 64)).shape
-        ids = torch.zeros(2, 77, dtype=torch.long)
+        assert theirs.encode_image(pixels).shape == ours.encode_image(pixels).shape == (2, 128)
         assert theirs.encode_text(ids).shape == ours.encode_text(ids).shape == (2, 128)
 
 
