@@ -357,17 +357,20 @@ def class_names(folder: Path) -> tuple[list[str], list[tuple[Path, int]], list[s
 
 
 def zeroshot_shared(enc: Encoders, folder: Path, tokenizer) -> dict:
+    """Each class the unit mean of its prompts' embeddings; each image's top-5 classes by cosine."""
     import torch
     import torch.nn.functional as F
 
     classes, items, templates = class_names(folder)
     with torch.no_grad():
-        weights = torch.stack([F.normalize(check_finite(enc.text(tokenizer([t.format(c.replace("_", " "))
-                                                                             for t in templates])), "text").mean(0),
-                                           dim=-1) for c in classes])
-        images = torch.cat([check_finite(enc.image(torch.stack([shared_pixels(p) for p, _ in items[i:i + 64]])),
-                                         "image") for i in range(0, len(items), 64)])
-    return topk(images @ weights.T, torch.tensor([c for _, c in items]))
+        weights = []
+        for c in classes:
+            prompts = tokenizer([t.format(c.replace("_", " ")) for t in templates])
+            weights.append(F.normalize(check_finite(enc.text(prompts), "text").mean(dim=0), dim=-1))
+        images = [enc.image(torch.stack([shared_pixels(p) for p, _ in items[i:i + 64]]))
+                  for i in range(0, len(items), 64)]
+    logits = check_finite(torch.cat(images), "image") @ torch.stack(weights).T
+    return topk(logits, torch.tensor([c for _, c in items]))
 
 
 def heldout_pairs(tar: str) -> list[tuple[bytes, str]]:
