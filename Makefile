@@ -22,7 +22,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
 .PHONY: install install-mobileclip install-scaleout shards captions teacher train eval manifests bench \
-	bench-real ablations bench-fit test test-mobileclip test-scaleout mutation demo clean-demo
+	bench-real bench-peer bench-fit ablations test test-mobileclip test-scaleout mutation demo clean-demo
 
 # A virtual environment $(1) with the project and its extras $(2): torch first, pinned to the CPU build this project
 # is tested with; a GPU user installs theirs before `make install`
@@ -83,6 +83,13 @@ bench: install
 # writes data/bench-real and data/bench-real-inputs; ends with one JSON line.
 bench-real: install
 	$(PY) bench/real.py
+
+# siclip against open_clip_train (bench/peer.py) on the same real shards: bench-real's emoji set and a variant of
+# transparent PNGs listed by group; both tools at the same shape, batch, schedule and epochs, 3 seeds each; one
+# eval path for both and each tool's own; about 35 minutes on 2 quiet cores; a table, then one JSON line of
+# siclip/open_clip ratios. ARGS="--quick" (1 seed, 3 epochs), "--only siclip", "--sets transparent".
+bench-peer: install-mobileclip
+	$(MC_PY) bench/peer.py $(ARGS)
 
 # The ablation table on bench-real's data (prepared first if missing): 5 rows x 3 seeds, about 30 minutes more.
 ablations: install

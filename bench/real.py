@@ -85,51 +85,72 @@ def split():
 
 def write_inputs(inputs: Path) -> None:
     """Clean pairs (training emoji) and zero-shot folders (held-out emoji) by group and subgroup."""
-    from pipeline.emoji import emoji_list, folder_name, render
+    from pipeline.emoji import render
 
     record = inputs / "inputs.json"
     params = {"held_out": HELD_OUT, "clean": CLEAN, "version": 1}
     if record.is_file() and json.loads(record.read_text()) == params:
         return
-    train, held = split()
+    train, _ = split()
     clean = inputs / "clean"
     clean.mkdir(parents=True, exist_ok=True)
     for i in range(CLEAN):
         e = train[i * len(train) // CLEAN]
         (clean / f"{i:05d}.jpg").write_bytes(render(e, random.Random(f"clean:{e.name}")))
         (clean / f"{i:05d}.txt").write_text(e.caption() + "\n")
-    for level in ("group", "subgroup"):
-        root = inputs / "zeroshot" / level
-        for label in sorted({getattr(e, level) for e in emoji_list()}):  # every label is a class
-            (root / folder_name(label)).mkdir(parents=True, exist_ok=True)
-        for e in held:
-            out = root / folder_name(getattr(e, level)) / f"{folder_name(e.name)}.jpg"
-            out.write_bytes(render(e, random.Random(f"zeroshot:{e.name}")))
-        (root / "templates.txt").write_text("{}\nan emoji of {}\na {} emoji\n")
+    write_zeroshot(inputs / "zeroshot")
     record.write_text(json.dumps(params))
 
 
-def web_rows():
-    """(files, rows): TRAIN_ROWS renderings of training emoji, then one of each held-out emoji, last."""
-    from pipeline.emoji import render
+def write_zeroshot(root: Path, render=None, ext: str = "jpg") -> None:
+    """root/group and root/subgroup: one rendering of each held-out emoji in its label's folder, every label a
+    class (so chance is one over all of them), and the folder's prompts in templates.txt."""
+    from pipeline.emoji import emoji_list, folder_name
+    from pipeline.emoji import render as default_render
 
+    render = render or default_render
+    _, held = split()
+    for level in ("group", "subgroup"):
+        folder = root / level
+        for label in sorted({getattr(e, level) for e in emoji_list()}):
+            (folder / folder_name(label)).mkdir(parents=True, exist_ok=True)
+        for e in held:
+            out = folder / folder_name(getattr(e, level)) / f"{folder_name(e.name)}.{ext}"
+            out.write_bytes(render(e, random.Random(f"zeroshot:{e.name}")))
+        (folder / "templates.txt").write_text("{}\nan emoji of {}\na {} emoji\n")
+
+
+def web_rows(render=None, ext: str = "jpg", by_group: bool = False):
+    """(files, rows): TRAIN_ROWS renderings of training emoji, then one of each held-out emoji, last.
+
+    The training rows come in emoji-test.txt's order, twice over (each emoji's first rendering, then its
+    second); `by_group` keeps an emoji's renderings together in Unicode group order instead, as a list sorted
+    by category is, so each shard holds one or two groups."""
+    from pipeline.emoji import render as default_render
+
+    render = render or default_render
     train, held = split()
-    picks = [(e, k) for k in range(2) for e in train][:TRAIN_ROWS] + [(e, 0) for e in held]
+    picks = [(e, k) for k in range(2) for e in train][:TRAIN_ROWS]
+    if by_group:
+        rank = {e.name: i for i, e in enumerate(train)}  # the file lists emoji by group, then subgroup
+        picks.sort(key=lambda p: (rank[p[0].name], p[1]))
+    picks += [(e, 0) for e in held]
     files, rows = {}, []
     for i, (e, k) in enumerate(picks):
-        path = f"emoji/{i:05d}.jpg"
+        path = f"emoji/{i:05d}.{ext}"
         files[path] = render(e, random.Random(f"web:{e.name}:{k}"))
         rows.append((path, e.caption()))
     return files, rows
 
 
-def download(data: Path) -> None:
+def download(data: Path, files_rows=None, settings=SHARDS) -> None:
+    """`siclip shards` of the web rows (default: `web_rows()`), served on 127.0.0.1, into `data`."""
     from manifests.config import resolve
     from pipeline.config import DEFAULT_CONFIG, ShardsConfig
     from pipeline.loopback import ImageServer, write_url_list
     from pipeline.stage import run_shards
 
-    files, rows = web_rows()
+    files, rows = files_rows or web_rows()
     try:
         server = ImageServer(files, PORT)
     except OSError:
@@ -137,7 +158,7 @@ def download(data: Path) -> None:
     data.mkdir(parents=True, exist_ok=True)
     with server:
         write_url_list(data / "emoji_urls.parquet", server.base, rows)
-        cfg = resolve(ShardsConfig, DEFAULT_CONFIG, SHARDS, {"urls": str(data / "emoji_urls.parquet"), "data": str(data)})
+        cfg = resolve(ShardsConfig, DEFAULT_CONFIG, settings, {"urls": str(data / "emoji_urls.parquet"), "data": str(data)})
         if run_shards(cfg):
             sys.exit("bench-real: siclip shards failed")
 

@@ -7,8 +7,8 @@ Sources (Debian packages; `bench/real.py` installs them when missing):
   unicode-cldr-core       /usr/share/unicode/cldr/common/annotations{,Derived}/en.xml   (keywords)
 Skin-tone variants and the Component group are left out: they repeat an emoji with another tone.
 
-Each emoji is rendered at a few sizes and positions on varied backgrounds (`pipeline.scenes`' own). The
-held-out split is by emoji, not by rendering: no held-out emoji is ever seen in training.
+Each emoji is rendered at a few sizes and positions on varied backgrounds (`pipeline.scenes`' own), or, for
+`make bench-peer`'s second set, on a transparent background as an RGBA PNG. The held-out split is by emoji, not by rendering: no held-out emoji is ever seen in training.
 """
 
 from __future__ import annotations
@@ -111,17 +111,39 @@ def glyph(text: str):
     return img.crop(box)
 
 
+def _sized_glyph(emoji: Emoji, rng: random.Random, side: int):
+    """The emoji's glyph at a random size: its longer side 45–90% of the picture's."""
+    g = glyph(emoji.text)
+    scale = rng.uniform(0.45, 0.9) * side / max(g.size)
+    return g.resize((max(1, round(g.width * scale)), max(1, round(g.height * scale))))
+
+
+def _position(side: int, g, rng: random.Random) -> tuple[int, int]:
+    return rng.randint(0, side - g.width), rng.randint(0, side - g.height)
+
+
 def render(emoji: Emoji, rng: random.Random, side: int = 128, quality: int = 90) -> bytes:
     """One rendering: the emoji at a random size (45–90% of the picture) and position, on a random background."""
     from pipeline.scenes import background
 
-    g = glyph(emoji.text)
-    scale = rng.uniform(0.45, 0.9) * side / max(g.size)
-    g = g.resize((max(1, round(g.width * scale)), max(1, round(g.height * scale))))
+    g = _sized_glyph(emoji, rng, side)
     img = background(rng, side)
-    img.paste(g, (rng.randint(0, side - g.width), rng.randint(0, side - g.height)), g)
+    img.paste(g, _position(side, g, rng), g)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def render_transparent(emoji: Emoji, rng: random.Random, side: int = 128) -> bytes:
+    """One rendering as clip art is published: the emoji at a random size and position on a fully transparent
+    picture, an RGBA PNG whose transparent pixels store black (what a reader that drops alpha shows)."""
+    from PIL import Image
+
+    g = _sized_glyph(emoji, rng, side)
+    img = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    img.alpha_composite(g, _position(side, g, rng))  # "over": paste() would square the edges' alpha
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
     return buf.getvalue()
 
 
