@@ -56,7 +56,6 @@ WRAPPER = REPO / "bench" / "open_clip_peer.py"
 TOOLS = ("open_clip", "siclip")
 QUICK_EPOCHS = 3
 SHARDS = [*real.SHARDS[:2], "budget=16GB", *real.SHARDS[3:]]  # room for the runs of several code versions
-MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # both configs' (OpenAI's)
 LEVELS = ("group", "subgroup")
 
 
@@ -281,16 +280,6 @@ def curve_figures(curve: list, batch: int) -> dict:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def on_white(img):
-    """RGB, with any transparency composited onto white, as stage 1 (img2dataset) did to the training images."""
-    from PIL import Image
-
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")
-
-
 def shared_pixels(source, size: int = 64):
     """The shared path's input: a file (or file object) composited onto white, the shortest side resized to
     `size` (bicubic), center-cropped, normalised with OpenAI's mean and std."""
@@ -298,15 +287,16 @@ def shared_pixels(source, size: int = 64):
     import torch
     from PIL import Image
 
-    with Image.open(source) as img:
-        img = on_white(img)
+    from siclip.images import OPENAI_MEAN, OPENAI_STD, decode_image
+
+    img = decode_image(source)  # alpha onto white, as stage 1 did to the training images
     scale = size / min(img.size)
     img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
                      Image.Resampling.BICUBIC)
     left, top = (img.width - size) // 2, (img.height - size) // 2
     x = torch.from_numpy(np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8).copy())
     x = x.permute(2, 0, 1).float().div_(255)
-    return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    return (x - torch.tensor(OPENAI_MEAN).view(3, 1, 1)) / torch.tensor(OPENAI_STD).view(3, 1, 1)
 
 
 @dataclass
