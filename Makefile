@@ -126,8 +126,8 @@ mutation: install
 # what is done.
 DEMO_ZEROSHOT = $(foreach a,colour shape size,--imagefolder $(INPUTS)/zeroshot/$(a))
 demo: install
-	$(PY) -m pipeline.demo --data $(DATA) --inputs $(INPUTS)
-	$(PY) -m captioning.fit --pairs $(INPUTS)/clean --out $(INPUTS)/captioner --steps 800
+	$(PY) -m siclip.pipeline.demo --data $(DATA) --inputs $(INPUTS)
+	$(PY) -m siclip.captioning.fit --pairs $(INPUTS)/clean --out $(INPUTS)/captioner --steps 800
 	$(SICLIP) captions --data $(DATA) --model $(INPUTS)/captioner --workers 1 --batch-size 64
 	$(SICLIP) train --data $(DATA) --config demo_teacher --out demo-teacher --resume
 	$(SICLIP) export --data $(DATA) --run demo-teacher

@@ -37,9 +37,9 @@ WARMUP, LR = 50, 1e-3
 
 def scenes(n: int, size: int = 64):
     """n + HELD_OUT generated scenes: normalised pixels and tokenised web captions (the same on every run)."""
-    from pipeline.scenes import make_scene, web_caption
+    from siclip.pipeline.scenes import make_scene, web_caption
     from siclip.images import OPENAI_MEAN, OPENAI_STD, decode_image
-    from training.tokenizer import ClipTokenizer
+    from siclip.training.tokenizer import ClipTokenizer
 
     pixels, captions = [], []
     for i in range(n + HELD_OUT):
@@ -64,7 +64,7 @@ def open_clip_model():
 
 
 def siclip_model(spec: str):
-    from training.model import build_model, load_config
+    from siclip.training.model import build_model, load_config
 
     name, *pairs = spec.split(":")
     overrides = {k: json.loads(v) for k, v in (p.split("=", 1) for p in pairs)}

@@ -71,7 +71,7 @@ class EmojiSet:
     by_group: bool
 
     def renderer(self):
-        from pipeline import emoji
+        from siclip.pipeline import emoji
 
         return getattr(emoji, self.render)
 
@@ -120,16 +120,16 @@ def prepare(s: EmojiSet, data: Path, inputs: Path) -> None:
 
 
 def shards_of(data: Path) -> list:
-    from manifests.layout import DataRoot
-    from manifests.samples import finished_shards
+    from siclip.manifests.layout import DataRoot
+    from siclip.manifests.samples import finished_shards
 
     return list(finished_shards(DataRoot(data))) if (data / "manifests").is_dir() else []
 
 
 def split(data: Path, cfg):
     """(training shards, held-out shards) as siclip's config splits them; open_clip_train gets the same."""
-    from manifests.layout import DataRoot
-    from training.data import split_shards
+    from siclip.manifests.layout import DataRoot
+    from siclip.training.data import split_shards
 
     return split_shards(DataRoot(data), cfg.val_shards)
 
@@ -183,7 +183,7 @@ def siclip_run(data: Path, cfg, seed: int, schedule: Schedule, retrain: bool = F
         if run.exists():  # started and stopped, or to be measured again: whole or not at all
             shutil.rmtree(run)
         log(f"{data.name}: siclip train {name}")
-        train_measured([sys.executable, "-m", "manifests.cli", "train", "--data", data, "--config", CONFIG, "--out",
+        train_measured([sys.executable, "-m", "siclip.manifests.cli", "train", "--data", data, "--config", CONFIG, "--out",
                         name, *[a for s in sets for a in ("--set", s)]], run)
     return {"tool": "siclip", "seed": seed, "run": name, "path": str(run)}
 
@@ -194,7 +194,7 @@ def open_clip_args(data: Path, cfg, seed: int, schedule: Schedule) -> list[str]:
     --train-num-samples is what an epoch of siclip's plan uses (the full batches of each loader worker, from
     the manifest's counts), not every sample: given all 3,000, open_clip_train rounds the batches per worker
     up and wraps around its shards, 24 steps an epoch against siclip's 22. Both take the same steps."""
-    from training.data import plan_epoch
+    from siclip.training.data import plan_epoch
 
     train, held = split(data, cfg)
     stage = cfg.stages[0]
@@ -308,7 +308,7 @@ class Encoders:
 
 
 def siclip_encoders(run: Path) -> Encoders:
-    from training.evaluate import load
+    from siclip.training.evaluate import load
 
     model = load(run)[0].eval()
     return Encoders(model.encode_image, model.encode_text)
@@ -340,7 +340,7 @@ def topk(logits, labels) -> dict:
 
 def class_names(folder: Path) -> tuple[list[str], list[tuple[Path, int]], list[str]]:
     """(class folder names, [(image, class index)], prompts) of a zero-shot folder, as siclip eval reads it."""
-    from training.evaluate import image_folder, read_templates
+    from siclip.training.evaluate import image_folder, read_templates
 
     classes, items = image_folder(folder)
     return classes, items, read_templates(None, folder)
@@ -422,7 +422,7 @@ def open_clip_own_retrieval(run: Path) -> dict:
 
 def siclip_own(data: Path, run: dict, zeroshot: Path) -> dict:
     """`siclip eval` itself: its own decode, preprocess, tokenizer and retrieval on the run's held-out shard."""
-    res = subprocess.run([sys.executable, "-m", "manifests.cli", "eval", "--data", str(data), "--run", run["run"],
+    res = subprocess.run([sys.executable, "-m", "siclip.manifests.cli", "eval", "--data", str(data), "--run", run["run"],
                           *[a for lv in LEVELS for a in ("--imagefolder", str(zeroshot / lv))], "--retrieval",
                           "--json"], cwd=REPO, stdout=subprocess.PIPE, text=True)
     if res.returncode:
@@ -454,7 +454,7 @@ def tokenizers_agree(inputs: Path, pairs) -> float:
     import open_clip
     from open_clip_peer import register_models
 
-    from training.tokenizer import ClipTokenizer
+    from siclip.training.tokenizer import ClipTokenizer
 
     register_models()
     texts = [c for _, c in pairs]
@@ -546,8 +546,8 @@ def versions() -> dict:
 
 
 def bench(args) -> dict:
-    from training.config import load_train_config
-    from training.tokenizer import ClipTokenizer
+    from siclip.training.config import load_train_config
+    from siclip.training.tokenizer import ClipTokenizer
 
     started = time.monotonic()
     base = load_train_config(CONFIG)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from manifests.layout import DataRoot
-from training.bench_train import make_bench_root
-from training.config import load_train_config
-from training.loop import train
+from siclip.manifests.layout import DataRoot
+from siclip.training.bench_train import make_bench_root
+from siclip.training.config import load_train_config
+from siclip.training.loop import train
 
 
 def run(root: DataRoot, precision: str, steps: int) -> dict:

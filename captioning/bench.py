@@ -43,8 +43,8 @@ def _images(n: int, size: int = 256) -> list[bytes]:
 
 def _data_root(path: Path, jpegs: list[bytes], shards: int):
     """A data root in stage 1's layout holding `jpegs`, split over `shards` tars."""
-    from manifests.layout import DataRoot, shard_name
-    from manifests.manifest import StageManifest
+    from siclip.manifests.layout import DataRoot, shard_name
+    from siclip.manifests.manifest import StageManifest
 
     root = DataRoot(path)
     root.shards.mkdir(parents=True)
@@ -132,10 +132,10 @@ def _pipeline_rate(model_path: Path, jpegs: list[bytes], time_cap: float, device
 
 def _siclip_rate(model_path: Path, jpegs: list[bytes], work: Path, workers: int, batch_size: int,
                  device: str = "cpu") -> dict:
-    from captioning.cli import run_config
-    from captioning.config import CaptionsConfig
-    from manifests.layout import DataRoot
-    from manifests.manifest import StageManifest
+    from siclip.captioning.cli import run_config
+    from siclip.captioning.config import CaptionsConfig
+    from siclip.manifests.layout import DataRoot
+    from siclip.manifests.manifest import StageManifest
 
     root = _data_root(work / "data", jpegs, shards=max(2, 2 * workers))
     cfg = CaptionsConfig(data=str(root.root), model=str(model_path), workers=workers, batch_size=batch_size,
@@ -179,7 +179,7 @@ def bench_captions(quick: bool = False, work_dir: str | Path | None = None, devi
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from captioning.models import _quiet_transformers, save_tiny
+    from siclip.captioning.models import _quiet_transformers, save_tiny
 
     _quiet_transformers()
     place = contextlib.nullcontext(str(work_dir)) if work_dir else tempfile.TemporaryDirectory(prefix="siclip-bench-")
@@ -220,10 +220,10 @@ def bench_coca(quick: bool = False, arch: str | None = None, images: int | None 
     import torch
     from safetensors.torch import save_file
 
-    from captioning.cli import run_config
-    from captioning.config import CaptionsConfig
-    from manifests.layout import DataRoot
-    from manifests.manifest import StageManifest
+    from siclip.captioning.cli import run_config
+    from siclip.captioning.config import CaptionsConfig
+    from siclip.manifests.layout import DataRoot
+    from siclip.manifests.manifest import StageManifest
 
     arch = arch or ("coca_ViT-B-32" if quick else "coca_ViT-L-14")
     images = images or (2 if quick else 6)

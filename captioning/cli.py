@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from manifests.config import add_config_arguments, config_from_args
+from siclip.manifests.config import add_config_arguments, config_from_args
 
-from captioning.config import CAPTIONS_TOML, CaptionsConfig
+from siclip.captioning.config import CAPTIONS_TOML, CaptionsConfig
 
 
 def add_arguments(parser) -> None:
@@ -17,16 +17,16 @@ def run(args) -> int:
 
 
 def run_config(cfg: CaptionsConfig) -> int:
-    from captioning.fanout import local_cluster_threads
-    from captioning.stage import StageJob, run_stage
+    from siclip.captioning.fanout import local_cluster_threads
+    from siclip.captioning.stage import StageJob, run_stage
 
     threads = cfg.threads_per_worker or local_cluster_threads(max(cfg.workers, 1))
     job = StageJob(
         stage="captions", cfg=cfg, params=cfg.generation_params(),
-        setup=("captioning.generate:build_captioner",
+        setup=("siclip.captioning.generate:build_captioner",
                {"params": cfg.generation_params(), "device": cfg.device, "dtype": cfg.dtype,
                 "trust_remote_code": cfg.trust_remote_code, "threads": threads}),
-        job="captioning.jobs:caption_shard",
+        job="siclip.captioning.jobs:caption_shard",
         # key and status (~24 B) plus up to max_new_tokens words of ~6 B per caption, before compression
         bytes_per_row=64 + cfg.num_captions * (16 + 6 * cfg.max_new_tokens))
     return run_stage(job)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from manifests.errors import SiclipError
+from siclip.manifests.errors import SiclipError
 
 CAPTIONS_TOML = Path(__file__).with_name("captions.toml")
 TEACHER_TOML = Path(__file__).with_name("teacher.toml")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from captioning.models import LoadedModel, check_device, load_clip
-from manifests.models import PREFIX as OPEN_CLIP, load_open_clip
+from siclip.captioning.models import LoadedModel, check_device, load_clip
+from siclip.manifests.models import PREFIX as OPEN_CLIP, load_open_clip
 
 
 def _features(out) -> torch.Tensor:

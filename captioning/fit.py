@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from manifests.errors import SiclipError
-from manifests.progress import Progress, format_duration
+from siclip.manifests.errors import SiclipError
+from siclip.manifests.progress import Progress, format_duration
 from siclip.images import UnreadableImage, decode_image, is_image_file
 
 FIT_FILE = "fit.json"
@@ -75,7 +75,7 @@ def fit(pairs_dir: str | Path, out: str | Path, minutes: float = 1.5, steps: int
     """Train the captioner for `steps` steps (or `minutes` when steps is 0), save it into `out`; its summary."""
     import torch
 
-    from captioning.models import _quiet_transformers, build_tiny_captioner
+    from siclip.captioning.models import _quiet_transformers, build_tiny_captioner
 
     out = Path(out)
     params = {"pairs": str(Path(pairs_dir).absolute()), "minutes": minutes, "steps": steps, "batch_size": batch_size,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from captioning.models import LoadedModel, load_captioner, load_coca, seed_for, torch_dtype
+from siclip.captioning.models import LoadedModel, load_captioner, load_coca, seed_for, torch_dtype
 
 
 class SeededNucleusSampler(LogitsProcessor):

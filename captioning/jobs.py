@@ -15,11 +15,11 @@ import time
 import traceback
 from pathlib import Path
 
-from manifests.errors import SiclipError
-from manifests.samples import CorruptShardError, iter_samples, iter_shard
+from siclip.manifests.errors import SiclipError
+from siclip.manifests.samples import CorruptShardError, iter_samples, iter_shard
 from siclip.images import UnreadableImage, decode_image, image_member
-from captioning.models import seed_for
-from captioning.sidecar import OK
+from siclip.captioning.models import seed_for
+from siclip.captioning.sidecar import OK
 
 _END = object()
 
@@ -112,7 +112,7 @@ def caption_shard(task: dict, captioner) -> dict:
             for key, caps in zip(keys, captioner.caption(pixels, keys)):
                 captions[key] = caps
         _check_count(task, len(order))
-        from captioning.sidecar import write_caption_sidecar
+        from siclip.captioning.sidecar import write_caption_sidecar
 
         provenance = {"stage": "captions", "shard": task["shard"], "model": captioner.model_id,
                       "revision": captioner.revision, "params": task["params"], "inputs": task.get("inputs", {})}
@@ -160,8 +160,8 @@ def teacher_shard(task: dict, teachers) -> dict:
     import numpy as np
     import torch
 
-    from captioning.sidecar import storage_array, write_teacher_sidecar
-    from manifests.layout import DataRoot
+    from siclip.captioning.sidecar import storage_array, write_teacher_sidecar
+    from siclip.manifests.layout import DataRoot
 
     t0, started = time.perf_counter(), time.time()
     p = task["params"]

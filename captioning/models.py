@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from manifests.errors import SiclipError
-from manifests.models import PREFIX as OPEN_CLIP, load_open_clip, open_clip_embed_dim
+from siclip.manifests.errors import SiclipError
+from siclip.manifests.models import PREFIX as OPEN_CLIP, load_open_clip, open_clip_embed_dim
 
 TINY = "tiny"
 # A small English vocabulary for the tiny models' WordPiece tokenizer: enough words for captions to read

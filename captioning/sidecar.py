@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from manifests.io import atomic_write
-from manifests.samples import SIDECAR_META_KEY, read_sidecar
+from siclip.manifests.io import atomic_write
+from siclip.manifests.samples import SIDECAR_META_KEY, read_sidecar
 
 OK = "ok"
 

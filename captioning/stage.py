@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from manifests.config import print_config, to_toml
-from manifests.errors import DiskError, SiclipError
-from manifests.io import atomic_write_bytes, remove_stale_temps
-from manifests.layout import DataRoot, open_data_root
-from manifests.manifest import Inputs, StageManifest, check_file, stage_lock
-from manifests.progress import Progress
-from manifests.samples import finished_shards, sidecar_path
-from manifests.storage import StorageBudget, disk_free_bytes, format_size
+from siclip.manifests.config import print_config, to_toml
+from siclip.manifests.errors import DiskError, SiclipError
+from siclip.manifests.io import atomic_write_bytes, remove_stale_temps
+from siclip.manifests.layout import DataRoot, open_data_root
+from siclip.manifests.manifest import Inputs, StageManifest, check_file, stage_lock
+from siclip.manifests.progress import Progress
+from siclip.manifests.samples import finished_shards, sidecar_path
+from siclip.manifests.storage import StorageBudget, disk_free_bytes, format_size
 
 
 def log(msg: str) -> None:
@@ -140,7 +140,7 @@ def run_stage(job: StageJob) -> int:
             advance(res["rows"])
 
         if tasks:
-            from captioning import fanout
+            from siclip.captioning import fanout
 
             if cfg.workers == 0 and not cfg.scheduler:
                 fanout.run_in_process(tasks, job.job, job.setup, on_result)
@@ -165,8 +165,8 @@ def _diff(old: dict | None, new: dict) -> str:
 
 def _adopt(root: DataRoot, manifest: StageManifest, job: StageJob, shard, path: Path, inputs: Inputs) -> bool:
     """Record a complete sidecar that a run killed between its rename and its manifest save left behind."""
-    from captioning.sidecar import complete_sidecar
-    from manifests.samples import read_sidecar
+    from siclip.captioning.sidecar import complete_sidecar
+    from siclip.manifests.samples import read_sidecar
 
     rows = complete_sidecar(path, job.params)
     if rows is None or rows != shard.samples:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from manifests.config import add_config_arguments, config_from_args
+from siclip.manifests.config import add_config_arguments, config_from_args
 
-from captioning.config import TEACHER_TOML, TeacherConfig
+from siclip.captioning.config import TEACHER_TOML, TeacherConfig
 
 # Before any sidecar exists, the size estimate rests on what the sidecar holds (see sidecar_size).
 ASSUMED_WIDTH = 768  # a teacher whose config cannot be read up front: a ViT-L/14's width
@@ -22,7 +22,7 @@ def run(args) -> int:
 
 
 def _needs_captions(root, shard: str) -> str | None:
-    from manifests.manifest import StageManifest
+    from siclip.manifests.manifest import StageManifest
 
     if StageManifest.load(root, "captions").entry_ok(root, shard):
         return None
@@ -32,9 +32,9 @@ def _needs_captions(root, shard: str) -> str | None:
 def sidecar_size(cfg: TeacherConfig) -> tuple[int, int, list[str]]:
     """(bytes per sample, bytes per sidecar file, teachers whose width was assumed): the estimate before any
     sidecar exists, from the teachers' configs (no weights loaded), the dtype and the counts per sample."""
-    from captioning.models import clip_embedding_width
-    from manifests.layout import DataRoot
-    from manifests.manifest import StageManifest
+    from siclip.captioning.models import clip_embedding_width
+    from siclip.manifests.layout import DataRoot
+    from siclip.manifests.manifest import StageManifest
 
     widths = {name: clip_embedding_width(name, cfg.trust_remote_code) for name in cfg.teachers()}
     assumed = [name for name, w in widths.items() if w is None]
@@ -48,8 +48,8 @@ def sidecar_size(cfg: TeacherConfig) -> tuple[int, int, list[str]]:
 
 
 def run_config(cfg: TeacherConfig) -> int:
-    from captioning.fanout import local_cluster_threads
-    from captioning.stage import StageJob, log, run_stage
+    from siclip.captioning.fanout import local_cluster_threads
+    from siclip.captioning.stage import StageJob, log, run_stage
 
     threads = cfg.threads_per_worker or local_cluster_threads(max(cfg.workers, 1))
     per_row, per_file, assumed = sidecar_size(cfg)
@@ -58,10 +58,10 @@ def run_config(cfg: TeacherConfig) -> int:
             f"the size estimate assumes {ASSUMED_WIDTH} each")
     job = StageJob(
         stage="teacher", cfg=cfg, params=cfg.params(),
-        setup=("captioning.embed:build_teachers",
+        setup=("siclip.captioning.embed:build_teachers",
                {"names": cfg.teachers(), "device": cfg.device, "seed": cfg.seed,
                 "trust_remote_code": cfg.trust_remote_code, "threads": threads}),
-        job="captioning.jobs:teacher_shard",
+        job="siclip.captioning.jobs:teacher_shard",
         bytes_per_row=per_row, bytes_per_file=per_file,
         needs=_needs_captions if cfg.captions else None,
         inputs=("shards", "captions") if cfg.captions else ("shards",))

@@ -12,24 +12,24 @@ import inspect
 import json
 import sys
 
-from manifests.errors import SiclipError
+from siclip.manifests.errors import SiclipError
 
 # subcommand -> (module with add_arguments/run, one-line help)
 STAGE_COMMANDS = {
-    "shards": ("pipeline.cli", "stage 1: download a URL list into webdataset shards under a storage budget"),
-    "captions": ("captioning.cli", "stage 2: synthetic captions into Arrow sidecars, fanned out on dask"),
-    "teacher": ("captioning.teacher_cli", "stage 2b: CLIP teacher embeddings into Arrow sidecars"),
-    "train": ("training.cli", "stage 3: train a SiCLIP model with Accelerate"),
-    "eval": ("training.eval_cli", "zero-shot classification and retrieval of a trained model"),
-    "export": ("training.export_cli", "a trained pre-LN run as a transformers CLIPModel folder"),
+    "shards": ("siclip.pipeline.cli", "stage 1: download a URL list into webdataset shards under a storage budget"),
+    "captions": ("siclip.captioning.cli", "stage 2: synthetic captions into Arrow sidecars, fanned out on dask"),
+    "teacher": ("siclip.captioning.teacher_cli", "stage 2b: CLIP teacher embeddings into Arrow sidecars"),
+    "train": ("siclip.training.cli", "stage 3: train a SiCLIP model with Accelerate"),
+    "eval": ("siclip.training.eval_cli", "zero-shot classification and retrieval of a trained model"),
+    "export": ("siclip.training.export_cli", "a trained pre-LN run as a transformers CLIPModel folder"),
 }
 BENCHES = {
-    "shards": ("pipeline.bench", "bench_shards", "siclip shards against raw img2dataset.download"),
-    "captions": ("captioning.bench", "bench_captions", "siclip captions against a transformers pipeline"),
-    "coca": ("captioning.bench", "bench_coca", "siclip captions with the seed's CoCa ViT-L/14 (random weights): "
+    "shards": ("siclip.pipeline.bench", "bench_shards", "siclip shards against raw img2dataset.download"),
+    "captions": ("siclip.captioning.bench", "bench_captions", "siclip captions against a transformers pipeline"),
+    "coca": ("siclip.captioning.bench", "bench_coca", "siclip captions with the seed's CoCa ViT-L/14 (random weights): "
              "images/s for 3 captions (extra siclip[mobileclip])"),
-    "blocks": ("training.bench", "bench_blocks", "SAS-P blocks with sharing against pre-LN blocks"),
-    "train": ("training.bench_train", "bench_train",
+    "blocks": ("siclip.training.bench", "bench_blocks", "SAS-P blocks with sharing against pre-LN blocks"),
+    "train": ("siclip.training.bench_train", "bench_train",
               "siclip train against a plain PyTorch loop; the loader; gradient caching's memory; --device cuda: the "
               "paper preset"),
 }
@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_manifest(args) -> int:
-    from manifests.inspect import damaged, repair, summary, table
-    from manifests.layout import open_data_root
+    from siclip.manifests.inspect import damaged, repair, summary, table
+    from siclip.manifests.layout import open_data_root
 
     root = open_data_root(args.data, write=args.repair)
     if args.repair and not args.verify:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"siclip {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the disk refused a write no stage names itself: still one line, and nothing lost
-        from manifests.io import disk_error
+        from siclip.manifests.io import disk_error
 
         err = disk_error(e, e.filename or "a file under the data root")
         if err is None:

@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from manifests.errors import SiclipError
+from siclip.manifests.errors import SiclipError
 
 try:
     import tomllib

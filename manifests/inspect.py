@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from manifests.layout import STAGES, DataRoot
-from manifests.manifest import StageManifest, check_file
-from manifests.storage import StorageBudget, format_size
+from siclip.manifests.layout import STAGES, DataRoot
+from siclip.manifests.manifest import StageManifest, check_file
+from siclip.manifests.storage import StorageBudget, format_size
 
 
 def summary(root: DataRoot) -> dict:
@@ -74,7 +74,7 @@ def repair(root: DataRoot, damage: list[tuple[str, str, str, str]], log=print) -
     lock is held while it changes, so no job of that stage runs meanwhile. Returns {stage: units}."""
     import shutil
 
-    from manifests.manifest import stage_lock
+    from siclip.manifests.manifest import stage_lock
 
     by_stage: dict[str, dict[str, list[str]]] = {}
     for stage, unit, rel, bad in damage:

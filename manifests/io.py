@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-from manifests.errors import DiskError
+from siclip.manifests.errors import DiskError
 
 # what the disk, not the program, refused: the fix is room (or a writable mount), then the same command
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from manifests.errors import SiclipError
+from siclip.manifests.errors import SiclipError
 
 STAGES = ("shards", "captions", "teacher", "train")
 

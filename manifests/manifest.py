@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from manifests.errors import SiclipError
-from manifests.io import atomic_write_json, sha256_file
-from manifests.layout import DataRoot, leaves_root
+from siclip.manifests.errors import SiclipError
+from siclip.manifests.io import atomic_write_json, sha256_file
+from siclip.manifests.layout import DataRoot, leaves_root
 
 SCHEMA_VERSION = 1
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from manifests.errors import SiclipError
+from siclip.manifests.errors import SiclipError
 
 PREFIX = "open_clip:"
 CONFIG_NAME = "open_clip_config.json"  # open_clip's hub layout

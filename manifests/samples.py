@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from manifests.errors import SiclipError
-from manifests.io import sha256_file
-from manifests.layout import DataRoot
-from manifests.manifest import StageManifest
+from siclip.manifests.errors import SiclipError
+from siclip.manifests.io import sha256_file
+from siclip.manifests.layout import DataRoot
+from siclip.manifests.manifest import StageManifest
 
 SIDECAR_STAGES = ("captions", "teacher")
 REPAIR = "siclip manifest DATA --verify --repair drops it so that its stage's rerun redoes it"

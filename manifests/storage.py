@@ -6,10 +6,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from manifests.errors import SiclipError
-from manifests.io import atomic_write_json
-from manifests.layout import STAGES, DataRoot
-from manifests.manifest import StageManifest, read_json_or_fail
+from siclip.manifests.errors import SiclipError
+from siclip.manifests.io import atomic_write_json
+from siclip.manifests.layout import STAGES, DataRoot
+from siclip.manifests.manifest import StageManifest, read_json_or_fail
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from manifests.config import add_config_arguments, config_from_args
-from pipeline.config import DEFAULT_CONFIG, ShardsConfig
+from siclip.manifests.config import add_config_arguments, config_from_args
+from siclip.pipeline.config import DEFAULT_CONFIG, ShardsConfig
 
 
 def add_arguments(parser) -> None:
@@ -13,6 +13,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from pipeline.stage import run_shards
+    from siclip.pipeline.stage import run_shards
 
     return run_shards(config_from_args(ShardsConfig, args))

@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from manifests.errors import SiclipError
-from manifests.storage import format_size, parse_reserve, parse_size
+from siclip.manifests.errors import SiclipError
+from siclip.manifests.storage import format_size, parse_reserve, parse_size
 
 DEFAULT_CONFIG = Path(__file__).with_name("shards.toml")
 RESIZE_MODES = ["center_crop", "border", "keep_ratio", "keep_ratio_largest", "no"]

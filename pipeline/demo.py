@@ -12,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from manifests.config import resolve
-from manifests.errors import SiclipError
-from pipeline.config import DEFAULT_CONFIG, ShardsConfig
-from pipeline.loopback import ImageServer, write_url_list
-from pipeline.scenes import web_part, write_inputs
+from siclip.manifests.config import resolve
+from siclip.manifests.errors import SiclipError
+from siclip.pipeline.config import DEFAULT_CONFIG, ShardsConfig
+from siclip.pipeline.loopback import ImageServer, write_url_list
+from siclip.pipeline.scenes import web_part, write_inputs
 
 DEMO_PORT = 18765  # a fixed port keeps the URL list identical across reruns, so a rerun resumes
 # the scenes are served on 127.0.0.1, an address stage 1 refuses unless allowed
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="a `siclip shards` config override")
     args = p.parse_args(argv)
-    from pipeline.stage import run_shards
+    from siclip.pipeline.stage import run_shards
 
     data, inputs = Path(args.data).absolute(), Path(args.inputs).absolute()
     if inputs == data or data in inputs.parents:

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from manifests.errors import DiskError, SiclipError
-from manifests.io import fsync_dir, writing
-from manifests.layout import DataRoot, shard_name
-from manifests.manifest import StageManifest
-from manifests.storage import disk_free_bytes, format_size, parse_size
-from pipeline.plan import load_stats, stats_reasons
+from siclip.manifests.errors import DiskError, SiclipError
+from siclip.manifests.io import fsync_dir, writing
+from siclip.manifests.layout import DataRoot, shard_name
+from siclip.manifests.manifest import StageManifest
+from siclip.manifests.storage import disk_free_bytes, format_size, parse_size
+from siclip.pipeline.plan import load_stats, stats_reasons
 
 SHARD_FILE = re.compile(r"^(\d{5,})(\.tar|\.parquet|_stats\.json)$")
 
@@ -43,7 +43,7 @@ def fetch_policy(cfg):
     """What a download try may fetch: the byte cap and which addresses (the deadline is `timeout`)."""
     import ipaddress
 
-    from pipeline.fetch import FetchPolicy
+    from siclip.pipeline.fetch import FetchPolicy
 
     return FetchPolicy(max_bytes=parse_size(cfg.max_download_size), allow_private=cfg.allow_private_addresses,
                        allow_networks=tuple(ipaddress.ip_network(n, strict=False) for n in cfg.allow_networks))
@@ -56,7 +56,7 @@ def make_downloader(cfg, output_folder: Path):
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
 
-    from pipeline.fetch import GuardedDownloader  # imports img2dataset: after worker_env
+    from siclip.pipeline.fetch import GuardedDownloader  # imports img2dataset: after worker_env
 
     resizer = Resizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
                       upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=cfg.quality,
@@ -276,7 +276,7 @@ class ShardRunner:
         self.waves = 0  # handed to pyspark or ray
 
     def used_bytes(self) -> int:
-        from manifests.storage import StorageBudget
+        from siclip.manifests.storage import StorageBudget
 
         return StorageBudget.load(self.root).used_bytes
 

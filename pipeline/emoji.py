@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from manifests.errors import SiclipError
+from siclip.manifests.errors import SiclipError
 
 FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
@@ -124,7 +124,7 @@ def _position(side: int, g, rng: random.Random) -> tuple[int, int]:
 
 def render(emoji: Emoji, rng: random.Random, side: int = 128, quality: int = 90) -> bytes:
     """One rendering: the emoji at a random size (45–90% of the picture) and position, on a random background."""
-    from pipeline.scenes import background
+    from siclip.pipeline.scenes import background
 
     g = _sized_glyph(emoji, rng, side)
     img = background(rng, side)

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import img2dataset.downloader as i2d
 
-from pipeline.config import ALLOW_PRIVATE_FLAG
-from pipeline.urls import browser_url
+from siclip.pipeline.config import ALLOW_PRIVATE_FLAG
+from siclip.pipeline.urls import browser_url
 
 # img2dataset's browser-like User-Agent: some hosts refuse Python's own
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"

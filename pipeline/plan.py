@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from manifests.errors import SiclipError
-from manifests.storage import format_size
-from pipeline.reasons import classify
+from siclip.manifests.errors import SiclipError
+from siclip.manifests.storage import format_size
+from siclip.pipeline.reasons import classify
 
 TAR_BLOCK = 512
 STATS_FIXED = 4096  # img2dataset's _stats.json without its error counts

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from manifests.config import print_config, to_toml
-from manifests.errors import SiclipError
-from manifests.io import atomic_write_bytes
-from manifests.layout import DataRoot, open_data_root, shard_name
-from manifests.manifest import SHARD_UNIT, StageManifest, stage_lock
-from manifests.progress import Progress
-from manifests.storage import StorageBudget, disk_free_bytes, format_size, parse_reserve, parse_size, write_storage
-from pipeline.download import ShardRunner, budget_stop_message, params_of, reconcile, shard_files
-from pipeline.config import ALLOW_PRIVATE_FLAG
-from pipeline.plan import Plan, check_fits, reencoded_bytes, rows_that_fit, shard_bound
-from pipeline.reasons import RETRYABLE, classify
-from pipeline.urls import read_url_list
+from siclip.manifests.config import print_config, to_toml
+from siclip.manifests.errors import SiclipError
+from siclip.manifests.io import atomic_write_bytes
+from siclip.manifests.layout import DataRoot, open_data_root, shard_name
+from siclip.manifests.manifest import SHARD_UNIT, StageManifest, stage_lock
+from siclip.manifests.progress import Progress
+from siclip.manifests.storage import StorageBudget, disk_free_bytes, format_size, parse_reserve, parse_size, write_storage
+from siclip.pipeline.download import ShardRunner, budget_stop_message, params_of, reconcile, shard_files
+from siclip.pipeline.config import ALLOW_PRIVATE_FLAG
+from siclip.pipeline.plan import Plan, check_fits, reencoded_bytes, rows_that_fit, shard_bound
+from siclip.pipeline.reasons import RETRYABLE, classify
+from siclip.pipeline.urls import read_url_list
 
 
 def log(msg: str) -> None:

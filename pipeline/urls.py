@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from manifests.errors import SiclipError
+from siclip.manifests.errors import SiclipError
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl")
 

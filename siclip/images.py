@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from manifests.errors import SiclipError
+from siclip.manifests.errors import SiclipError
 
 # Image file suffixes and shard member extensions siclip reads, in the order a sample's members are tried.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
@@ -96,7 +96,7 @@ def decode_sample(sample: dict) -> dict:
     decode_image, 'txt' to str, 'json' to dict. Raises CorruptShardError, naming the sample, for an unreadable image."""
     import json
 
-    from manifests.samples import CorruptShardError
+    from siclip.manifests.samples import CorruptShardError
 
     for ext in IMAGE_EXTS:
         if isinstance(sample.get(ext), bytes):

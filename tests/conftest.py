@@ -46,7 +46,7 @@ def pytest_collection_modifyitems(config, items):
 def _bad_files() -> dict[str, bytes]:
     from PIL import Image
 
-    from pipeline.loopback import make_image
+    from siclip.pipeline.loopback import make_image
 
     jpeg = make_image(0)[0]
     one = io.BytesIO()
@@ -60,7 +60,7 @@ def _bad_files() -> dict[str, bytes]:
 @pytest.fixture(scope="session")
 def image_server():
     """Serves GOOD_IMAGES generated pictures plus the bad files; stops at the end of the session."""
-    from pipeline.loopback import ImageServer, generate
+    from siclip.pipeline.loopback import ImageServer, generate
 
     files, rows = generate(GOOD_IMAGES, seed=1)
     files.update(_bad_files())
@@ -78,7 +78,7 @@ def good_rows(image_server):
 @pytest.fixture(scope="session")
 def refused_url():
     """A loopback URL whose connections are refused, its port held for the whole run."""
-    from pipeline.loopback import refusing_port
+    from siclip.pipeline.loopback import refusing_port
 
     with refusing_port() as port:
         yield f"http://127.0.0.1:{port}/refused.jpg"
@@ -102,7 +102,7 @@ def shards_data(tmp_path_factory, good_rows):
 @pytest.fixture
 def shards_root(shards_data, tmp_path):
     """A private copy of the stage-1 data root, as a DataRoot, for tests that change it."""
-    from manifests.layout import DataRoot
+    from siclip.manifests.layout import DataRoot
 
     dst = tmp_path / "data"
     shutil.copytree(shards_data, dst)

@@ -6,6 +6,6 @@
 
 def load(path, device: str = "cpu"):
     """(model, tokenizer, preprocess) of a run or checkpoint folder; see training.evaluate.load."""
-    from training.evaluate import load as _load
+    from siclip.training.evaluate import load as _load
 
     return _load(path, device)

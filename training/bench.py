@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from training.model import MCi0Tower, TextTransformer, VisionTransformer, count_parameters, load_config
+from siclip.training.model import MCi0Tower, TextTransformer, VisionTransformer, count_parameters, load_config
 
 # name -> (preset, tower, overrides of the tower config)
 CASES = {
@@ -164,7 +164,7 @@ def bench_blocks(quick: bool = False, threads: int | None = None, device: str = 
         names.remove("s0_image")
         skipped["s0_image"] = "timm is not installed (extra siclip[mobileclip])"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        from manifests.errors import SiclipError
+        from siclip.manifests.errors import SiclipError
 
         raise SiclipError(f"bench blocks --device {device}: torch sees no CUDA device")
     batch = batch or BATCH["cuda" if device.startswith("cuda") else "cpu"]

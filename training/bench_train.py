@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from manifests.layout import DataRoot, shard_name
-from manifests.manifest import StageManifest
-from manifests.storage import write_storage
+from siclip.manifests.layout import DataRoot, shard_name
+from siclip.manifests.manifest import StageManifest
+from siclip.manifests.storage import write_storage
 
 
 def _log(msg: str) -> None:
@@ -74,10 +74,10 @@ def make_bench_root(folder: Path, shards: int, per_shard: int, size: int = 160, 
 
 def _plain_loop(cfg, batch: dict, steps: int, warmup: int) -> float:
     """Samples/s of a plain PyTorch loop: the same model, objective and batch, the data in memory."""
-    from training.evaluate import to_input
-    from training.loop import assemble
-    from training.model import build_model, load_config
-    from training.objective import Objective
+    from siclip.training.evaluate import to_input
+    from siclip.training.loop import assemble
+    from siclip.training.model import build_model, load_config
+    from siclip.training.objective import Objective
 
     torch.manual_seed(cfg.seed)
     model = build_model(load_config(cfg.model))
@@ -101,7 +101,7 @@ def _plain_loop(cfg, batch: dict, steps: int, warmup: int) -> float:
 
 def _siclip_train(cfg, root: DataRoot, out: str, steps: int, warmup: int) -> float:
     """Samples/s of `siclip train` itself, from its own metrics (wall clock between steps, loader waits included)."""
-    from training.loop import train
+    from siclip.training.loop import train
 
     train(cfg, root.root, out, max_steps=warmup + steps)
     records = [json.loads(x) for x in (root.runs / out / "metrics.jsonl").read_text().splitlines()]
@@ -111,8 +111,8 @@ def _siclip_train(cfg, root: DataRoot, out: str, steps: int, warmup: int) -> flo
 
 def _loader_rate(cfg, root: DataRoot, batches: int) -> tuple[float, dict]:
     """Samples/s the loader delivers with the config's workers, and one batch to train the plain loop on."""
-    from training.data import SampleSettings, plan_epoch, split_shards, train_loader
-    from training.model import load_config
+    from siclip.training.data import SampleSettings, plan_epoch, split_shards, train_loader
+    from siclip.training.model import load_config
 
     mc = load_config(cfg.model)
     shards, _ = split_shards(root, 0)
@@ -194,10 +194,10 @@ def _activation_memory(batch: int, micro: int) -> int:
     """Peak bytes autograd holds in one training step of the tiny model (96 px) at `batch`, `micro` at a time."""
     from accelerate import Accelerator
 
-    from training.config import LossWeights
-    from training.loop import forward_backward
-    from training.model import build_model, load_config
-    from training.objective import Objective
+    from siclip.training.config import LossWeights
+    from siclip.training.loop import forward_backward
+    from siclip.training.model import build_model, load_config
+    from siclip.training.objective import Objective
 
     torch.manual_seed(0)
     model = build_model(load_config("tiny", {"image.image_size": 96, "image.patch_size": 8}))
@@ -214,7 +214,7 @@ def bench_train(quick: bool = False, device: str = "cpu") -> dict:
     """Run the benchmark; print a short table to stderr and return the figures."""
     if device.startswith("cuda"):
         return bench_train_gpu(quick)
-    from training.config import load_train_config
+    from siclip.training.config import load_train_config
 
     steps, warmup = (6, 2) if quick else (30, 5)
     micro = 16 if quick else 32
@@ -249,10 +249,10 @@ def bench_train_gpu(quick: bool = False, config: str = "paper", overrides: tuple
     (effective batch, micro-batch; 0 = the config's). Runs on the CPU too, for checking it (no memory figure)."""
     from accelerate import Accelerator
 
-    from training.config import load_train_config
-    from training.loop import average_gradients, forward_backward
-    from training.model import build_model, load_config
-    from training.objective import Objective
+    from siclip.training.config import load_train_config
+    from siclip.training.loop import average_gradients, forward_backward
+    from siclip.training.model import build_model, load_config
+    from siclip.training.objective import Objective
 
     cfg = load_train_config(config, list(overrides))
     cuda = torch.cuda.is_available()

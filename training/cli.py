@@ -21,10 +21,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from manifests.errors import SiclipError
-    from manifests.layout import open_data_root
-    from training.config import find_config, load_train_config
-    from training.loop import train
+    from siclip.manifests.errors import SiclipError
+    from siclip.manifests.layout import open_data_root
+    from siclip.training.config import find_config, load_train_config
+    from siclip.training.loop import train
 
     if args.max_steps is not None and args.max_steps < 1:
         raise SiclipError(f"--max-steps must be at least 1, got {args.max_steps}")

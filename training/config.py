@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from manifests.config import coerce_value, unknown_key
-from manifests.errors import SiclipError
+from siclip.manifests.config import coerce_value, unknown_key
+from siclip.manifests.errors import SiclipError
 from siclip.images import OPENAI_MEAN, OPENAI_STD
 
 try:
@@ -256,7 +256,7 @@ def config_from_json(text: str) -> TrainConfig:
 
 def to_toml(cfg: TrainConfig) -> str:
     """The resolved config as TOML: top-level keys, then each [[stages]] with its [stages.loss]."""
-    from manifests.config import toml_value
+    from siclip.manifests.config import toml_value
 
     d = cfg.to_dict()
     stages = d.pop("stages")

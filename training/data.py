@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from manifests.errors import SiclipError
-from manifests.layout import DataRoot
-from manifests.manifest import SIDECAR_INPUTS, Inputs, StageManifest
-from manifests.samples import ShardSidecars, embeddings, finished_shards, recorded_view, shard_samples
+from siclip.manifests.errors import SiclipError
+from siclip.manifests.layout import DataRoot
+from siclip.manifests.manifest import SIDECAR_INPUTS, Inputs, StageManifest
+from siclip.manifests.samples import ShardSidecars, embeddings, finished_shards, recorded_view, shard_samples
 from siclip.images import UnreadableImage, decode_image, image_member
-from training.config import TrainConfig
+from siclip.training.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -293,7 +293,7 @@ def _pixels(img, box, size: int, flip: bool) -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def shared_tokenizer():
     """One tokenizer per process; built before the loader forks its workers, they inherit it (no reload per epoch)."""
-    from training.tokenizer import ClipTokenizer
+    from siclip.training.tokenizer import ClipTokenizer
 
     return ClipTokenizer()
 

@@ -29,11 +29,11 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import torch
 
-    from manifests.errors import SiclipError
-    from manifests.layout import DataRoot
-    from training.data import all_shards
-    from training.evaluate import load, read_templates, retrieval, zeroshot
-    from training.runs import checkpoint_name, run_folder
+    from siclip.manifests.errors import SiclipError
+    from siclip.manifests.layout import DataRoot
+    from siclip.training.data import all_shards
+    from siclip.training.evaluate import load, read_templates, retrieval, zeroshot
+    from siclip.training.runs import checkpoint_name, run_folder
 
     run_dir = run_folder(args.run, args.data)
     target = run_dir

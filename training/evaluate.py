@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from manifests.errors import SiclipError
+from siclip.manifests.errors import SiclipError
 from siclip.images import OPENAI_MEAN, OPENAI_STD, UnreadableImage, decode_image, is_image_file
 
 TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.", "a photo of the {}.",
@@ -36,7 +36,7 @@ class Preprocess:
     std: list
 
     def __call__(self, img) -> torch.Tensor:
-        from training.data import _pixels
+        from siclip.training.data import _pixels
 
         x = torch.from_numpy(_pixels(decode_image(img), None, self.image_size, False)).float().div_(255)
         return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
@@ -62,9 +62,9 @@ def load(path: str | Path, device: str = "cpu"):
         texts = model.encode_text(tokenizer(["a red circle", "a blue square"]))
         best = (images @ texts.T).argmax(dim=1)          # the caption each image matches best
     """
-    from training.model import SiCLIP
-    from training.runs import find_checkpoint
-    from training.tokenizer import ClipTokenizer
+    from siclip.training.model import SiCLIP
+    from siclip.training.runs import find_checkpoint
+    from siclip.training.tokenizer import ClipTokenizer
 
     folder = find_checkpoint(path)
     if folder is None:
@@ -127,7 +127,7 @@ def retrieval_metrics(image: torch.Tensor, text: torch.Tensor, where: str = "ret
 def retrieval(model, root, shards, preprocess: Preprocess, context_length: int, device="cpu",
               batch_size: int = 64, where: str = "retrieval") -> dict[str, float]:
     """Image <-> text retrieval on `shards` (their samples in order, web captions); `where` names the model in errors."""
-    from training.data import SampleSettings, eval_batches
+    from siclip.training.data import SampleSettings, eval_batches
 
     settings = SampleSettings(seed=0, image_size=preprocess.image_size, context_length=context_length,
                               synthetic_captions=0, train=False)

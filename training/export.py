@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from manifests.errors import SiclipError
-from training.inherit import siclip_name
-from training.model import SiCLIP, SiCLIPConfig, block_types
+from siclip.manifests.errors import SiclipError
+from siclip.training.inherit import siclip_name
+from siclip.training.model import SiCLIP, SiCLIPConfig, block_types
 
 EXPORT_KIND = "export"
 
@@ -51,7 +51,7 @@ def clip_config(cfg: SiCLIPConfig):
     """The transformers CLIPConfig of a pre-LN siclip model."""
     from transformers import CLIPConfig
 
-    from training.tokenizer import EOT, SOT, ClipTokenizer
+    from siclip.training.tokenizer import EOT, SOT, ClipTokenizer
 
     check_exportable(cfg)
     v, t = cfg.image, cfg.text
@@ -91,7 +91,7 @@ def write_tokenizer(folder: Path, context_length: int) -> None:
     """CLIP's tokenizer as transformers reads it: vocab.json and merges.txt from the shipped merge list."""
     from transformers import CLIPTokenizer
 
-    from training.tokenizer import DEFAULT_VOCAB, N_MERGES, ClipTokenizer
+    from siclip.training.tokenizer import DEFAULT_VOCAB, N_MERGES, ClipTokenizer
 
     tok = ClipTokenizer()
     with gzip.open(DEFAULT_VOCAB, "rt", encoding="utf-8") as f:
@@ -127,11 +127,11 @@ def export_run(source: str | Path, out: str | Path | None = None, log=print) -> 
 
     Inside a data root, `out` (default RUN/clip) is published and recorded in the train manifest after a
     budget check; outside one it is only written."""
-    from manifests.layout import DataRoot
-    from manifests.manifest import StageManifest
-    from manifests.storage import StorageBudget, format_size
-    from training.evaluate import load
-    from training.runs import STATE, Run, find_checkpoint, folder_bytes
+    from siclip.manifests.layout import DataRoot
+    from siclip.manifests.manifest import StageManifest
+    from siclip.manifests.storage import StorageBudget, format_size
+    from siclip.training.evaluate import load
+    from siclip.training.runs import STATE, Run, find_checkpoint, folder_bytes
 
     checkpoint = find_checkpoint(source)
     if checkpoint is None:

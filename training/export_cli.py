@@ -14,8 +14,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from training.export import export_run
-    from training.runs import run_folder
+    from siclip.training.export import export_run
+    from siclip.training.runs import run_folder
 
     export_run(run_folder(args.run, args.data), args.out, log=lambda msg: print(msg, flush=True))
     return 0

@@ -37,8 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from manifests.models import PREFIX as OPEN_CLIP, load_open_clip
-from training.model import SASPBlock, SiCLIP, SiCLIPConfig, config_from_dict, is_siclip_checkpoint
+from siclip.manifests.models import PREFIX as OPEN_CLIP, load_open_clip
+from siclip.training.model import SASPBlock, SiCLIP, SiCLIPConfig, config_from_dict, is_siclip_checkpoint
 
 INHERITED = ("copied", "sliced", "interpolated")
 _BLOCK = re.compile(r"^(visual|text)\.blocks\.(\d+)\.(.+)$")

@@ -34,17 +34,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from manifests.errors import SiclipError
-from manifests.layout import DataRoot
-from manifests.manifest import StageManifest, stage_lock
-from manifests.progress import Progress, format_duration
-from manifests.storage import format_size
-from training.config import StageConfig, TrainConfig, match_globs, to_toml
-from training.data import (SampleSettings, check_shards_intact, check_sidecars, plan_epoch, split_shards,
+from siclip.manifests.errors import SiclipError
+from siclip.manifests.layout import DataRoot
+from siclip.manifests.manifest import StageManifest, stage_lock
+from siclip.manifests.progress import Progress, format_duration
+from siclip.manifests.storage import format_size
+from siclip.training.config import StageConfig, TrainConfig, match_globs, to_toml
+from siclip.training.data import (SampleSettings, check_shards_intact, check_sidecars, plan_epoch, split_shards,
                            train_loader)
-from training.evaluate import Preprocess, retrieval, to_input
-from training.objective import Features, Objective, load_teacher, stage_objectives
-from training.runs import FINAL, Run, checkpoint_name, failpoint, folder_bytes, write_plots
+from siclip.training.evaluate import Preprocess, retrieval, to_input
+from siclip.training.objective import Features, Objective, load_teacher, stage_objectives
+from siclip.training.runs import FINAL, Run, checkpoint_name, failpoint, folder_bytes, write_plots
 
 # keys a resumed run may change; the rest decide the data order or the numbers
 RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys", "threads"}
@@ -235,8 +235,8 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
     """Train per `cfg` on the data root; 0 when the schedule (or max_steps) is done, 3 when stopped at the budget."""
     from accelerate import Accelerator
 
-    from training.inherit import inherit_weights
-    from training.model import build_model, load_config
+    from siclip.training.inherit import inherit_weights
+    from siclip.training.model import build_model, load_config
 
     # -- prepare: the processes, the run folder, the config ---------------------------------------------
     accelerator = Accelerator(mixed_precision=resolve_precision(cfg.precision))
@@ -495,7 +495,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
 def _inherit_source(spec: str, root: DataRoot):
     """A siclip run resolves to its final (or latest) checkpoint; a path relative to the data root to that path;
     other specs go to inherit_weights as they are."""
-    from training.runs import find_checkpoint, in_data_root
+    from siclip.training.runs import find_checkpoint, in_data_root
 
     spec = in_data_root(spec, root)
     found = find_checkpoint(spec)
@@ -590,7 +590,7 @@ def _export_final(run: Run, model, preprocess, step: int, accelerator) -> bool:
     main = accelerator.is_main_process
     refusal = None
     if main:
-        from manifests.storage import StorageBudget
+        from siclip.manifests.storage import StorageBudget
 
         budget = StorageBudget.load(run.root)
         need = sum(p.numel() * p.element_size() for p in model.state_dict().values()) + 64 * 1024

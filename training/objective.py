@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from manifests.errors import SiclipError
-from training.config import LossWeights
-from training.losses import (CRD_TEACHER_SCALE, ClipLoss, ContrastiveRelationDistillLoss, FeatureDistillLoss,
+from siclip.manifests.errors import SiclipError
+from siclip.training.config import LossWeights
+from siclip.training.losses import (CRD_TEACHER_SCALE, ClipLoss, ContrastiveRelationDistillLoss, FeatureDistillLoss,
                              InteractiveContrastiveLoss, PairMatchingLoss, gather_features)
 
 
@@ -191,7 +191,7 @@ class SiclipTeacher(Teacher):
     """A trained siclip model (a run or one of its checkpoints)."""
 
     def __init__(self, folder: Path):
-        from training.evaluate import load
+        from siclip.training.evaluate import load
 
         self.model, self.tokenizer, self.preprocess = load(folder)
         self.model.eval().requires_grad_(False)
@@ -260,7 +260,7 @@ class OpenClipTeacher(Teacher):
     """An open_clip model, `open_clip:ARCH/PRETRAINED` or `open_clip:FOLDER` (extra siclip[mobileclip])."""
 
     def __init__(self, spec: str):
-        from manifests.models import load_open_clip
+        from siclip.manifests.models import load_open_clip
 
         self.model, _, self.tokenizer = load_open_clip(spec, "teacher")  # SiclipError: a bad name, no extra
         import open_clip
@@ -291,8 +291,8 @@ class OpenClipTeacher(Teacher):
 
 def sidecar_dim(root) -> tuple[int, str]:
     """(embedding width, description) of the teacher sidecars, from the teacher manifest."""
-    from manifests.manifest import StageManifest
-    from manifests.samples import read_sidecar
+    from siclip.manifests.manifest import StageManifest
+    from siclip.manifests.samples import read_sidecar
 
     manifest = StageManifest.load(root, "teacher")
     for entry in manifest.entries.values():
@@ -307,7 +307,7 @@ def sidecar_dim(root) -> tuple[int, str]:
 def load_teacher(spec: str, root) -> Teacher | None:
     """The teacher a stage names, loaded now so that a bad one stops the run before training starts.
     A path may be given relative to the data root (`runs/teacher/clip`)."""
-    from training.runs import find_checkpoint, in_data_root
+    from siclip.training.runs import find_checkpoint, in_data_root
 
     if spec == "none":
         return None

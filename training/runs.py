@@ -25,11 +25,11 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from manifests.errors import SiclipError
-from manifests.io import atomic_write_bytes, fsync_dir
-from manifests.layout import DataRoot
-from manifests.manifest import StageManifest
-from manifests.storage import StorageBudget, format_size
+from siclip.manifests.errors import SiclipError
+from siclip.manifests.io import atomic_write_bytes, fsync_dir
+from siclip.manifests.layout import DataRoot
+from siclip.manifests.manifest import StageManifest
+from siclip.manifests.storage import StorageBudget, format_size
 
 CHECKPOINT = re.compile(r"^step-(\d{6,})$")
 STATE = "state.json"
@@ -82,7 +82,7 @@ def in_data_root(spec: str, root: DataRoot) -> str:
 def find_checkpoint(path: str | Path) -> Path | None:
     """The model folder a path names: a checkpoint or model folder itself, or a run's final model, or its
     latest checkpoint; None when the path is no siclip run or checkpoint."""
-    from training.model import is_siclip_checkpoint
+    from siclip.training.model import is_siclip_checkpoint
 
     path = Path(path).expanduser()
     if not path.is_dir():

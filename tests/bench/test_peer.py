@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.model import build_model, count_parameters
+from siclip.training.model import build_model, count_parameters
 
 pytestmark = pytest.mark.mobileclip
 
@@ -37,8 +37,8 @@ def test_open_clip_train_reads_siclip_shards_once_the_end_of_shard_marker_is_lef
     import open_clip_train.data as data
     from open_clip_peer import shard_ends_unmarked
 
-    from manifests.layout import DataRoot
-    from manifests.samples import finished_shards
+    from siclip.manifests.layout import DataRoot
+    from siclip.manifests.samples import finished_shards
 
     shards = list(finished_shards(DataRoot(shards_data)))
     sources = lambda: iter([{"url": str(s.tar)} for s in shards])  # noqa: E731

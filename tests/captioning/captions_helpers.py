@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from manifests.cli import main
-from manifests.samples import embeddings, iter_shard
+from siclip.manifests.cli import main
+from siclip.manifests.samples import embeddings, iter_shard
 
 
 def captions(root, *extra: str) -> int:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from captioning.bench import GEN, bench_captions
-from manifests.layout import DataRoot
-from manifests.manifest import StageManifest
+from siclip.captioning.bench import GEN, bench_captions
+from siclip.manifests.layout import DataRoot
+from siclip.manifests.manifest import StageManifest
 
 from captions_helpers import sidecar_rows
 

@@ -6,13 +6,13 @@ import json
 import shutil
 
 
-from captioning.models import save_tiny
-from manifests.cli import main
-from manifests.io import sha256_file
-from manifests.layout import DataRoot
-from manifests.manifest import StageManifest
-from manifests.samples import read_sidecar
-from manifests.storage import write_storage
+from siclip.captioning.models import save_tiny
+from siclip.manifests.cli import main
+from siclip.manifests.io import sha256_file
+from siclip.manifests.layout import DataRoot
+from siclip.manifests.manifest import StageManifest
+from siclip.manifests.samples import read_sidecar
+from siclip.manifests.storage import write_storage
 
 from captions_helpers import all_sidecars, captions, sidecar_rows, tar_keys
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from captioning.config import CAPTIONS_TOML, TEACHER_TOML, CaptionsConfig, TeacherConfig
-from manifests.cli import main
-from manifests.config import resolve
-from manifests.errors import SiclipError
+from siclip.captioning.config import CAPTIONS_TOML, TEACHER_TOML, CaptionsConfig, TeacherConfig
+from siclip.manifests.cli import main
+from siclip.manifests.config import resolve
+from siclip.manifests.errors import SiclipError
 
 COMMON = [
     ("batch_size=0", "batch_size must be at least 1, got 0"),

@@ -9,13 +9,13 @@ import shutil
 from captions_helpers import captions
 from siclip_testing import fill_disk
 
-from manifests.layout import DataRoot
-from manifests.manifest import StageManifest
-from manifests.samples import iter_samples
+from siclip.manifests.layout import DataRoot
+from siclip.manifests.manifest import StageManifest
+from siclip.manifests.samples import iter_samples
 
 
 def test_a_disk_full_at_the_manifest_save_goes_on_and_the_rerun_recovers(shards_root, tmpfs, monkeypatch, capsys):
-    import captioning.jobs as jobs
+    import siclip.captioning.jobs as jobs
 
     disk = tmpfs("2m")
     root = DataRoot(disk / "data")

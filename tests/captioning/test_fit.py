@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from captioning.fit import fit
-from manifests.errors import SiclipError
+from siclip.captioning.fit import fit
+from siclip.manifests.errors import SiclipError
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 
 
 def write_pairs(folder, seed, n):
-    from pipeline.scenes import make_scene
+    from siclip.pipeline.scenes import make_scene
 
     folder.mkdir(parents=True)
     scenes = []
@@ -38,7 +38,7 @@ def fitted(tmp_path_factory):
 def test_fitted_captioner_names_the_colour_of_held_out_pictures(fitted, tmp_path):
     from PIL import Image
 
-    from captioning.generate import build_captioner
+    from siclip.captioning.generate import build_captioner
 
     base, summary = fitted
     assert summary["steps"] == 160 and summary["loss"] < summary["loss_first"] / 3
@@ -67,7 +67,7 @@ def test_pairs_without_captions_are_one_clear_error(tmp_path):
     (tmp_path / "pairs" / "a.jpg").write_bytes(b"x")
     with pytest.raises(SiclipError, match=r"--pairs .*pairs: needs two or more images with a caption"):
         fit(tmp_path / "pairs", tmp_path / "out", steps=1)
-    res = subprocess.run([sys.executable, "-m", "captioning.fit", "--pairs", str(tmp_path / "nothing"), "--out",
+    res = subprocess.run([sys.executable, "-m", "siclip.captioning.fit", "--pairs", str(tmp_path / "nothing"), "--out",
                           str(tmp_path / "out"), "--steps", "1"], capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("fit: error: --pairs")
 

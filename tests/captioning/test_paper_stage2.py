@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from manifests.manifest import StageManifest
-from manifests.samples import embeddings, iter_samples, read_sidecar
+from siclip.manifests.manifest import StageManifest
+from siclip.manifests.samples import embeddings, iter_samples, read_sidecar
 from siclip_testing import save_open_clip
 
 from captions_helpers import all_sidecars, captions, teacher, text_embeddings
@@ -69,7 +69,7 @@ def test_open_clip_names_without_weights_or_config_are_one_line_errors(shards_ro
 def test_coca_captions_with_the_seeds_sampling_are_reproducible_whatever_the_batch(shards_root, tmp_path, coca_weights):
     import shutil
 
-    from manifests.layout import DataRoot
+    from siclip.manifests.layout import DataRoot
 
     spec = f"coca:{COCA}:{coca_weights}"
     other = DataRoot(tmp_path / "other")
@@ -95,7 +95,7 @@ def test_coca_greedy_captions_equal_open_clips_own_generate(coca_weights, monkey
     import transformers
     from open_clip import coca_model
 
-    from captioning.generate import CocaCaptioner
+    from siclip.captioning.generate import CocaCaptioner
 
     for name in ("LogitsProcessorList", "MinLengthLogitsProcessor", "RepetitionPenaltyLogitsProcessor",
                  "MaxLengthCriteria", "StoppingCriteriaList"):

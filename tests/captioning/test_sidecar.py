@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from captioning.sidecar import complete_sidecar, storage_array, write_caption_sidecar, write_teacher_sidecar
-from manifests.samples import embeddings, read_sidecar
+from siclip.captioning.sidecar import complete_sidecar, storage_array, write_caption_sidecar, write_teacher_sidecar
+from siclip.manifests.samples import embeddings, read_sidecar
 
 KEYS = ["000000000", "000000001", "000000002"]
 

@@ -10,16 +10,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from captioning.config import TeacherConfig
-from captioning.embed import build_teachers
-from captioning.jobs import apply_crop
-from captioning.models import build_tiny_clip, save_tiny
-from captioning.sidecar import storage_array
-from captioning.teacher_cli import sidecar_size
-from manifests.cli import main
-from manifests.manifest import StageManifest
-from manifests.samples import embeddings, iter_samples, read_sidecar
-from manifests.storage import format_size
+from siclip.captioning.config import TeacherConfig
+from siclip.captioning.embed import build_teachers
+from siclip.captioning.jobs import apply_crop
+from siclip.captioning.models import build_tiny_clip, save_tiny
+from siclip.captioning.sidecar import storage_array
+from siclip.captioning.teacher_cli import sidecar_size
+from siclip.manifests.cli import main
+from siclip.manifests.manifest import StageManifest
+from siclip.manifests.samples import embeddings, iter_samples, read_sidecar
+from siclip.manifests.storage import format_size
 
 from captions_helpers import captions, teacher as _teacher, text_embeddings as _text_embeddings
 
@@ -185,7 +185,7 @@ def test_teacher_needs_caption_sidecars_and_names_the_shard(shards_root, capsys)
 
 
 def test_flip_false_records_the_same_crops_without_flips():
-    from captioning.jobs import crop_params
+    from siclip.captioning.jobs import crop_params
 
     with_flips = [crop_params(0, f"{i:05d}", k, (0.35, 1.0)) for i in range(40) for k in range(2)]
     without = [crop_params(0, f"{i:05d}", k, (0.35, 1.0), flip=False) for i in range(40) for k in range(2)]

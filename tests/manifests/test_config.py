@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from manifests.config import coerce_value, resolve, to_toml
-from manifests.errors import SiclipError
-from manifests.storage import format_size, parse_reserve, parse_size
-from pipeline.config import ShardsConfig
+from siclip.manifests.config import coerce_value, resolve, to_toml
+from siclip.manifests.errors import SiclipError
+from siclip.manifests.storage import format_size, parse_reserve, parse_size
+from siclip.pipeline.config import ShardsConfig
 
 
 def test_precedence_file_then_set_then_flags(tmp_path):

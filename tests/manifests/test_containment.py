@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from siclip_testing import SMALL, siclip, write_list
 
-from manifests.errors import SiclipError
-from manifests.layout import DataRoot
-from manifests.manifest import StageManifest
+from siclip.manifests.errors import SiclipError
+from siclip.manifests.layout import DataRoot
+from siclip.manifests.manifest import StageManifest
 
 
 def tree_state(folder: Path) -> dict[str, tuple[int, int]]:

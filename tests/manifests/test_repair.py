@@ -9,11 +9,11 @@ import tarfile
 import pytest
 from siclip_testing import SMALL, siclip, write_list
 
-from manifests.cli import main
-from manifests.io import sha256_file
-from manifests.layout import DataRoot
-from manifests.manifest import StageManifest
-from manifests.samples import CorruptShardError, iter_samples, read_sidecar
+from siclip.manifests.cli import main
+from siclip.manifests.io import sha256_file
+from siclip.manifests.layout import DataRoot
+from siclip.manifests.manifest import StageManifest
+from siclip.manifests.samples import CorruptShardError, iter_samples, read_sidecar
 
 STAGE2 = ["--workers", "0"]
 
@@ -129,7 +129,7 @@ def test_stage_2_refuses_a_shard_changed_in_place_and_goes_on_with_the_others(sh
 
 
 def test_training_refuses_a_sidecar_made_from_a_shard_since_redone(whole_root):
-    from training.data import all_shards, check_sidecars
+    from siclip.training.data import all_shards, check_sidecars
 
     root = whole_root
     shards = StageManifest.load(root, "shards")

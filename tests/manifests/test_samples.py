@@ -1,4 +1,4 @@
-"""manifests.samples: a shard's samples joined by key with their sidecars, or a clear error."""
+"""siclip.manifests.samples: a shard's samples joined by key with their sidecars, or a clear error."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
-from manifests.layout import DataRoot
-from manifests.manifest import StageManifest
-from manifests.samples import (CorruptShardError, SidecarMismatchError, embeddings, finished_shards,
+from siclip.manifests.layout import DataRoot
+from siclip.manifests.manifest import StageManifest
+from siclip.manifests.samples import (CorruptShardError, SidecarMismatchError, embeddings, finished_shards,
                                iter_samples, iter_shard, read_sidecar)
-from manifests.errors import SiclipError
+from siclip.manifests.errors import SiclipError
 
 KEYS = ["000000000", "000000001", "000000003"]
 
@@ -114,7 +114,7 @@ def test_a_key_twice_in_a_sidecar_is_an_error(tmp_path):
 
 
 def test_verify_names_a_listed_sidecar_that_is_missing(tmp_path):
-    from manifests.inspect import verify
+    from siclip.manifests.inspect import verify
 
     root = DataRoot(tmp_path)
     _shard(root)

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from siclip_testing import REPO, SMALL, siclip, write_list
 
-from manifests.layout import DataRoot
-from manifests.manifest import StageManifest
-from pipeline.reasons import classify
+from siclip.manifests.layout import DataRoot
+from siclip.manifests.manifest import StageManifest
+from siclip.pipeline.reasons import classify
 
 TIMEOUT_S = 3  # the deadline of a try
 CAP = 4_000_000  # max_download_size
@@ -35,7 +35,7 @@ MEMORY_BOUND = 2 * THREADS * CAP + 150_000_000
 # of its largest child (the download process)
 MEASURED_RUN = """
 import json, resource, sys
-from manifests.cli import main
+from siclip.manifests.cli import main
 
 code = main(sys.argv[1:])
 peak = lambda who: resource.getrusage(who).ru_maxrss * 1024
@@ -56,7 +56,7 @@ def row_outcomes(data: Path) -> dict[str, tuple[str, str | None]]:
 def servers(image_server):
     """The hostile routes on 127.0.0.1, and two more servers that redirects point at, on 127.0.0.2 and
     ::1: loopback addresses, so that even a fetch that failed to refuse them would stay on the machine."""
-    from pipeline.loopback import ImageServer
+    from siclip.pipeline.loopback import ImageServer
 
     with ImageServer(dict(image_server.files)) as near, ImageServer(dict(image_server.files), host="127.0.0.2") as far, \
             ImageServer(dict(image_server.files), host="::1") as far6:
@@ -123,7 +123,7 @@ def test_hostile_rows_fail_with_their_reason_within_the_deadline_and_the_cap(tmp
 
 
 def test_a_loopback_list_is_refused_row_by_row_without_the_flag(tmp_path, image_server):
-    from pipeline.loopback import ImageServer
+    from siclip.pipeline.loopback import ImageServer
 
     with ImageServer(dict(image_server.files)) as server:
         rows = [(f"{server.base}/{p}", c) for p, c in image_server.good_rows[:10]]
@@ -172,7 +172,7 @@ def test_which_addresses_are_refused(address, public):
     """Judged without any network: the address itself, IPv4 and IPv6."""
     import ipaddress
 
-    from pipeline.fetch import FetchPolicy
+    from siclip.pipeline.fetch import FetchPolicy
 
     ip = ipaddress.ip_address(address)
     assert FetchPolicy(max_bytes=1).permits(ip) is public

@@ -10,9 +10,9 @@ import tarfile
 import pyarrow as pa
 import pytest
 
-from manifests.errors import SiclipError
-from pipeline.config import ShardsConfig
-from pipeline.plan import (Plan, check_fits, image_bound, load_stats, reencoded_bytes, rows_that_fit, shard_bound,
+from siclip.manifests.errors import SiclipError
+from siclip.pipeline.config import ShardsConfig
+from siclip.pipeline.plan import (Plan, check_fits, image_bound, load_stats, reencoded_bytes, rows_that_fit, shard_bound,
                            stats_reasons)
 
 
@@ -93,7 +93,7 @@ def test_failures_by_reason_from_the_stats(tmp_path):
 def test_reencoding_at_a_lower_quality_or_size_shrinks_the_images(tmp_path):
     from PIL import Image
 
-    from pipeline.loopback import make_image
+    from siclip.pipeline.loopback import make_image
 
     tar_path = tmp_path / "00000.tar"
     with tarfile.open(tar_path, "w") as tar:

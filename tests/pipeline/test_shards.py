@@ -13,12 +13,12 @@ import pytest
 from shards_helpers import kill_group, start_job, tail, wait_for
 from siclip_testing import FAULT_TIMEOUT, SLOW_S, SMALL, fault_rows, siclip, write_list
 
-from manifests.io import sha256_file
-from manifests.layout import DataRoot
-from manifests.manifest import StageManifest
-from pipeline.config import ShardsConfig
-from pipeline.plan import shard_bound
-from pipeline.reasons import classify
+from siclip.manifests.io import sha256_file
+from siclip.manifests.layout import DataRoot
+from siclip.manifests.manifest import StageManifest
+from siclip.pipeline.config import ShardsConfig
+from siclip.pipeline.plan import shard_bound
+from siclip.pipeline.reasons import classify
 
 
 def manifest_json(data: Path) -> dict:
@@ -251,8 +251,8 @@ def test_a_reserve_larger_than_the_budget_is_refused_before_anything_runs(good_r
 
 
 def test_a_shard_that_img2dataset_fails_is_named_and_the_job_exits_1(good_rows, tmp_path, capfd):
-    from pipeline.download import ShardRunner
-    from pipeline.stage import _finish
+    from siclip.pipeline.download import ShardRunner
+    from siclip.pipeline.stage import _finish
 
     root = DataRoot(tmp_path / "data")
     cfg = ShardsConfig(urls="-", data=str(root.root), image_size=64, samples_per_shard=4, processes=2, threads=4)
@@ -301,7 +301,7 @@ def test_rerun_repairs_a_damaged_shard(shards_root, good_rows, tmp_path):
 
 
 def test_retry_failed_downloads_only_retryable_failures(tmp_path, image_server, refused_url):
-    from pipeline.loopback import ImageServer
+    from siclip.pipeline.loopback import ImageServer
 
     with ImageServer(dict(image_server.files)) as server:  # its own server: this test makes it "recover"
         good = [(f"{server.base}/{p}", c) for p, c in image_server.good_rows[:4]]

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from siclip_testing import SMALL, siclip, write_list
 
-from manifests.layout import DataRoot
-from manifests.manifest import StageManifest
-from pipeline.loopback import ImageServer
-from pipeline.urls import browser_url, read_url_list
+from siclip.manifests.layout import DataRoot
+from siclip.manifests.manifest import StageManifest
+from siclip.pipeline.loopback import ImageServer
+from siclip.pipeline.urls import browser_url, read_url_list
 
 
 def last_lines(res, n: int = 1) -> list[str]:

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pytest
 from siclip_testing import SMALL, fill_disk, siclip, write_list
 
-from manifests.errors import DiskError
-from manifests.layout import DataRoot
-from manifests.manifest import StageManifest
-from pipeline.config import ShardsConfig
-from pipeline.download import ShardRunner
+from siclip.manifests.errors import DiskError
+from siclip.manifests.layout import DataRoot
+from siclip.manifests.manifest import StageManifest
+from siclip.pipeline.config import ShardsConfig
+from siclip.pipeline.download import ShardRunner
 
 
 def tar_urls(data) -> list[str]:
@@ -27,7 +27,7 @@ def tar_urls(data) -> list[str]:
 
 
 def test_a_disk_that_fills_up_mid_run_stops_the_job_in_one_line_and_the_rerun_finishes(tmpfs, image_server, tmp_path):
-    from pipeline.loopback import ImageServer
+    from siclip.pipeline.loopback import ImageServer
 
     disk = tmpfs("4m")
     data = disk / "data"
@@ -63,7 +63,7 @@ def test_a_disk_that_fills_up_mid_run_stops_the_job_in_one_line_and_the_rerun_fi
 def test_a_shard_whose_worst_case_exceeds_the_free_disk_is_never_started(tmpfs, image_server, tmp_path):
     """The disk fills up during the pilot, leaving room for what the bulk really needs but not for a
     shard's worst case: the bulk does not start (exit 3), and a rerun once there is room finishes."""
-    from pipeline.loopback import ImageServer
+    from siclip.pipeline.loopback import ImageServer
 
     disk = tmpfs("4m")
     data = disk / "data"
@@ -91,7 +91,7 @@ def test_a_shard_whose_worst_case_exceeds_the_free_disk_is_never_started(tmpfs, 
 def _bound_of(urls) -> int:
     import pyarrow.parquet as pq
 
-    from pipeline.plan import shard_bound
+    from siclip.pipeline.plan import shard_bound
 
     return shard_bound(pq.read_table(urls).slice(8, 8), ShardsConfig(urls="-", image_size=64))
 

@@ -17,11 +17,11 @@ import pytest
 from shards_helpers import alive, descendants, open_files, start_job, tail, wait_exit, wait_for
 from siclip_testing import SMALL, siclip, write_list
 
-from manifests.layout import DataRoot
-from manifests.manifest import StageManifest
-from manifests.samples import iter_shard
-from pipeline.config import ShardsConfig
-from pipeline.plan import shard_bound
+from siclip.manifests.layout import DataRoot
+from siclip.manifests.manifest import StageManifest
+from siclip.manifests.samples import iter_shard
+from siclip.pipeline.config import ShardsConfig
+from siclip.pipeline.plan import shard_bound
 
 pytestmark = pytest.mark.scaleout
 DISTRIBUTORS = ["pyspark", "ray"]

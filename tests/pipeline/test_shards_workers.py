@@ -16,8 +16,8 @@ from shards_helpers import (alive, folder_state, kill_group, open_tars, start_jo
                             workers_writing)
 from siclip_testing import SMALL, siclip, write_list
 
-from manifests.layout import DataRoot
-from manifests.manifest import StageManifest
+from siclip.manifests.layout import DataRoot
+from siclip.manifests.manifest import StageManifest
 
 EXIT_DEADLINE_S = 120  # generous: a run here takes seconds; the bug this guards against hangs for ever
 

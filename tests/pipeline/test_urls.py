@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from manifests.errors import SiclipError
-from pipeline.urls import read_url_list
+from siclip.manifests.errors import SiclipError
+from siclip.pipeline.urls import read_url_list
 
 ROWS = [("http://127.0.0.1:9/a.jpg", "a"), ("https://127.0.0.1:9/b.jpg", "b"), ("file:///etc/hosts", "c"),
         ("ftp://127.0.0.1/d.jpg", "d"), ("data:image/png;base64,AAAA", "e"), ("", "f"), ("not a url", "g")]
@@ -94,7 +94,7 @@ def test_duplicates_are_counted_and_dropped_on_request_keeping_the_first(tmp_pat
                                          ("S3://bucket/a.jpg", "scheme_s3"), ("gs://b/a.jpg", "scheme_gs"),
                                          ("mailto:a@b", "malformed_url"), ("a.jpg", "malformed_url")])
 def test_refusal_reasons(url, reason):
-    from pipeline.urls import refusal_reason
+    from siclip.pipeline.urls import refusal_reason
 
     assert refusal_reason(url) == reason
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from manifests.samples import CorruptShardError
+from siclip.manifests.samples import CorruptShardError
 from siclip.images import IMAGE_EXTS, UnreadableImage, decode_image, decode_sample, image_member, is_image_file
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from training.tokenizer import ClipTokenizer
+from siclip.training.tokenizer import ClipTokenizer
 
 
 @pytest.fixture(scope="session")

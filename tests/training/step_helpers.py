@@ -8,10 +8,10 @@ import sys
 
 import torch
 
-from training.config import LossWeights
-from training.loop import average_gradients, forward_backward
-from training.model import build_model, load_config
-from training.objective import Objective
+from siclip.training.config import LossWeights
+from siclip.training.loop import average_gradients, forward_backward
+from siclip.training.model import build_model, load_config
+from siclip.training.objective import Objective
 
 GLOBAL_BATCH, K, TEACHER_DIM = 8, 2, 24
 WEIGHTS = LossWeights(clip_web=1.0, clip_synthetic=0.5, pm=0.3, fd=2.0, crd=1.0, icl=1.0)
@@ -65,7 +65,7 @@ def step_gradients(rank: int, world: int, micro: int, accelerator, grad_checkpoi
 def term_gradients(rank: int, world: int):
     """Each loss term built with gather=True on this process's rows of fixed features: {term: (loss, {param: grad})},
     with no gradient averaging: the terms' own parameters must get the exact gradient on every process."""
-    from training.losses import (ContrastiveRelationDistillLoss, FeatureDistillLoss, InteractiveContrastiveLoss,
+    from siclip.training.losses import (ContrastiveRelationDistillLoss, FeatureDistillLoss, InteractiveContrastiveLoss,
                                  PairMatchingLoss)
 
     g = torch.Generator().manual_seed(3)

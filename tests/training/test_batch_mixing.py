@@ -9,8 +9,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from training.config import TrainConfig
-from training.data import SampleSettings, all_shards, plan_epoch, train_loader
+from siclip.training.config import TrainConfig
+from siclip.training.data import SampleSettings, all_shards, plan_epoch, train_loader
 from train_helpers import make_root
 
 SHARDS, PER_SHARD, PER_CLASS = 8, 40, 32  # 320 samples in 10 classes, cut in the order of the list
@@ -68,7 +68,7 @@ def test_batches_of_a_list_sorted_by_class_mix_its_classes_like_a_uniform_draw(s
 
 
 def test_interleaving_reads_each_sample_once_in_shard_order_with_at_most_n_shards_open():
-    from training.data import Shard, _rng, interleave
+    from siclip.training.data import Shard, _rng, interleave
 
     shards = [Shard(f"{s:05d}", f"{s}.tar", n, 0) for s, n in enumerate([5, 9, 3, 7, 6])]
     opened = []

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from training.bench import CASES, build_towers, bench_blocks
-from training.model import (Block, SASPBlock, TextTransformer, VisionTransformer, count_parameters, load_config)
+from siclip.training.bench import CASES, build_towers, bench_blocks
+from siclip.training.model import (Block, SASPBlock, TextTransformer, VisionTransformer, count_parameters, load_config)
 
 
 def _independent(case: str) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from training.bench_train import SavedActivations, _activation_memory, _loader_rate, make_bench_root
+from siclip.training.bench_train import SavedActivations, _activation_memory, _loader_rate, make_bench_root
 
 
 def test_saved_activations_counts_what_autograd_holds_and_frees():
@@ -32,7 +32,7 @@ def test_gradient_caching_holds_one_micro_batch_of_activations_whatever_the_batc
 
 
 def test_the_loader_rate_is_measured_on_real_batches(tmp_path):
-    from training.config import load_train_config
+    from siclip.training.config import load_train_config
 
     root = make_bench_root(tmp_path / "data", shards=2, per_shard=24, size=48)
     cfg = load_train_config("tiny", ["batch_size=8", "workers=1", "shuffle_buffer=16"])

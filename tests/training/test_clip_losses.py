@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import (
+from siclip.training.losses import (
     ClipLoss,
     ContrastiveRelationDistillLoss,
     FeatureDistillLoss,

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.tokenizer import ClipTokenizer
+from siclip.training.tokenizer import ClipTokenizer
 
 SOT, EOT = 49406, 49407
 

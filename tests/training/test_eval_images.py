@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from siclip_testing import SMALL, siclip, write_list
 
-from training.evaluate import Preprocess
+from siclip.training.evaluate import Preprocess
 
 SIZE = 64  # stage 1's --image-size in SMALL: a 64 px image is written as it is, re-encoded as JPEG q95
 
@@ -44,10 +44,10 @@ def as_pixels(x: torch.Tensor, p: Preprocess) -> np.ndarray:
 def test_a_transparent_png_reads_the_same_from_disk_in_eval_as_from_its_shard(tmp_path):
     """The issue's check: eval's preprocessing of the file and the shard's sample after `siclip shards`
     (real img2dataset over loopback) agree within JPEG error; transparent areas are white in both."""
-    from manifests.layout import DataRoot
-    from pipeline.loopback import ImageServer
+    from siclip.manifests.layout import DataRoot
+    from siclip.pipeline.loopback import ImageServer
     from siclip.images import OPENAI_MEAN, OPENAI_STD
-    from training.data import SampleSettings, all_shards, eval_batches
+    from siclip.training.data import SampleSettings, all_shards, eval_batches
 
     pngs = transparent_pngs()
     for name, data in pngs.items():
@@ -80,8 +80,8 @@ def test_a_transparent_png_reads_the_same_from_disk_in_eval_as_from_its_shard(tm
 
 def test_zero_shot_skips_a_file_that_is_no_image_counts_it_and_still_gives_a_result(tmp_path, tokenizer, capsys):
     from siclip.images import OPENAI_MEAN, OPENAI_STD
-    from training.evaluate import zeroshot
-    from training.model import build_model
+    from siclip.training.evaluate import zeroshot
+    from siclip.training.model import build_model
 
     folder = tmp_path / "classes"
     for colour in ("red", "blue"):
@@ -102,7 +102,7 @@ def test_zero_shot_skips_a_file_that_is_no_image_counts_it_and_still_gives_a_res
 
 
 def test_siclip_eval_reports_the_skipped_file_in_its_output_and_exits_0(tmp_path):
-    from training.model import build_model
+    from siclip.training.model import build_model
 
     torch.manual_seed(0)
     build_model("tiny").save_pretrained(tmp_path / "run" / "final")

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from manifests.errors import SiclipError
-from manifests.manifest import StageManifest
-from training.evaluate import Preprocess
-from training.export import export_run
-from training.model import build_model, load_config
-from training.runs import in_data_root
+from siclip.manifests.errors import SiclipError
+from siclip.manifests.manifest import StageManifest
+from siclip.training.evaluate import Preprocess
+from siclip.training.export import export_run
+from siclip.training.model import build_model, load_config
+from siclip.training.runs import in_data_root
 
 # ASCII and emoji: transformers' CLIP tokenizer skips the ftfy repairs (curly quotes, mojibake) siclip's applies
 TEXTS = ["a small red circle above a large blue square", "A PURPLE STAR click to enlarge", "grinning face 😀 IMG_2041.jpg"]
@@ -34,7 +34,7 @@ def save_checkpoint(folder, preset="tiny_preln", seed=0, **overrides):
 def test_exported_clip_embeds_as_the_siclip_model(tmp_path):
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    from training.tokenizer import ClipTokenizer
+    from siclip.training.tokenizer import ClipTokenizer
 
     model = save_checkpoint(tmp_path / "ckpt")
     out, written = export_run(tmp_path / "ckpt", tmp_path / "clip", log=lambda m: None)
@@ -60,7 +60,7 @@ def test_exported_clip_embeds_as_the_siclip_model(tmp_path):
 
 
 def test_export_inverts_inheritance(tmp_path):
-    from training.inherit import inherit_weights
+    from siclip.training.inherit import inherit_weights
 
     model = save_checkpoint(tmp_path / "ckpt", seed=1)
     export_run(tmp_path / "ckpt", tmp_path / "clip", log=lambda m: None)

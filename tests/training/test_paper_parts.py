@@ -13,7 +13,7 @@ import torch
 
 from siclip_testing import save_open_clip, siclip, write_list
 from train_helpers import assert_same_end, weights
-from training.model import SASPBlock, SiCLIP, TokenBlock, build_model, count_parameters, load_config
+from siclip.training.model import SASPBlock, SiCLIP, TokenBlock, build_model, count_parameters, load_config
 
 pytestmark = pytest.mark.mobileclip
 
@@ -100,12 +100,12 @@ def test_s0_trains_and_round_trips_through_save_and_load(tmp_path):
 
 
 def test_paper_toml_stages_train_the_modules_they_name_on_the_real_s0():
-    from training.config import load_train_config
-    from training.loop import set_trainable
+    from siclip.training.config import load_train_config
+    from siclip.training.loop import set_trainable
 
     import open_clip
 
-    from manifests.models import open_clip_source
+    from siclip.manifests.models import open_clip_source
 
     cfg = load_train_config("paper")
     # its teacher is one open_clip knows (weights by tag), with the image statistics the config feeds the student
@@ -132,8 +132,8 @@ def test_paper_toml_stages_train_the_modules_they_name_on_the_real_s0():
 
 
 def test_inheriting_s0_from_an_open_clip_mobileclip_report_is_right_tensor_by_tensor(teacher_dir):
-    from manifests.models import load_open_clip
-    from training.inherit import from_open_clip_state, inherit_weights
+    from siclip.manifests.models import load_open_clip
+    from siclip.training.inherit import from_open_clip_state, inherit_weights
 
     teacher = from_open_clip_state(load_open_clip(f"open_clip:{teacher_dir}")[0].state_dict())
     torch.manual_seed(0)
@@ -167,8 +167,8 @@ def test_inheriting_s0_from_an_open_clip_mobileclip_report_is_right_tensor_by_te
 
 
 def test_a_preln_student_of_the_teachers_shape_reproduces_the_teachers_embeddings(teacher_dir):
-    from manifests.models import load_open_clip
-    from training.inherit import inherit_weights
+    from siclip.manifests.models import load_open_clip
+    from siclip.training.inherit import inherit_weights
 
     teacher, _, tokenizer = load_open_clip(f"open_clip:{teacher_dir}")
     s0 = load_config("s0")
@@ -218,7 +218,7 @@ def test_the_tokenizer_gives_open_clips_ids(tokenizer):
 def paper_data(tmp_path_factory, teacher_dir):
     """A data root made by the real stages: 3 shards of generated pictures (stage 1, img2dataset on loopback),
     3 synthetic captions each (the tiny captioner) and teacher sidecars from the open_clip teacher folder."""
-    from pipeline.loopback import serve_generated
+    from siclip.pipeline.loopback import serve_generated
 
     d = tmp_path_factory.mktemp("paper_data")
     with serve_generated(48, seed=7) as (server, rows):
@@ -249,9 +249,9 @@ def test_paper_toml_trains_s0_from_an_open_clip_teacher_with_every_term_and_resu
     import shutil
     import signal
 
-    from manifests.layout import DataRoot
-    from manifests.models import load_open_clip
-    from training.inherit import from_open_clip_state
+    from siclip.manifests.layout import DataRoot
+    from siclip.manifests.models import load_open_clip
+    from siclip.training.inherit import from_open_clip_state
 
     root = DataRoot(tmp_path / "data")
     shutil.copytree(paper_data, root.root)
@@ -299,7 +299,7 @@ def test_paper_toml_trains_s0_from_an_open_clip_teacher_with_every_term_and_resu
 def test_the_bench_measures_s0s_image_tower_against_timms_mci0():
     import timm
 
-    from training.bench import build_towers, replaced_blocks
+    from siclip.training.bench import build_towers, replaced_blocks
 
     towers = build_towers("s0_image")
     plain = timm.create_model("fastvit_mci0", pretrained=False, num_classes=512)

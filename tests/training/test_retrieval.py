@@ -1,4 +1,4 @@
-"""training.evaluate's retrieval figures: a candidate that ties with the match ranks above it, and an embedding
+"""siclip.training.evaluate's retrieval figures: a candidate that ties with the match ranks above it, and an embedding
 that is not finite (a diverged model) is an error naming where, never a score."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from manifests.errors import SiclipError
-from training.data import all_shards
-from training.evaluate import Preprocess, recall_at, retrieval, retrieval_metrics
+from siclip.manifests.errors import SiclipError
+from siclip.training.data import all_shards
+from siclip.training.evaluate import Preprocess, recall_at, retrieval, retrieval_metrics
 from train_helpers import make_root
 
 
@@ -42,7 +42,7 @@ def test_a_non_finite_embedding_is_a_one_line_error_naming_where(bad):
 
 
 def test_a_diverged_model_stops_retrieval_on_real_shards(tmp_path):
-    from training.model import build_model, load_config
+    from siclip.training.model import build_model, load_config
 
     root = make_root(tmp_path, [6, 5])
     model = build_model(load_config("tiny", {"image.image_size": 16, "text.context_length": 16}))
@@ -83,9 +83,9 @@ clip_synthetic = 0.0
 def test_a_diverged_model_stops_zero_shot_with_one_line_naming_the_folder(tmp_path):
     from PIL import Image
 
-    from training.data import shared_tokenizer
-    from training.evaluate import zeroshot
-    from training.model import build_model, load_config
+    from siclip.training.data import shared_tokenizer
+    from siclip.training.evaluate import zeroshot
+    from siclip.training.model import build_model, load_config
 
     folder = tmp_path / "classes"
     for name, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from manifests.errors import SiclipError
-from manifests.layout import DataRoot
-from manifests.manifest import StageManifest
-from training.runs import STATE, Run, checkpoint_name
+from siclip.manifests.errors import SiclipError
+from siclip.manifests.layout import DataRoot
+from siclip.manifests.manifest import StageManifest
+from siclip.training.runs import STATE, Run, checkpoint_name
 
 
 def _checkpoint(folder, step: int):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.model import (
+from siclip.training.model import (
     Block,
     CONFIG_FILE,
     ImageTowerConfig,
@@ -241,8 +241,8 @@ class OpenClipStyleText(torch.nn.Module):
 
 @pytest.mark.parametrize("mask_padding", [False, True])
 def test_mask_padding_is_its_own_switch_so_a_tower_can_compute_what_its_open_clip_teacher_did(mask_padding):
-    from training.inherit import from_open_clip_state
-    from training.model import TextTowerConfig
+    from siclip.training.inherit import from_open_clip_state
+    from siclip.training.model import TextTowerConfig
 
     torch.manual_seed(0)
     teacher = OpenClipStyleText(100, 16, WIDTH, HEADS, 2, 16).eval()
@@ -374,7 +374,7 @@ def test_overrides_change_a_preset(tmp_path):
 
 
 def test_a_tiny_sasp_clip_learns_to_match_fixed_pairs_with_clip_and_pm_losses(tokenizer):
-    from training.losses import ClipLoss, PairMatchingLoss
+    from siclip.training.losses import ClipLoss, PairMatchingLoss
 
     torch.manual_seed(0)
     model = build_model(load_config("tiny", overrides={"image.image_size": 32}))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from siclip_testing import siclip
-from training.inherit import INHERITED
+from siclip.training.inherit import INHERITED
 from train_helpers import assert_same_end, make_root, weights
 
 SMALL_MODEL = ['image.image_size=16', 'image.patch_size=8', 'image.width=32', 'image.depth=2', 'image.heads=2',
@@ -23,8 +23,8 @@ SMALL_MODEL = ['image.image_size=16', 'image.patch_size=8', 'image.width=32', 'i
 
 
 def small_model(seed: int):
-    from training.config import load_train_config
-    from training.model import build_model, load_config
+    from siclip.training.config import load_train_config
+    from siclip.training.model import build_model, load_config
 
     overrides = load_train_config({"model_set": SMALL_MODEL, "stages": [{"steps": 1}]}).model_overrides()
     torch.manual_seed(seed)
@@ -72,9 +72,9 @@ def test_crd_compares_with_the_teachers_own_logit_scale_where_it_is_known(tmp_pa
     import torch.nn.functional as F
     from transformers import CLIPModel
 
-    from captioning.models import save_tiny
-    from training.config import load_train_config
-    from training.objective import Features, load_teacher, stage_objectives
+    from siclip.captioning.models import save_tiny
+    from siclip.training.config import load_train_config
+    from siclip.training.objective import Features, load_teacher, stage_objectives
 
     root = make_root(tmp_path / "data", [8], teacher_views=0)
     own = small_model(seed=7)
@@ -104,8 +104,8 @@ def test_crd_compares_with_the_teachers_own_logit_scale_where_it_is_known(tmp_pa
 def test_the_pair_matching_hyperplane_goes_on_from_stage_to_stage(tmp_path):
     from safetensors.torch import load_file
 
-    from training.config import load_train_config
-    from training.objective import stage_objectives
+    from siclip.training.config import load_train_config
+    from siclip.training.objective import stage_objectives
 
     stages = load_train_config({"stages": [{"name": n, "steps": 1, "loss": {"pm": pm}} for n, pm in
                                            (("a", 0.1), ("no-pm", 0.0), ("b", 0.1))]}).stages

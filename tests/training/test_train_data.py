@@ -1,4 +1,4 @@
-"""training.data: the epoch plan from the manifests, webdataset workers, sidecar joins, exact resume."""
+"""siclip.training.data: the epoch plan from the manifests, webdataset workers, sidecar joins, exact resume."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from manifests.errors import SiclipError
-from training.data import (SampleSettings, all_shards, check_shards_intact, check_sidecars, plan_epoch, split_shards,
+from siclip.manifests.errors import SiclipError
+from siclip.training.data import (SampleSettings, all_shards, check_shards_intact, check_sidecars, plan_epoch, split_shards,
                            train_loader)
 from train_helpers import QUADRANTS, key_of, make_root
 

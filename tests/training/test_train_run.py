@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from manifests.layout import DataRoot
-from manifests.manifest import StageManifest
-from manifests.storage import StorageBudget, write_storage
+from siclip.manifests.layout import DataRoot
+from siclip.manifests.manifest import StageManifest
+from siclip.manifests.storage import StorageBudget, write_storage
 from siclip_testing import REPO, siclip, write_list
 from train_helpers import assert_same_end, losses, weights
 
@@ -31,7 +31,7 @@ SMALL_MODEL = ('model_set = ["image.image_size=16", "image.patch_size=8", "image
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A data root: five shards of generated pictures, their synthetic captions and tiny-teacher embeddings."""
-    from pipeline.loopback import serve_generated
+    from siclip.pipeline.loopback import serve_generated
 
     d = tmp_path_factory.mktemp("train_data")
     with serve_generated(IMAGES, seed=5) as (server, rows):
@@ -137,7 +137,7 @@ pm = 0.1
     # evaluation of the run, by name, as JSON; and the model, usable in five lines
     out = json.loads(siclip("eval", "--run", "learn", "--data", root.root, "--json").stdout)
     assert out["retrieval"]["i2t_r1"] == pytest.approx(ev["i2t_r1"])
-    import training
+    from siclip import training
     from PIL import Image
 
     model, tokenizer, preprocess = training.load(run)
@@ -168,7 +168,7 @@ def test_kill_9_at_an_awkward_moment_then_resume_reaches_the_same_end(root, tmp_
 
 def test_a_kill_from_outside_during_training_then_resume_reaches_the_same_end(root, tmp_path, whole):
     cfg = config(tmp_path / "c.toml", BOOKKEEPING)
-    cmd = [sys.executable, "-m", "manifests.cli", *map(str, run_args(root, cfg, "killed"))]
+    cmd = [sys.executable, "-m", "siclip.manifests.cli", *map(str, run_args(root, cfg, "killed"))]
     import os
 
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -231,7 +231,7 @@ clip_web = 1.0
 
 
 def test_frozen_modules_stay_bit_identical_through_their_stage(root, tmp_path):
-    from training.model import build_model, load_config
+    from siclip.training.model import build_model, load_config
 
     cfg = config(tmp_path / "c.toml", """
 batch_size = 16
@@ -255,7 +255,7 @@ clip_synthetic = 0.0
 """)
     siclip(*run_args(root, cfg, "frozen"))
     torch.manual_seed(0)
-    from training.config import load_train_config
+    from siclip.training.config import load_train_config
 
     initial = build_model(load_config("tiny", load_train_config(cfg).model_overrides())).state_dict()
     after_stage = weights(root.runs / "frozen" / "checkpoints" / "step-000004")
@@ -267,7 +267,7 @@ clip_synthetic = 0.0
 
 
 def test_inheritance_and_distillation_from_sidecars_a_siclip_run_and_a_transformers_clip(root, tmp_path):
-    from captioning.models import save_tiny
+    from siclip.captioning.models import save_tiny
 
     siclip(*run_args(root, config(tmp_path / "t.toml", BOOKKEEPING), "teacher_run"))
     clip_dir = save_tiny("clip", tmp_path / "tiny_clip")
@@ -409,7 +409,7 @@ def test_two_processes_split_the_shards_and_resume_to_the_same_end(root, tmp_pat
 
     def launch(out, *extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-               "--rdzv_endpoint", "127.0.0.1:0", "-m", "manifests.cli", *map(str, run_args(root, cfg, out, *extra))]
+               "--rdzv_endpoint", "127.0.0.1:0", "-m", "siclip.manifests.cli", *map(str, run_args(root, cfg, out, *extra))]
         env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
         res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
         assert res.returncode == 0, "\n".join(ln for ln in res.stderr.splitlines() if "siclip" in ln)[-3000:]

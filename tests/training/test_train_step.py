@@ -14,9 +14,9 @@ from accelerate import Accelerator
 
 from siclip_testing import REPO
 from step_helpers import GLOBAL_BATCH, WEIGHTS, global_batch, small_model, step_gradients, term_gradients
-from training.loop import StageSpan, forward_backward, set_trainable
-from training.config import StageConfig
-from manifests.errors import SiclipError
+from siclip.training.loop import StageSpan, forward_backward, set_trainable
+from siclip.training.config import StageConfig
+from siclip.manifests.errors import SiclipError
 
 HERE = Path(__file__).parent
 
@@ -144,9 +144,9 @@ class _TowersWithBatchNorm(torch.nn.Module):
 
 
 def test_batchnorm_statistics_count_each_sample_once_with_caching_and_stay_put_when_frozen(accelerator):
-    from training.config import LossWeights
-    from training.loop import frozen_batchnorm_to_eval
-    from training.objective import Objective
+    from siclip.training.config import LossWeights
+    from siclip.training.loop import frozen_batchnorm_to_eval
+    from siclip.training.objective import Objective
 
     objective = Objective(LossWeights(clip_web=1.0, clip_synthetic=0.0), 8)
     x, ids, valid = torch.randn(8, 12), torch.randint(0, 100, (8, 5)), torch.zeros(8, 0, dtype=torch.bool)

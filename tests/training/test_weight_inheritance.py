@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from training.inherit import config_from_transformers, from_open_clip_state, inherit_weights
-from training.model import SiCLIP, build_model, config_from_dict
+from siclip.training.inherit import config_from_transformers, from_open_clip_state, inherit_weights
+from siclip.training.model import SiCLIP, build_model, config_from_dict
 
 CAPTIONS = ["a photo of a cat", "two dogs playing in the snow", "a red car parked at night"]
 

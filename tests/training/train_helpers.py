@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from manifests.layout import DataRoot, shard_name
-from manifests.manifest import StageManifest
-from manifests.storage import write_storage
+from siclip.manifests.layout import DataRoot, shard_name
+from siclip.manifests.manifest import StageManifest
+from siclip.manifests.storage import write_storage
 
 # four quadrant colours: a recorded crop of quadrant q shows colour q (see quadrant_image)
 QUADRANTS = [(230, 20, 20), (20, 200, 40), (30, 40, 230), (240, 220, 30)]
@@ -51,7 +51,7 @@ def make_root(folder: Path, sizes: list[int], captions: int = 0, missing_caption
     view v (1-based) crops quadrant v-1 and its image embedding is the one-hot vector e_v (e_0: the plain image).
     `recorded`: the views' augmentations [x0, y0, w, h, flip] instead, the same for every sample.
     """
-    from captioning.sidecar import write_caption_sidecar, write_teacher_sidecar
+    from siclip.captioning.sidecar import write_caption_sidecar, write_teacher_sidecar
 
     root = DataRoot(folder)
     root.shards.mkdir(parents=True, exist_ok=True)
