@@ -183,7 +183,7 @@ def siclip_run(data: Path, cfg, seed: int, schedule: Schedule, retrain: bool = F
         if run.exists():  # started and stopped, or to be measured again: whole or not at all
             shutil.rmtree(run)
         log(f"{data.name}: siclip train {name}")
-        train_measured([sys.executable, "-m", "siclip.manifests.cli", "train", "--data", data, "--config", CONFIG, "--out",
+        train_measured([sys.executable, "-m", "siclip.cli", "train", "--data", data, "--config", CONFIG, "--out",
                         name, *[a for s in sets for a in ("--set", s)]], run)
     return {"tool": "siclip", "seed": seed, "run": name, "path": str(run)}
 
@@ -422,7 +422,7 @@ def open_clip_own_retrieval(run: Path) -> dict:
 
 def siclip_own(data: Path, run: dict, zeroshot: Path) -> dict:
     """`siclip eval` itself: its own decode, preprocess, tokenizer and retrieval on the run's held-out shard."""
-    res = subprocess.run([sys.executable, "-m", "siclip.manifests.cli", "eval", "--data", str(data), "--run", run["run"],
+    res = subprocess.run([sys.executable, "-m", "siclip.cli", "eval", "--data", str(data), "--run", run["run"],
                           *[a for lv in LEVELS for a in ("--imagefolder", str(zeroshot / lv))], "--retrieval",
                           "--json"], cwd=REPO, stdout=subprocess.PIPE, text=True)
     if res.returncode:

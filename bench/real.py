@@ -56,7 +56,7 @@ def sh(*args: str) -> str:
 
 
 def siclip(*args: str) -> str:
-    return sh(sys.executable, "-m", "siclip.manifests.cli", *args)
+    return sh(sys.executable, "-m", "siclip.cli", *args)
 
 
 def ensure_sources() -> None:

@@ -54,7 +54,7 @@ def bench_shards(quick: bool = False, images: int | None = None, rounds: int | N
         for r in range(rounds):
             raw_t.append(_timed([sys.executable, str(script), str(urls), str(tmp / f"raw{r}"), str(size), str(sps),
                                  str(procs), str(threads)], env))
-            ours_t.append(_timed([sys.executable, "-m", "siclip.manifests.cli", "shards", "--urls", str(urls), "--data",
+            ours_t.append(_timed([sys.executable, "-m", "siclip.cli", "shards", "--urls", str(urls), "--data",
                                   str(tmp / f"ours{r}"), "--image-size", str(size), "--samples-per-shard", str(sps),
                                   "--processes", str(procs), "--threads", str(threads), "--budget", "1TB",
                                   "--allow-private-addresses"], env))  # the list is served on 127.0.0.1

@@ -23,7 +23,7 @@ def siclip(*args, check=True, timeout=300, env=None, **popen) -> subprocess.Comp
     """Run the real `siclip` CLI in a subprocess, as a user would (`env`: the environment, default os.environ)."""
     env = {**(env or os.environ), "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "PYTHONUNBUFFERED": "1"}
-    res = subprocess.run([sys.executable, "-m", "siclip.manifests.cli", *map(str, args)], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "siclip.cli", *map(str, args)], capture_output=True, text=True,
                          timeout=timeout, env=env, cwd=REPO, **popen)
     if check and res.returncode != 0:
         raise AssertionError(f"siclip {' '.join(map(str, args))} exited {res.returncode}:\n{res.stderr[-3000:]}")

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from siclip.manifests.cli import main
+from siclip.cli import main
 from siclip.manifests.samples import embeddings, iter_shard
 
 

@@ -7,7 +7,7 @@ import shutil
 
 
 from siclip.captioning.models import save_tiny
-from siclip.manifests.cli import main
+from siclip.cli import main
 from siclip.manifests.io import sha256_file
 from siclip.manifests.layout import DataRoot
 from siclip.manifests.manifest import StageManifest

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from siclip.captioning.config import CAPTIONS_TOML, TEACHER_TOML, CaptionsConfig, TeacherConfig
-from siclip.manifests.cli import main
+from siclip.cli import main
 from siclip.manifests.config import resolve
 from siclip.manifests.errors import SiclipError
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from siclip.manifests.layout import DataRoot
 from siclip.manifests.manifest import StageManifest
-from siclip.manifests.cli import main
+from siclip.cli import main
 
 from captions_helpers import all_sidecars, captions, sidecar_rows
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _start(root: DataRoot) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "siclip.manifests.cli", "captions", "--data", str(root.root), "--model", "tiny",
+    return subprocess.Popen([sys.executable, "-m", "siclip.cli", "captions", "--data", str(root.root), "--model", "tiny",
                              "--max-new-tokens", "12", "--workers", "0", "--batch-size", "1"],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

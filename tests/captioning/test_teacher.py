@@ -16,7 +16,7 @@ from siclip.captioning.jobs import apply_crop
 from siclip.captioning.models import build_tiny_clip, save_tiny
 from siclip.captioning.sidecar import storage_array
 from siclip.captioning.teacher_cli import sidecar_size
-from siclip.manifests.cli import main
+from siclip.cli import main
 from siclip.manifests.manifest import StageManifest
 from siclip.manifests.samples import embeddings, iter_samples, read_sidecar
 from siclip.manifests.storage import format_size

@@ -9,7 +9,7 @@ import tarfile
 import pytest
 from siclip_testing import SMALL, siclip, write_list
 
-from siclip.manifests.cli import main
+from siclip.cli import main
 from siclip.manifests.io import sha256_file
 from siclip.manifests.layout import DataRoot
 from siclip.manifests.manifest import StageManifest

@@ -18,7 +18,7 @@ def start_job(args, log: Path) -> subprocess.Popen:
     stderr to `log` (a pipe nobody reads could fill up and stall the job)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as f:
-        return subprocess.Popen([sys.executable, "-m", "siclip.manifests.cli", *map(str, args)], cwd=REPO, env=env,
+        return subprocess.Popen([sys.executable, "-m", "siclip.cli", *map(str, args)], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=f, start_new_session=True)
 
 

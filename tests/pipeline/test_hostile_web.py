@@ -35,7 +35,7 @@ MEMORY_BOUND = 2 * THREADS * CAP + 150_000_000
 # of its largest child (the download process)
 MEASURED_RUN = """
 import json, resource, sys
-from siclip.manifests.cli import main
+from siclip.cli import main
 
 code = main(sys.argv[1:])
 peak = lambda who: resource.getrusage(who).ru_maxrss * 1024

@@ -168,7 +168,7 @@ def test_kill_9_at_an_awkward_moment_then_resume_reaches_the_same_end(root, tmp_
 
 def test_a_kill_from_outside_during_training_then_resume_reaches_the_same_end(root, tmp_path, whole):
     cfg = config(tmp_path / "c.toml", BOOKKEEPING)
-    cmd = [sys.executable, "-m", "siclip.manifests.cli", *map(str, run_args(root, cfg, "killed"))]
+    cmd = [sys.executable, "-m", "siclip.cli", *map(str, run_args(root, cfg, "killed"))]
     import os
 
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -409,7 +409,7 @@ def test_two_processes_split_the_shards_and_resume_to_the_same_end(root, tmp_pat
 
     def launch(out, *extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-               "--rdzv_endpoint", "127.0.0.1:0", "-m", "siclip.manifests.cli", *map(str, run_args(root, cfg, out, *extra))]
+               "--rdzv_endpoint", "127.0.0.1:0", "-m", "siclip.cli", *map(str, run_args(root, cfg, out, *extra))]
         env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
         res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
         assert res.returncode == 0, "\n".join(ln for ln in res.stderr.splitlines() if "siclip" in ln)[-3000:]

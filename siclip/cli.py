@@ -1,58 +1,72 @@
-"""The `siclip` command: a thin layer that hands each subcommand to its stage.
+"""The `siclip` command, on top of every stage (docs/design.md, layer 4): it hands each subcommand to its stage.
 
-Each stage package has a `cli` module with `add_arguments(parser)` and `run(args) -> int`; those
-modules import only light things at the top, so `siclip --help` stays fast.
+Each stage has a command module with `add_arguments(parser)` and `run(args) -> int` that imports only its config
+at the top, so building the parser stays light; the work (torch, img2dataset, dask) is imported by `run`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import json
 import sys
 
 from siclip.manifests.errors import SiclipError
 
-# subcommand -> (module with add_arguments/run, one-line help)
-STAGE_COMMANDS = {
-    "shards": ("siclip.pipeline.cli", "stage 1: download a URL list into webdataset shards under a storage budget"),
-    "captions": ("siclip.captioning.cli", "stage 2: synthetic captions into Arrow sidecars, fanned out on dask"),
-    "teacher": ("siclip.captioning.teacher_cli", "stage 2b: CLIP teacher embeddings into Arrow sidecars"),
-    "train": ("siclip.training.cli", "stage 3: train a SiCLIP model with Accelerate"),
-    "eval": ("siclip.training.eval_cli", "zero-shot classification and retrieval of a trained model"),
-    "export": ("siclip.training.export_cli", "a trained pre-LN run as a transformers CLIPModel folder"),
-}
-BENCHES = {
-    "shards": ("siclip.pipeline.bench", "bench_shards", "siclip shards against raw img2dataset.download"),
-    "captions": ("siclip.captioning.bench", "bench_captions", "siclip captions against a transformers pipeline"),
-    "coca": ("siclip.captioning.bench", "bench_coca", "siclip captions with the seed's CoCa ViT-L/14 (random weights): "
-             "images/s for 3 captions (extra siclip[mobileclip])"),
-    "blocks": ("siclip.training.bench", "bench_blocks", "SAS-P blocks with sharing against pre-LN blocks"),
-    "train": ("siclip.training.bench_train", "bench_train",
-              "siclip train against a plain PyTorch loop; the loader; gradient caching's memory; --device cuda: the "
-              "paper preset"),
+
+def stage_commands() -> list:
+    """(subcommand, its stage's command module, one-line help), in the order `siclip --help` lists them."""
+    from siclip.captioning import cli as captions
+    from siclip.captioning import teacher_cli as teacher
+    from siclip.pipeline import cli as shards
+    from siclip.training import cli as train
+    from siclip.training import eval_cli, export_cli
+
+    return [
+        ("shards", shards, "stage 1: download a URL list into webdataset shards under a storage budget"),
+        ("captions", captions, "stage 2: synthetic captions into Arrow sidecars, fanned out on dask"),
+        ("teacher", teacher, "stage 2b: CLIP teacher embeddings into Arrow sidecars"),
+        ("train", train, "stage 3: train a SiCLIP model with Accelerate"),
+        ("eval", eval_cli, "zero-shot classification and retrieval of a trained model"),
+        ("export", export_cli, "a trained pre-LN run as a transformers CLIPModel folder"),
+    ]
+
+
+BENCHES = {  # name -> one-line help; `bench_function` imports each
+    "shards": "siclip shards against raw img2dataset.download",
+    "captions": "siclip captions against a transformers pipeline",
+    "coca": "siclip captions with the seed's CoCa ViT-L/14 (random weights): images/s for 3 captions (extra "
+            "siclip[mobileclip])",
+    "blocks": "SAS-P blocks with sharing against pre-LN blocks",
+    "train": "siclip train against a plain PyTorch loop; the loader; gradient caching's memory; --device cuda: the "
+             "paper preset",
 }
 
 
-def _stage_module(name: str):
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name and name.startswith(e.name):
-            return None  # the stage is not built yet
-        raise
+def bench_function(name: str):
+    """The function that runs bench `name` (imported only when that bench runs)."""
+    if name == "shards":
+        from siclip.pipeline.bench import bench_shards as bench
+    elif name == "captions":
+        from siclip.captioning.bench import bench_captions as bench
+    elif name == "coca":
+        from siclip.captioning.bench import bench_coca as bench
+    elif name == "blocks":
+        from siclip.training.bench import bench_blocks as bench
+    elif name == "train":
+        from siclip.training.bench_train import bench_train as bench
+    else:
+        raise SiclipError(f"bench {name!r}: no such bench (one of {', '.join(BENCHES)})")
+    return bench
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="siclip", description="Train a small CLIP model on one GPU and one TB of disk.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for cmd, (modname, help_) in STAGE_COMMANDS.items():
-        mod = _stage_module(modname)
-        p = sub.add_parser(cmd, help=help_ if mod else f"{help_} (not built yet)", description=help_)
-        if mod is not None:
-            mod.add_arguments(p)
-        p.set_defaults(stage_module=modname, stage_built=mod is not None)
+    for cmd, module, help_ in stage_commands():
+        p = sub.add_parser(cmd, help=help_, description=help_)
+        module.add_arguments(p)
+        p.set_defaults(handler=module.run)
 
     p = sub.add_parser("manifest", help="storage accounting per stage against the budget; --verify re-hashes",
                        description="Print what every stage made and what it cost, against the storage budget.")
@@ -65,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_run_manifest)
 
     p = sub.add_parser("bench", help="benchmarks against a named baseline, measured in the same run",
-                       description="Benchmarks: " + "; ".join(f"{k}: {v[2]}" for k, v in BENCHES.items()))
+                       description="Benchmarks: " + "; ".join(f"{k}: {v}" for k, v in BENCHES.items()))
     p.add_argument("name", choices=sorted(BENCHES) + ["all"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quick", action="store_true", help="a smaller run (for smoke tests)")
@@ -105,11 +119,7 @@ def _run_bench(args) -> int:
     names = sorted(BENCHES) if args.name == "all" else [args.name]
     results = {}
     for name in names:
-        modname, fn, _ = BENCHES[name]
-        mod = _stage_module(modname)
-        if mod is None:
-            raise SiclipError(f"bench {name}: not built yet")
-        bench = getattr(mod, fn)
+        bench = bench_function(name)
         kwargs = {"device": args.device} if "device" in inspect.signature(bench).parameters else {}
         results[name] = bench(quick=args.quick, **kwargs)
     out = results[names[0]] if len(names) == 1 else results
@@ -120,12 +130,7 @@ def _run_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if hasattr(args, "handler"):
-            return args.handler(args)
-        if not args.stage_built:
-            print(f"siclip {args.command}: not built yet", file=sys.stderr)
-            return 2
-        return importlib.import_module(args.stage_module).run(args)
+        return args.handler(args)
     except SiclipError as e:
         print(f"siclip {args.command}: error: {e}", file=sys.stderr)
         return 2

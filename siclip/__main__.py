@@ -1,0 +1,7 @@
+"""`python -m siclip …`: the `siclip` command."""
+
+import sys
+
+from siclip.cli import main
+
+sys.exit(main())
