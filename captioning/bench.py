@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
+from siclip.manifests.messages import log
 
 GEN = dict(num_captions=3, top_p=0.5, temperature=0.9, max_new_tokens=30)
 
 
 def _log(msg: str) -> None:
-    print(f"bench captions: {msg}", file=sys.stderr, flush=True)
+    log(f"bench captions: {msg}")
 
 
 def _images(n: int, size: int = 256) -> list[bytes]:

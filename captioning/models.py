@@ -13,6 +13,7 @@ from pathlib import Path
 
 from siclip.manifests.errors import SiclipError
 from siclip.manifests.models import PREFIX as OPEN_CLIP, load_open_clip, open_clip_embed_dim
+from siclip.manifests.messages import first_line
 
 TINY = "tiny"
 # A small English vocabulary for the tiny models' WordPiece tokenizer: enough words for captions to read
@@ -136,9 +137,8 @@ def _hub_or_path(name: str) -> str:
 
 
 def _load_error(what: str, name: str, e: Exception) -> SiclipError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     where = "local folder" if Path(name).exists() else "hub model (offline? set HF_HUB_OFFLINE=0 to download, or pass a local folder)"
-    return SiclipError(f"cannot load {what} {name!r} as a {where}: {first}")
+    return SiclipError(f"cannot load {what} {name!r} as a {where}: {first_line(e)}")
 
 
 @dataclass

@@ -3,7 +3,6 @@ check, the fan-out, recording each finished sidecar in the stage manifest, progr
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,10 +15,7 @@ from siclip.manifests.manifest import Inputs, StageManifest, check_file, stage_l
 from siclip.manifests.progress import Progress
 from siclip.manifests.samples import finished_shards, sidecar_path
 from siclip.manifests.storage import StorageBudget, disk_free_bytes, format_size
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from siclip.manifests.messages import log
 
 
 @dataclass

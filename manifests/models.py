@@ -19,16 +19,12 @@ import json
 from pathlib import Path
 
 from siclip.manifests.errors import SiclipError
+from siclip.manifests.messages import first_line
 
 PREFIX = "open_clip:"
 CONFIG_NAME = "open_clip_config.json"  # open_clip's hub layout
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 EXTRA_HINT = "pip install 'siclip[mobileclip]'"
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def open_clip_source(spec: str) -> tuple[str, str | None]:

@@ -39,6 +39,7 @@ import img2dataset.downloader as i2d
 
 from siclip.pipeline.config import ALLOW_PRIVATE_FLAG
 from siclip.pipeline.urls import browser_url
+from siclip.manifests.messages import one_line
 
 # img2dataset's browser-like User-Agent: some hosts refuse Python's own
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
@@ -337,12 +338,6 @@ def fetch_row(row, timeout, retries, user_agent_token, disallowed_header_directi
 
 
 _swap = threading.Lock()
-
-
-def one_line(e: BaseException) -> str:
-    """An exception as 'Type: first line of its message'."""
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {msg}".rstrip(": ")
 
 
 class _OneLineTracebacks:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,10 +23,7 @@ from siclip.pipeline.config import ALLOW_PRIVATE_FLAG
 from siclip.pipeline.plan import Plan, check_fits, reencoded_bytes, rows_that_fit, shard_bound
 from siclip.pipeline.reasons import RETRYABLE, classify
 from siclip.pipeline.urls import read_url_list
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from siclip.manifests.messages import log
 
 
 def table_sha256(table: pa.Table) -> str:

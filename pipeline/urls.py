@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from siclip.manifests.errors import SiclipError
+from siclip.manifests.messages import first_line
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl")
 
@@ -60,8 +61,7 @@ def read_table(path: Path) -> pa.Table:
         return pcsv.read_csv(io.BytesIO(raw), parse_options=pcsv.ParseOptions(delimiter=delim, newlines_in_values=True),
                              convert_options=pcsv.ConvertOptions(strings_can_be_null=True))
     except (pa.ArrowInvalid, OSError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SiclipError(f"{path}: cannot read as {fmt}: {first}") from None
+        raise SiclipError(f"{path}: cannot read as {fmt}: {first_line(e)}") from None
 
 
 # kept as they are: reserved characters and escapes already there ('%'); everything else that is not

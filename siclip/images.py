@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from siclip.manifests.errors import SiclipError
+from siclip.manifests.messages import one_line
 
 # Image file suffixes and shard member extensions siclip reads, in the order a sample's members are tried.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
@@ -63,8 +64,7 @@ def decode_image(source, name: str | None = None):
             img.load()  # now, inside the try: a truncated file fails here, not later in a resize
             return _to_rgb(img)
     except Exception as e:  # whatever the decoder raises for foreign or broken data is one outcome to the caller
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UnreadableImage(label, f"{type(e).__name__}: {first}" if first else type(e).__name__) from None
+        raise UnreadableImage(label, one_line(e)) from None
 
 
 def _to_rgb(img):
@@ -89,24 +89,3 @@ def _over_white(rgba):
     alpha = px[..., 3:]
     out = alpha / 255 * px[..., :3] + 255 - alpha
     return Image.fromarray(np.rint(out.clip(0, 255)).astype(np.uint8), "RGB")
-
-
-def decode_sample(sample: dict) -> dict:
-    """Decode a shard sample's usual members in place: its image members (IMAGE_EXTS) to RGB PIL images through
-    decode_image, 'txt' to str, 'json' to dict. Raises CorruptShardError, naming the sample, for an unreadable image."""
-    import json
-
-    from siclip.manifests.samples import CorruptShardError
-
-    for ext in IMAGE_EXTS:
-        if isinstance(sample.get(ext), bytes):
-            try:
-                sample[ext] = decode_image(sample[ext])
-            except UnreadableImage as e:
-                raise CorruptShardError(f"sample {sample.get('__key__')}: its {ext} member is not a readable image "
-                                        f"({e.reason})") from None
-    if isinstance(sample.get("txt"), bytes):
-        sample["txt"] = sample["txt"].decode("utf-8", errors="replace")
-    if isinstance(sample.get("json"), bytes):
-        sample["json"] = json.loads(sample["json"])
-    return sample

@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 import tarfile
 import tempfile
 import time
@@ -30,10 +29,7 @@ import torch
 from siclip.manifests.layout import DataRoot, shard_name
 from siclip.manifests.manifest import StageManifest
 from siclip.manifests.storage import write_storage
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from siclip.manifests.messages import log
 
 
 def make_bench_root(folder: Path, shards: int, per_shard: int, size: int = 160, seed: int = 0) -> DataRoot:
@@ -236,7 +232,7 @@ def bench_train(quick: bool = False, device: str = "cpu") -> dict:
         "setup": {"preset": "tiny", "batch": cfg.batch_size, "workers": cfg.workers, "steps": steps,
                   "threads": torch.get_num_threads(), "load_average": round(os.getloadavg()[0], 2)},
     }
-    _log(f"train: siclip train {real:.1f} samples/s vs a plain loop {plain:.1f} (ratio {out['ratio']:.3f}); loader "
+    log(f"train: siclip train {real:.1f} samples/s vs a plain loop {plain:.1f} (ratio {out['ratio']:.3f}); loader "
          f"{loader_rate:.1f} samples/s ({out['loader_ratio']:.2f}x the step's need); gradient caching at batch "
          f"{8 * micro} in micro-batches of {micro}: {cached_mem / 2**20:.0f} MB of activations vs {plain_mem / 2**20:.0f}"
          f" MB plain at {micro} (x{out['caching_memory_ratio']:.2f}); load average {out['setup']['load_average']}")
@@ -299,7 +295,7 @@ def bench_train_gpu(quick: bool = False, config: str = "paper", overrides: tuple
         except torch.cuda.OutOfMemoryError:
             results[name] = {"out_of_memory": True}
         del pixels, texts, teacher
-        _log(f"train ({torch.cuda.get_device_name(device) if cuda else 'CPU'}): {config} config's model, batch {batch} "
+        log(f"train ({torch.cuda.get_device_name(device) if cuda else 'CPU'}): {config} config's model, batch {batch} "
              f"in micro-batches of {micro}, {1 + k} captions per image, every loss term: {results[name]}")
     return {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "config": config,
             "precision": acc.mixed_precision, **results}

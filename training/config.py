@@ -249,11 +249,6 @@ def load_train_config(source: str | Path | dict, sets: list[str] = ()) -> TrainC
     return cfg
 
 
-def config_from_json(text: str) -> TrainConfig:
-    """The config a run saved (config.json), read back."""
-    return load_train_config(json.loads(text))
-
-
 def to_toml(cfg: TrainConfig) -> str:
     """The resolved config as TOML: top-level keys, then each [[stages]] with its [stages.loss]."""
     from siclip.manifests.config import toml_value

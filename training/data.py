@@ -26,7 +26,7 @@ import functools
 import hashlib
 import itertools
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -573,12 +573,3 @@ def eval_batches(root: DataRoot, shards: list[Shard], settings: SampleSettings, 
                             wds.batched(batch_size, collation_fn=lambda xs: collate(xs, settings, tokenizer),
                                         partial=True))
     yield from pipe
-
-
-@dataclass
-class LoaderStats:
-    """What the loader did, counted over the run (written to the metrics)."""
-
-    samples: int = 0
-    no_synthetic: int = 0
-    per_stage: dict = field(default_factory=dict)

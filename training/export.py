@@ -19,8 +19,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from siclip.manifests.errors import SiclipError
 from siclip.training.inherit import siclip_name
 from siclip.training.model import SiCLIP, SiCLIPConfig, block_types
@@ -181,15 +179,3 @@ def _data_root_of(path: Path) -> Path | None:
         if (parent / "manifests" / "shards.json").is_file():
             return parent
     return None
-
-
-@torch.no_grad()
-def same_embeddings(model: SiCLIP, clip, pixels: torch.Tensor, token_ids: torch.Tensor) -> tuple[float, float]:
-    """Largest absolute difference of the image and text embeddings of the two models on the same inputs."""
-    ours_i, ours_t = model.encode_image(pixels), model.encode_text(token_ids)
-    theirs_i = clip.get_image_features(pixel_values=pixels)
-    theirs_t = clip.get_text_features(input_ids=token_ids)
-    theirs_i = getattr(theirs_i, "pooler_output", theirs_i)
-    theirs_t = getattr(theirs_t, "pooler_output", theirs_t)
-    norm = torch.nn.functional.normalize
-    return float((ours_i - norm(theirs_i, dim=-1)).abs().max()), float((ours_t - norm(theirs_t, dim=-1)).abs().max())

@@ -180,12 +180,6 @@ def config_from_transformers(clip_config, block: str = "preln") -> SiCLIPConfig:
     })
 
 
-def load_teacher_state(teacher) -> tuple[dict[str, torch.Tensor], str]:
-    """(the teacher's tensors in siclip names, a description of the teacher)."""
-    state, description, _ = _load_teacher(teacher)
-    return state, description
-
-
 def _siclip_heads(model: SiCLIP) -> dict[str, int | None]:
     return {"visual": model.config.image.heads, "text": model.config.text.heads}
 

@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import resource
-import sys
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -45,14 +44,11 @@ from siclip.training.data import (SampleSettings, check_shards_intact, check_sid
 from siclip.training.evaluate import Preprocess, retrieval, to_input
 from siclip.training.objective import Features, Objective, load_teacher, stage_objectives
 from siclip.training.runs import FINAL, Run, checkpoint_name, failpoint, folder_bytes, write_plots
+from siclip.manifests.messages import log, first_line
 
 # keys a resumed run may change; the rest decide the data order or the numbers
 RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys", "threads"}
 EXIT_BUDGET = 3
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- pieces of a step
@@ -314,7 +310,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                 report = inherit_weights(model, _inherit_source(cfg.inherit_from, root), freeze=cfg.inherit_freeze,
                                          report_path=report_path if main else None)
             except (OSError, ValueError, RuntimeError, ImportError) as e:
-                raise SiclipError(f"inherit_from {cfg.inherit_from!r}: {str(e).splitlines()[0]}") from None
+                raise SiclipError(f"inherit_from {cfg.inherit_from!r}: {first_line(e)}") from None
             say(f"train: {report.summary()} (report: {report_path})")
             frozen_inherited = set(report.frozen_names())
         elif cfg.inherit_from:  # the checkpoint holds the weights; the report says which were frozen

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from siclip.manifests.errors import SiclipError
+from siclip.manifests.messages import first_line
 from siclip.training.config import LossWeights
 from siclip.training.losses import (CRD_TEACHER_SCALE, ClipLoss, ContrastiveRelationDistillLoss, FeatureDistillLoss,
                              InteractiveContrastiveLoss, PairMatchingLoss, gather_features)
@@ -227,8 +228,7 @@ class TransformersTeacher(Teacher):
             self.tokenizer = AutoTokenizer.from_pretrained(name)
             processor = AutoImageProcessor.from_pretrained(name)
         except (OSError, ValueError, KeyError, ImportError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SiclipError(f"teacher {name!r} does not load as a transformers CLIPModel: {first}") from None
+            raise SiclipError(f"teacher {name!r} does not load as a transformers CLIPModel: {first_line(e)}") from None
         self.name, self.dim = f"CLIPModel {name}", int(self.model.config.projection_dim)
         self.logit_scale = float(self.model.logit_scale.exp())
         self.image_size = int(self.model.config.vision_config.image_size)

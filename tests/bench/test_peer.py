@@ -3,7 +3,6 @@ copy of the tiny_preln shape, open_clip_train reading siclip's shards, and its l
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 

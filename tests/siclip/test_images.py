@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from siclip.manifests.samples import CorruptShardError
-from siclip.images import IMAGE_EXTS, UnreadableImage, decode_image, decode_sample, image_member, is_image_file
+from siclip.images import IMAGE_EXTS, UnreadableImage, decode_image, image_member, is_image_file
 
 
 def encoded(img, fmt="PNG", **kw) -> bytes:
@@ -117,17 +116,3 @@ def test_one_list_of_image_extensions_for_files_and_shard_members():
     assert IMAGE_EXTS[0] == "jpg"
     assert is_image_file("a/B.JPG") and is_image_file("x.webp") and not is_image_file("x.txt")
     assert image_member({"__key__": "k", "txt": b"", "png": b""}) == "png" and image_member({"txt": b""}) is None
-
-
-def test_decode_sample_turns_members_into_an_rgb_image_a_caption_and_metadata():
-    sample = decode_sample({"__key__": "k", "png": CASES["RGBA"][0], "txt": "caf\u00e9".encode() + b" \xff",
-                            "json": b'{"url": "http://x/y.png"}', "npy": b"raw"})
-    assert sample["png"].mode == "RGB" and np.asarray(sample["png"]).tolist() == CASES["RGBA"][1]
-    assert sample["txt"] == "caf\u00e9 \ufffd"  # an undecodable byte is replaced, not fatal
-    assert sample["json"] == {"url": "http://x/y.png"} and sample["npy"] == b"raw" and sample["__key__"] == "k"
-    assert decode_sample(sample) is sample  # decoding twice changes nothing
-
-
-def test_decode_sample_names_the_sample_whose_image_is_unreadable():
-    with pytest.raises(CorruptShardError, match="sample 000000007: its jpg member is not a readable image"):
-        decode_sample({"__key__": "000000007", "jpg": b"\xff\xd8 not really a jpeg"})
