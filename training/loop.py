@@ -115,7 +115,7 @@ def batchnorm_statistics_kept(model: nn.Module):
     """BatchNorm running statistics as they were before the block: the pass without gradients of gradient
     caching sees every micro-batch once more, and must not count it twice (MCi0 has BatchNorm)."""
     kept = [(m, [b.clone() for b in m.buffers(recurse=False)]) for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+            if isinstance(m, BATCH_NORMS) and m.training and m.track_running_stats]
     try:
         yield
     finally:
@@ -130,10 +130,13 @@ def frozen_batchnorm_to_eval(model: nn.Module) -> int:
     n = 0
     for m in model.modules():
         params = list(m.parameters(recurse=False))
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
+        if isinstance(m, BATCH_NORMS) and params and not any(p.requires_grad for p in params):
             m.eval()
             n += 1
     return n
+
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def average_gradients(params: list[nn.Parameter], world: int) -> None:
@@ -141,14 +144,13 @@ def average_gradients(params: list[nn.Parameter], world: int) -> None:
     if world == 1:
         return
     import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     grads = [p.grad for p in params if p.grad is not None]
-    flat = _flatten_dense_tensors(grads)
+    flat = torch.cat([g.reshape(-1) for g in grads])  # one buffer, one all-reduce
     dist.all_reduce(flat)
     flat /= world
-    for g, mean in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        g.copy_(mean)
+    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(mean.view_as(g))
 
 
 def decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
