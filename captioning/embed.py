@@ -10,13 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from siclip.captioning.models import LoadedModel, check_device, load_clip
-from siclip.manifests.models import PREFIX as OPEN_CLIP, load_open_clip
-
-
-def _features(out) -> torch.Tensor:
-    # transformers 5 returns a model output whose pooler_output is the projected embedding; 4.x a tensor
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
+from siclip import teachers
+from siclip.captioning.models import TINY, build_tiny_clip, check_device
+from siclip.manifests.errors import SiclipError
 
 
 def ensemble_embedding(per_teacher: list[torch.Tensor]) -> torch.Tensor:
@@ -25,54 +21,9 @@ def ensemble_embedding(per_teacher: list[torch.Tensor]) -> torch.Tensor:
     return F.normalize(torch.cat(unit, dim=-1), dim=-1)
 
 
-class TransformersTeacher:
-    """A transformers CLIP-style model (get_image_features / get_text_features) with its processor and tokenizer."""
-
-    def __init__(self, loaded: LoadedModel, device: str):
-        self.loaded, self.device = loaded, device
-        self.model_id, self.revision = loaded.model_id, loaded.revision
-        self.dim = int(loaded.model.config.projection_dim)
-
-    def prepare(self, images: list) -> torch.Tensor:
-        return self.loaded.image_processor(images=images, return_tensors="pt")["pixel_values"]
-
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        model = self.loaded.model
-        return _features(model.get_image_features(pixel_values=pixels.to(self.device, next(model.parameters()).dtype)))
-
-    def text_features(self, texts: list[str]) -> torch.Tensor:
-        model = self.loaded.model
-        max_len = int(getattr(model.config.text_config, "max_position_embeddings", 77))
-        enc = self.loaded.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-        return _features(model.get_text_features(input_ids=enc["input_ids"].to(self.device),
-                                                 attention_mask=enc["attention_mask"].to(self.device)))
-
-
-class OpenClipTeacher:
-    """An open_clip model (`open_clip:ARCH/PRETRAINED` or `open_clip:FOLDER`, extra siclip[mobileclip]) with
-    its own image preprocessing and tokenizer: the embeddings are its encode_image / encode_text."""
-
-    def __init__(self, spec: str, device: str):
-        self.model, self.preprocess, self.tokenizer = load_open_clip(spec, "teacher")
-        # half precision on a GPU, as the transformers teachers run; embeddings are stored in half precision anyway
-        self.dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        self.model.to(device=device, dtype=self.dtype)
-        self.device, self.model_id, self.revision = device, spec, None
-        with torch.inference_mode():
-            self.dim = int(self.text_features(["a"]).shape[-1])
-
-    def prepare(self, images: list) -> torch.Tensor:
-        return torch.stack([self.preprocess(image) for image in images])
-
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels.to(self.device, self.dtype))
-
-    def text_features(self, texts: list[str]) -> torch.Tensor:
-        return self.model.encode_text(self.tokenizer(texts).to(self.device))
-
-
 class TeacherEnsemble:
-    """One or more CLIP teachers; each image is preprocessed by every teacher's own preprocessing."""
+    """One or more CLIP teachers (siclip/teachers.py); each image is preprocessed by every teacher's own
+    preprocessing."""
 
     def __init__(self, teachers: list, device: str):
         self.teachers, self.device = teachers, device
@@ -85,23 +36,33 @@ class TeacherEnsemble:
     def prepare(self, images: list) -> list[torch.Tensor] | None:
         if not images:
             return None
-        return [t.prepare(images) for t in self.teachers]
+        return [t.preprocess(images) for t in self.teachers]
 
     @torch.inference_mode()
     def embed_images(self, pixels: list[torch.Tensor]) -> torch.Tensor:
-        return ensemble_embedding([t.image_features(px).cpu() for t, px in zip(self.teachers, pixels)])
+        return ensemble_embedding([t.image_features(px).float().cpu() for t, px in zip(self.teachers, pixels)])
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        return ensemble_embedding([t.text_features(texts).cpu() for t in self.teachers])
+        return ensemble_embedding([t.text_features(texts).float().cpu() for t in self.teachers])
 
 
-def load_teacher(name: str, device: str, seed: int, trust_remote_code: bool):
-    """A teacher by name: `open_clip:…` through open_clip, anything else through transformers (or `tiny`)."""
-    if name.startswith(OPEN_CLIP):
-        check_device(device)
-        return OpenClipTeacher(name, device)
-    return TransformersTeacher(load_clip(name, device, seed, trust_remote_code), device)
+def load_teacher(name: str, device: str, seed: int, trust_remote_code: bool) -> teachers.Teacher:
+    """A teacher by name (siclip/teachers.py's grammar; `tiny` is built here), on `device`: in half precision on a
+    GPU, as the embeddings are stored in half precision anyway."""
+    import torch
+
+    check_device(device)
+    spec = teachers.parse_teacher(name)
+    if spec.kind == "tiny":
+        model, (processor, tokenizer) = build_tiny_clip(seed)
+        teacher = teachers.TransformersTeacher(model, processor, tokenizer, f"{TINY}(seed={seed})")
+    elif spec.kind == "siclip":
+        raise SiclipError(f"teacher {name!r} is a siclip run or checkpoint: export it as a CLIPModel folder first "
+                          f"(siclip export --run …) and give that folder")
+    else:
+        teacher = teachers.load_teacher(spec, trust_remote_code=trust_remote_code)
+    return teacher.to(device, torch.float16 if device.startswith("cuda") else torch.float32)
 
 
 def build_teachers(names: list[str], device: str, seed: int, trust_remote_code: bool, threads: int = 0) -> TeacherEnsemble:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from siclip.manifests.errors import SiclipError
-from siclip.manifests.models import PREFIX as OPEN_CLIP, load_open_clip, open_clip_embed_dim
+from siclip.teachers import PREFIX as OPEN_CLIP, load_open_clip, open_clip_embed_dim
 from siclip.manifests.messages import first_line
 
 TINY = "tiny"
@@ -172,33 +172,6 @@ def load_captioner(name: str, revision: str | None, device: str, dtype: str, see
         commit = getattr(model.config, "_commit_hash", None)
         loaded = LoadedModel(model, ip, tok, src, revision or commit)
     loaded.model.to(device=device, dtype=torch_dtype(dtype, device))
-    return loaded
-
-
-def load_clip(name: str, device: str, seed: int, trust_remote_code: bool = False) -> LoadedModel:
-    """A CLIP-style model (get_image_features/get_text_features) with its image processor and tokenizer."""
-    _quiet_transformers()
-    check_device(device)
-    import torch
-
-    if name == TINY:
-        model, (ip, tok) = build_tiny_clip(seed)
-        loaded = LoadedModel(model, ip, tok, f"tiny(seed={seed})", None)
-    else:
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-
-        src = _hub_or_path(name)
-        try:
-            model = AutoModel.from_pretrained(src, trust_remote_code=trust_remote_code).eval()
-            ip = AutoImageProcessor.from_pretrained(src, trust_remote_code=trust_remote_code)
-            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, KeyError, ImportError) as e:
-            raise _load_error("teacher", name, e) from None
-        if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
-            raise SiclipError(f"teacher {name!r} is a {type(model).__name__}, not a CLIP-style model with image and text features")
-        loaded = LoadedModel(model, ip, tok, src, getattr(model.config, "_commit_hash", None))
-    # the teacher runs in half precision on a GPU; embeddings are stored in half precision either way
-    loaded.model.to(device=device, dtype=torch.float16 if device.startswith("cuda") else torch.float32)
     return loaded
 
 

@@ -63,7 +63,7 @@ def load(path: str | Path, device: str = "cpu"):
         best = (images @ texts.T).argmax(dim=1)          # the caption each image matches best
     """
     from siclip.training.model import SiCLIP
-    from siclip.training.runs import find_checkpoint
+    from siclip.teachers import find_checkpoint
     from siclip.training.tokenizer import ClipTokenizer
 
     folder = find_checkpoint(path)

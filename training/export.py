@@ -129,7 +129,8 @@ def export_run(source: str | Path, out: str | Path | None = None, log=print) -> 
     from siclip.manifests.manifest import StageManifest
     from siclip.manifests.storage import StorageBudget, format_size
     from siclip.training.evaluate import load
-    from siclip.training.runs import STATE, Run, find_checkpoint, folder_bytes
+    from siclip.teachers import STATE, find_checkpoint
+    from siclip.training.runs import Run, folder_bytes
 
     checkpoint = find_checkpoint(source)
     if checkpoint is None:

@@ -19,7 +19,7 @@ by default: the teacher's MLP, which the block uses from the first step, was tra
 
 Teachers: a `SiCLIP` or siclip checkpoint folder; a transformers `CLIPModel` or its hub name /
 local folder; `"timm:fastvit_mci0.apple_mclip"` (MobileCLIP-S0's image tower) and
-`"open_clip:ARCH/PRETRAINED"` or `"open_clip:FOLDER"` (manifests/models.py) with the extra
+`"open_clip:ARCH/PRETRAINED"` or `"open_clip:FOLDER"` (siclip/teachers.py) with the extra
 siclip[mobileclip] installed.
 """
 
@@ -37,8 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from siclip.manifests.models import PREFIX as OPEN_CLIP, load_open_clip
-from siclip.training.model import SASPBlock, SiCLIP, SiCLIPConfig, config_from_dict, is_siclip_checkpoint
+from siclip.teachers import TeacherSpec, load_teacher, parse_teacher
+from siclip.training.model import SASPBlock, SiCLIP, SiCLIPConfig, config_from_dict
 
 INHERITED = ("copied", "sliced", "interpolated")
 _BLOCK = re.compile(r"^(visual|text)\.blocks\.(\d+)\.(.+)$")
@@ -205,25 +205,23 @@ def _load_teacher(teacher) -> tuple[dict[str, torch.Tensor], str, dict[str, int 
     if isinstance(teacher, nn.Module) and type(teacher).__name__ == "CLIPModel":  # transformers
         return (from_transformers_state(teacher.state_dict()), f"transformers CLIPModel {teacher.name_or_path or ''}",
                 _transformers_heads(teacher))
-    source = str(teacher)
-    if source.startswith("timm:"):
+    spec = teacher if isinstance(teacher, TeacherSpec) else parse_teacher(str(teacher), what="inherit_from")
+    source = spec.source
+    if spec.kind == "timm":
         try:
             import timm
         except ImportError:
             raise ImportError("timm teachers need the extra: pip install 'siclip[mobileclip]'") from None
         model = timm.create_model(source[len("timm:"):], pretrained=True)
         return {f"visual.trunk.{k}": v for k, v in model.state_dict().items()}, source, {"visual": None, "text": None}
-    if source.startswith(OPEN_CLIP):
-        model, _, _ = load_open_clip(source, "teacher")
-        return from_open_clip_state(model.state_dict()), source, _open_clip_heads(model)
-    if is_siclip_checkpoint(source):
+    if spec.kind == "siclip":
         model = SiCLIP.from_pretrained(source)
         return model.state_dict(), f"siclip checkpoint {source}", _siclip_heads(model)
-    from transformers import CLIPModel
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    model = CLIPModel.from_pretrained(source)
+    model = load_teacher(spec, model_only=True, what="inherit_from").model
+    if spec.kind == "open_clip":
+        return from_open_clip_state(model.state_dict()), source, _open_clip_heads(model)
+    if type(model).__name__ != "CLIPModel":
+        raise ValueError(f"{spec.given!r} is a {type(model).__name__}; weights are inherited from a CLIPModel")
     return from_transformers_state(model.state_dict()), f"transformers CLIPModel {source}", _transformers_heads(model)
 
 

@@ -42,6 +42,7 @@ from siclip.training.config import StageConfig, TrainConfig, match_globs, to_tom
 from siclip.training.data import (SampleSettings, check_shards_intact, check_sidecars, plan_epoch, split_shards,
                            train_loader)
 from siclip.training.evaluate import Preprocess, retrieval, to_input
+from siclip.teachers import parse_teacher
 from siclip.training.objective import Features, Objective, load_teacher, stage_objectives
 from siclip.training.runs import FINAL, Run, checkpoint_name, failpoint, folder_bytes, write_plots
 from siclip.manifests.messages import log, first_line
@@ -309,7 +310,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         frozen_inherited: set[str] = set()
         if cfg.inherit_from and resume_from is None:  # step 0: every process inherits the same way
             try:
-                report = inherit_weights(model, _inherit_source(cfg.inherit_from, root), freeze=cfg.inherit_freeze,
+                report = inherit_weights(model, parse_teacher(cfg.inherit_from, root, "inherit_from"), freeze=cfg.inherit_freeze,
                                          report_path=report_path if main else None)
             except (OSError, ValueError, RuntimeError, ImportError) as e:
                 raise SiclipError(f"inherit_from {cfg.inherit_from!r}: {first_line(e)}") from None
@@ -488,16 +489,6 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                 f"loss {last.get('loss', float('nan')):.4f}{ev}; model: {where}; plots: {run.path / 'plots'}")
         accelerator.wait_for_everyone()
         return status
-
-
-def _inherit_source(spec: str, root: DataRoot):
-    """A siclip run resolves to its final (or latest) checkpoint; a path relative to the data root to that path;
-    other specs go to inherit_weights as they are."""
-    from siclip.training.runs import find_checkpoint, in_data_root
-
-    spec = in_data_root(spec, root)
-    found = find_checkpoint(spec)
-    return str(found) if found is not None else spec
 
 
 def _evaluate(run: Run, model, root, val_shards, preprocess, model_config, device, step, accelerator) -> None:

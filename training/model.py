@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from siclip.teachers import is_siclip_checkpoint  # noqa: F401 (callers import it from here too)
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -514,11 +516,6 @@ class SiCLIP(nn.Module):
         model = cls(config_from_dict(payload, where=str(directory / CONFIG_FILE)))
         load_model(model, str(directory / WEIGHTS_FILE), device=device)
         return model.to(device)
-
-
-def is_siclip_checkpoint(directory: str | Path) -> bool:
-    path = Path(directory) / CONFIG_FILE
-    return path.is_file() and json.loads(path.read_text()).get("format") == "siclip"
 
 
 def count_parameters(module: nn.Module) -> int:

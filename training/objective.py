@@ -15,7 +15,6 @@ sidecars (precomputed, "reinforced" data); a siclip run or checkpoint, a transfo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -23,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from siclip import teachers
 from siclip.manifests.errors import SiclipError
-from siclip.manifests.messages import first_line
 from siclip.training.config import LossWeights
 from siclip.training.losses import (CRD_TEACHER_SCALE, ClipLoss, ContrastiveRelationDistillLoss, FeatureDistillLoss,
                              InteractiveContrastiveLoss, PairMatchingLoss, gather_features)
@@ -214,79 +213,24 @@ class SiclipTeacher(Teacher):
             lambda texts: self.model.encode_text(self.tokenizer(texts, self.context).to(device)))
 
 
-class TransformersTeacher(Teacher):
-    """A transformers CLIPModel (local folder or hub name) with its own tokenizer and image statistics."""
+class OnlineTeacher(Teacher):
+    """A transformers or open_clip teacher (siclip/teachers.py), run on the batch's teacher view."""
 
-    def __init__(self, name: str):
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-        from transformers.utils import logging
-
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
-        try:
-            self.model = CLIPModel.from_pretrained(name).eval().requires_grad_(False)
-            self.tokenizer = AutoTokenizer.from_pretrained(name)
-            processor = AutoImageProcessor.from_pretrained(name)
-        except (OSError, ValueError, KeyError, ImportError) as e:
-            raise SiclipError(f"teacher {name!r} does not load as a transformers CLIPModel: {first_line(e)}") from None
-        self.name, self.dim = f"CLIPModel {name}", int(self.model.config.projection_dim)
-        self.logit_scale = float(self.model.logit_scale.exp())
-        self.image_size = int(self.model.config.vision_config.image_size)
-        self.mean, self.std = list(processor.image_mean), list(processor.image_std)
-        self.context = int(self.model.config.text_config.max_position_embeddings)
+    def __init__(self, teacher: teachers.Teacher):
+        self.teacher = teacher
+        self.name, self.dim, self.logit_scale = teacher.name, teacher.dim, teacher.logit_scale
+        self.image_size = teacher.image_size
 
     def to(self, device):
-        self.model.to(device)
-        return self
-
-    def _features(self, out):
-        return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-    @torch.no_grad()
-    def embed(self, batch, device):
-        def encode_image(px):
-            return self._features(self.model.get_image_features(
-                pixel_values=pixels_to_input(px, self.image_size, self.mean, self.std)))
-
-        def encode_text(texts):
-            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.context, return_tensors="pt")
-            return self._features(self.model.get_text_features(input_ids=enc["input_ids"].to(device),
-                                                               attention_mask=enc["attention_mask"].to(device)))
-
-        return self._online(batch, device, encode_image, encode_text)
-
-
-class OpenClipTeacher(Teacher):
-    """An open_clip model, `open_clip:ARCH/PRETRAINED` or `open_clip:FOLDER` (extra siclip[mobileclip])."""
-
-    def __init__(self, spec: str):
-        from siclip.manifests.models import load_open_clip
-
-        self.model, _, self.tokenizer = load_open_clip(spec, "teacher")  # SiclipError: a bad name, no extra
-        import open_clip
-
-        self.model.requires_grad_(False)
-        cfg = self.model.visual
-        size = getattr(cfg, "image_size", 224)
-        self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
-        self.mean = list(getattr(cfg, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
-        self.std = list(getattr(cfg, "image_std", None) or open_clip.OPENAI_DATASET_STD)
-        with torch.no_grad():
-            self.dim = int(self.model.encode_text(self.tokenizer(["a"])).shape[-1])
-        self.name = f"open_clip {spec}"
-        scale = getattr(self.model, "logit_scale", None)
-        self.logit_scale = float(scale.exp()) if isinstance(scale, torch.Tensor) else None
-
-    def to(self, device):
-        self.model.to(device)
+        self.teacher.to(device)
         return self
 
     @torch.no_grad()
     def embed(self, batch, device):
-        return self._online(
-            batch, device,
-            lambda px: self.model.encode_image(pixels_to_input(px, self.image_size, self.mean, self.std)),
-            lambda texts: self.model.encode_text(self.tokenizer(texts).to(device)))
+        t = self.teacher
+        return self._online(batch, device,
+                            lambda px: t.image_features(pixels_to_input(px, t.image_size, t.mean, t.std)),
+                            t.text_features)
 
 
 def sidecar_dim(root) -> tuple[int, str]:
@@ -305,26 +249,13 @@ def sidecar_dim(root) -> tuple[int, str]:
 
 
 def load_teacher(spec: str, root) -> Teacher | None:
-    """The teacher a stage names, loaded now so that a bad one stops the run before training starts.
-    A path may be given relative to the data root (`runs/teacher/clip`)."""
-    from siclip.training.runs import find_checkpoint, in_data_root
-
-    if spec == "none":
+    """The teacher a stage names (siclip/teachers.py's grammar), loaded now so that a bad one stops the run
+    before training starts."""
+    parsed = teachers.parse_teacher(spec, root)
+    if parsed.kind == "none":
         return None
-    if spec == "sidecar":
+    if parsed.kind == "sidecar":
         return SidecarTeacher(*sidecar_dim(root))
-    spec = in_data_root(spec, root)
-    if spec.startswith("open_clip:"):
-        return OpenClipTeacher(spec)
-    checkpoint = find_checkpoint(spec)
-    if checkpoint is not None:
-        return SiclipTeacher(checkpoint)
-    path = Path(spec).expanduser()
-    if path.exists() and not (path / "config.json").is_file():
-        raise SiclipError(f"teacher {spec!r} is a folder with neither a siclip run or checkpoint nor a "
-                          f"transformers model (no config.json)")
-    source = str(path.absolute()) if path.exists() else spec
-    if path.exists() and json.loads((path / "config.json").read_text()).get("model_type") not in (None, "clip"):
-        raise SiclipError(f"teacher {spec!r} is not a CLIP model (model_type "
-                          f"{json.loads((path / 'config.json').read_text()).get('model_type')!r})")
-    return TransformersTeacher(source)
+    if parsed.kind == "siclip":
+        return SiclipTeacher(Path(parsed.source))
+    return OnlineTeacher(teachers.load_teacher(parsed))

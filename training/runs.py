@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 from dataclasses import dataclass
@@ -30,10 +29,8 @@ from siclip.manifests.io import atomic_write_bytes, fsync_dir
 from siclip.manifests.layout import DataRoot
 from siclip.manifests.manifest import StageManifest
 from siclip.manifests.storage import StorageBudget, format_size
+from siclip.teachers import CHECKPOINT, FINAL, STATE  # the run layout
 
-CHECKPOINT = re.compile(r"^step-(\d{6,})$")
-STATE = "state.json"
-FINAL = "final"
 
 
 def failpoint(name: str) -> None:
@@ -69,32 +66,6 @@ def run_folder(run: str, data: str | None = None) -> Path:
     if not path.is_dir():
         raise SiclipError(f"--run {run}: no such run folder" + ("" if data else " (pass --data DATA to find it by name)"))
     return path
-
-
-def in_data_root(spec: str, root: DataRoot) -> str:
-    """A model path a config gives relative to the data root (`runs/teacher/clip`) made absolute; other
-    specs (hub names, existing paths, `open_clip:…`) unchanged."""
-    if spec and ":" not in spec and not Path(spec).expanduser().exists() and (root.root / spec).exists():
-        return str(root.root / spec)
-    return spec
-
-
-def find_checkpoint(path: str | Path) -> Path | None:
-    """The model folder a path names: a checkpoint or model folder itself, or a run's final model, or its
-    latest checkpoint; None when the path is no siclip run or checkpoint."""
-    from siclip.training.model import is_siclip_checkpoint
-
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        return None
-    if is_siclip_checkpoint(path):
-        return path
-    if is_siclip_checkpoint(path / FINAL):
-        return path / FINAL
-    folder = path / "checkpoints"
-    steps = sorted((int(m.group(1)), p) for p in folder.glob("step-*") if (m := CHECKPOINT.match(p.name))
-                   and (p / STATE).is_file()) if folder.is_dir() else []
-    return steps[-1][1] if steps else None
 
 
 @dataclass

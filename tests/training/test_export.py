@@ -13,7 +13,7 @@ from siclip.manifests.manifest import StageManifest
 from siclip.training.evaluate import Preprocess
 from siclip.training.export import export_run
 from siclip.training.model import build_model, load_config
-from siclip.training.runs import in_data_root
+from siclip.teachers import in_data_root
 
 # ASCII and emoji: transformers' CLIP tokenizer skips the ftfy repairs (curly quotes, mojibake) siclip's applies
 TEXTS = ["a small red circle above a large blue square", "A PURPLE STAR click to enlarge", "grinning face 😀 IMG_2041.jpg"]

@@ -105,7 +105,7 @@ def test_paper_toml_stages_train_the_modules_they_name_on_the_real_s0():
 
     import open_clip
 
-    from siclip.manifests.models import open_clip_source
+    from siclip.teachers import open_clip_source
 
     cfg = load_train_config("paper")
     # its teacher is one open_clip knows (weights by tag), with the image statistics the config feeds the student
@@ -132,7 +132,7 @@ def test_paper_toml_stages_train_the_modules_they_name_on_the_real_s0():
 
 
 def test_inheriting_s0_from_an_open_clip_mobileclip_report_is_right_tensor_by_tensor(teacher_dir):
-    from siclip.manifests.models import load_open_clip
+    from siclip.teachers import load_open_clip
     from siclip.training.inherit import from_open_clip_state, inherit_weights
 
     teacher = from_open_clip_state(load_open_clip(f"open_clip:{teacher_dir}")[0].state_dict())
@@ -167,7 +167,7 @@ def test_inheriting_s0_from_an_open_clip_mobileclip_report_is_right_tensor_by_te
 
 
 def test_a_preln_student_of_the_teachers_shape_reproduces_the_teachers_embeddings(teacher_dir):
-    from siclip.manifests.models import load_open_clip
+    from siclip.teachers import load_open_clip
     from siclip.training.inherit import inherit_weights
 
     teacher, _, tokenizer = load_open_clip(f"open_clip:{teacher_dir}")
@@ -250,7 +250,7 @@ def test_paper_toml_trains_s0_from_an_open_clip_teacher_with_every_term_and_resu
     import signal
 
     from siclip.manifests.layout import DataRoot
-    from siclip.manifests.models import load_open_clip
+    from siclip.teachers import load_open_clip
     from siclip.training.inherit import from_open_clip_state
 
     root = DataRoot(tmp_path / "data")
