@@ -7,7 +7,6 @@ other shards go on.
 
 from __future__ import annotations
 
-import math
 import queue
 import random
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from siclip.manifests.errors import SiclipError
 from siclip.manifests.samples import CorruptShardError, iter_samples, iter_shard
-from siclip.images import UnreadableImage, decode_image, image_member
+from siclip.images import UnreadableImage, apply_view, decode_image, draw_view, image_member
 from siclip.captioning.models import seed_for
 from siclip.captioning.sidecar import OK
 
@@ -128,33 +127,6 @@ def caption_shard(task: dict, captioner) -> dict:
             "timing": {"seconds": round(time.perf_counter() - t0, 3), "started": started, "finished": time.time()}}
 
 
-def crop_params(seed: int, key: str, k: int, scale: tuple[float, float], flip: bool = True) -> list[float]:
-    """Augmentation k of sample `key`: [x0, y0, w, h] as fractions of the image, and flip (0/1).
-
-    A random-resized crop (area in `scale`, aspect 3/4..4/3) and a horizontal flip (unless `flip` is
-    false), recorded so training can replay exactly the view the teacher saw.
-    """
-    rng = random.Random(seed_for(seed, key, 1000 + k))
-    area = rng.uniform(*scale)
-    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-    w = min(1.0, math.sqrt(area * ratio))
-    h = min(1.0, math.sqrt(area / ratio))
-    x0 = rng.uniform(0, 1 - w)
-    y0 = rng.uniform(0, 1 - h)
-    flipped = rng.random() < 0.5  # drawn either way, so the crops are the same with and without flips
-    return [x0, y0, w, h, float(flip and flipped)]
-
-
-def apply_crop(img, p: list[float]):
-    """Replay one recorded augmentation on a PIL image."""
-    from PIL import Image
-
-    W, H = img.size
-    box = (round(p[0] * W), round(p[1] * H), round((p[0] + p[2]) * W), round((p[1] + p[3]) * H))
-    out = img.crop(box)
-    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if p[4] >= 0.5 else out
-
-
 def teacher_shard(task: dict, teachers) -> dict:
     """Image embeddings (plain + K augmentations) and text embeddings (web + synthetic captions)."""
     import numpy as np
@@ -182,8 +154,9 @@ def teacher_shard(task: dict, teachers) -> dict:
             texts = [sample.get("txt", b"").decode("utf-8", errors="replace")]
             if "captions" in sample:
                 texts += sample["captions"]["captions"]
-            params = [crop_params(p["seed"], key, k, tuple(p["crop_scale"]), p.get("flip", True)) for k in range(K)]
-            views = [img] + [apply_crop(img, q) for q in params] if img is not None else None
+            params = [draw_view(random.Random(seed_for(p["seed"], key, 1000 + k)), tuple(p["crop_scale"]),
+                                p.get("flip", True)) for k in range(K)]
+            views = [img] + [apply_view(img, q) for q in params] if img is not None else None
             batch.append((key, why, views, texts, params))
             if len(batch) == task["batch_size"]:
                 yield batch, teachers.prepare([v for b in batch if b[2] for v in b[2]])

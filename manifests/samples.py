@@ -279,11 +279,3 @@ def iter_samples(root: DataRoot | str | Path, shard: str, sidecars: tuple[str, .
         yield sample
     if sidecars:
         lookup.check_all_used(used)
-
-
-def recorded_view(params, width: int, height: int) -> tuple[tuple[int, int, int, int], bool]:
-    """The pixel box and flip of one recorded augmentation (a teacher sidecar's `aug_params` row:
-    x0, y0, w, h as fractions of the image, flip >= 0.5), so training replays the teacher's view."""
-    x0, y0, w, h, flip = (float(v) for v in params[:5])
-    box = (round(x0 * width), round(y0 * height), round((x0 + w) * width), round((y0 + h) * height))
-    return box, flip >= 0.5

@@ -1,5 +1,11 @@
-"""One decode for every image that enters siclip, whether from a file (eval folders, clean caption pairs)
-or from a shard member: an RGB PIL image, decoded the way stage 1 decoded what it wrote into the shards.
+"""Every image that enters siclip, decoded once and viewed one way.
+
+Decode: whether from a file (eval folders, clean caption pairs) or from a shard member, an RGB PIL image,
+decoded the way stage 1 decoded what it wrote into the shards (below). View: the random resized crop and flip,
+drawn (`draw_view`), recorded by stage 2 beside the teacher's embedding of it as fractions of the image, and
+replayed (`view_box`, `apply_view`) by stage 2's teacher and by training; `view_pixels` makes a box of an image
+into a model's square input. Normalisation: `Preprocess`, a model's own image size, mean and std (OpenAI's by
+default).
 
 Stage 1's img2dataset decodes with OpenCV (`cv2.IMREAD_UNCHANGED`) and, when the result has an alpha
 channel, mattes it onto white: out = rint(a/255 * c + 255 - a). This module matches that, mode by mode:
@@ -15,6 +21,10 @@ defect to avoid in the eval, not a decode to copy.
 from __future__ import annotations
 
 import io
+import json
+import math
+import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +99,102 @@ def _over_white(rgba):
     alpha = px[..., 3:]
     out = alpha / 255 * px[..., :3] + 255 - alpha
     return Image.fromarray(np.rint(out.clip(0, 255)).astype(np.uint8), "RGB")
+
+
+# ----------------------------------------------------------------------------- the view
+
+
+def draw_view(rng: random.Random, scale: tuple[float, float], flip: bool = True) -> list[float]:
+    """One augmentation: [x0, y0, w, h] as fractions of the image, and flip (0/1). A random-resized crop (area in
+    `scale`, aspect 3/4..4/3) and a horizontal flip (unless `flip` is false), as stage 2 records it so that
+    training can replay exactly the view the teacher saw."""
+    area = rng.uniform(*scale)
+    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    w = min(1.0, math.sqrt(area * ratio))
+    h = min(1.0, math.sqrt(area / ratio))
+    x0 = rng.uniform(0, 1 - w)
+    y0 = rng.uniform(0, 1 - h)
+    flipped = rng.random() < 0.5  # drawn either way, so the crops are the same with and without flips
+    return [x0, y0, w, h, float(flip and flipped)]
+
+
+def view_box(params, width: int, height: int) -> tuple[tuple[int, int, int, int], bool]:
+    """The pixel box and flip of one recorded view (x0, y0, w, h as fractions of the image, flip >= 0.5)."""
+    x0, y0, w, h, flip = (float(v) for v in params[:5])
+    box = (round(x0 * width), round(y0 * height), round((x0 + w) * width), round((y0 + h) * height))
+    return box, flip >= 0.5
+
+
+def apply_view(img, params):
+    """Replay one recorded view on a PIL image: its box, mirrored if it was."""
+    from PIL import Image
+
+    box, flip = view_box(params, *img.size)
+    out = img.crop(box)
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
+
+
+def center_box(width: int, height: int, box=None) -> tuple[int, int, int, int]:
+    """The largest centered square of `box` (default: the whole image): resize-shortest-side then center-crop."""
+    x0, y0, x1, y1 = box or (0, 0, width, height)
+    side = min(x1 - x0, y1 - y0)
+    left, top = x0 + (x1 - x0 - side) // 2, y0 + (y1 - y0 - side) // 2
+    return left, top, left + side, top + side
+
+
+def random_resized_box(width: int, height: int, scale, rng: random.Random) -> tuple[int, int, int, int]:
+    """A random crop of `scale` of the area and aspect 3/4..4/3 in pixels (ten tries, then the center square):
+    training's own augmentation where no recorded view is replayed."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            x0, y0 = rng.randint(0, width - w), rng.randint(0, height - h)
+            return x0, y0, x0 + w, y0 + h
+    return center_box(width, height)
+
+
+def view_pixels(img, box, size: int, flip: bool) -> np.ndarray:
+    """The box of the image (default: all of it), made square (center), resized to size x size, mirrored if
+    `flip`: uint8 (3, size, size)."""
+    from PIL import Image
+
+    out = img.resize((size, size), Image.Resampling.BICUBIC, box=center_box(*img.size, box))
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+PREPROCESS_FILE = "preprocess.json"  # beside a model's weights: its image size, mean and std
+
+
+@dataclass
+class Preprocess:
+    """An image (PIL image of any mode, bytes or a path; decoded by decode_image, alpha onto white) ->
+    normalised float tensor (3, size, size): shortest side resized, center crop. UnreadableImage if it won't decode."""
+
+    image_size: int
+    mean: list
+    std: list
+
+    def __call__(self, img):
+        import torch
+
+        x = torch.from_numpy(view_pixels(decode_image(img), None, self.image_size, False)).float().div_(255)
+        return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / PREPROCESS_FILE).write_text(json.dumps(
+            {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}, indent=1) + "\n")
+
+    @classmethod
+    def for_model(cls, folder: Path, image_size: int) -> "Preprocess":
+        path = Path(folder) / PREPROCESS_FILE
+        if path.is_file():
+            d = json.loads(path.read_text())
+            return cls(int(d["image_size"]), d["mean"], d["std"])
+        return cls(image_size, list(OPENAI_MEAN), list(OPENAI_STD))

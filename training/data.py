@@ -35,8 +35,8 @@ import torch
 from siclip.manifests.errors import SiclipError
 from siclip.manifests.layout import DataRoot
 from siclip.manifests.manifest import SIDECAR_INPUTS, Inputs, StageManifest
-from siclip.manifests.samples import ShardSidecars, embeddings, finished_shards, recorded_view, shard_samples
-from siclip.images import UnreadableImage, decode_image, image_member
+from siclip.manifests.samples import ShardSidecars, embeddings, finished_shards, shard_samples
+from siclip.images import UnreadableImage, decode_image, image_member, random_resized_box, view_box, view_pixels
 from siclip.training.config import TrainConfig
 
 
@@ -257,39 +257,6 @@ def _decode(sample: dict):
                           f"({e.reason}); siclip manifest DATA --verify checks the shards") from None
 
 
-def center_box(width: int, height: int, box=None) -> tuple[int, int, int, int]:
-    """The largest centered square of `box` (default: the whole image): resize-shortest-side then center-crop."""
-    x0, y0, x1, y1 = box or (0, 0, width, height)
-    side = min(x1 - x0, y1 - y0)
-    left, top = x0 + (x1 - x0 - side) // 2, y0 + (y1 - y0 - side) // 2
-    return left, top, left + side, top + side
-
-
-def random_resized_box(width: int, height: int, scale, rng: random.Random) -> tuple[int, int, int, int]:
-    """A random crop of `scale` of the area and aspect 3/4..4/3 (ten tries, then the center square)."""
-    import math
-
-    area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-        if 0 < w <= width and 0 < h <= height:
-            x0, y0 = rng.randint(0, width - w), rng.randint(0, height - h)
-            return x0, y0, x0 + w, y0 + h
-    return center_box(width, height)
-
-
-def _pixels(img, box, size: int, flip: bool) -> np.ndarray:
-    """The box of the image, made square (center), resized to size x size: uint8 (3, size, size)."""
-    from PIL import Image
-
-    out = img.resize((size, size), Image.Resampling.BICUBIC, box=center_box(*img.size, box))
-    if flip:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1).copy()
-
-
 @functools.lru_cache(maxsize=1)
 def shared_tokenizer():
     """One tokenizer per process; built before the loader forks its workers, they inherit it (no reload per epoch)."""
@@ -332,7 +299,7 @@ class SampleMaker:
             usable = [i for i, params in enumerate(t["aug"], start=1) if s.flip or float(params[4]) < 0.5]
             v = usable[rng.randrange(len(usable))] if usable else 0  # 0: the plain image's row
             if v:
-                view, flip = recorded_view(t["aug"][v - 1], *img.size)
+                view, flip = view_box(t["aug"][v - 1], *img.size)
             out["t_image"] = t["image"][v]
             texts = t["text"]
             out["t_text"] = texts[0]
@@ -342,9 +309,9 @@ class SampleMaker:
                 view = random_resized_box(*img.size, s.crop_scale, rng)
             if s.flip:
                 flip = rng.random() < 0.5
-        out["pixels"] = _pixels(img, view, s.image_size, flip)
+        out["pixels"] = view_pixels(img, view, s.image_size, flip)
         if s.teacher_image_size:
-            out["teacher_pixels"] = _pixels(img, view, s.teacher_image_size, flip)
+            out["teacher_pixels"] = view_pixels(img, view, s.teacher_image_size, flip)
         out["synthetic"] = [c for _, c in synthetic]
         return out
 

@@ -9,49 +9,19 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from siclip.manifests.errors import SiclipError
-from siclip.images import OPENAI_MEAN, OPENAI_STD, UnreadableImage, decode_image, is_image_file
+from siclip.images import Preprocess, UnreadableImage, is_image_file
 
 TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.", "a photo of the {}.",
              "a close-up photo of a {}.", "a drawing of a {}."]
 PREPROCESS_FILE = "preprocess.json"
 TEMPLATES_FILE = "templates.txt"  # an image folder's own prompts, one per line with {}
-
-
-@dataclass
-class Preprocess:
-    """An image (PIL image of any mode, bytes or a path; decoded by siclip.images, alpha onto white) ->
-    normalised float tensor (3, size, size): shortest side resized, center crop. UnreadableImage if it won't decode."""
-
-    image_size: int
-    mean: list
-    std: list
-
-    def __call__(self, img) -> torch.Tensor:
-        from siclip.training.data import _pixels
-
-        x = torch.from_numpy(_pixels(decode_image(img), None, self.image_size, False)).float().div_(255)
-        return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
-
-    def save(self, folder: Path) -> None:
-        (Path(folder) / PREPROCESS_FILE).write_text(json.dumps(
-            {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}, indent=1) + "\n")
-
-    @classmethod
-    def for_model(cls, folder: Path, image_size: int) -> "Preprocess":
-        path = Path(folder) / PREPROCESS_FILE
-        if path.is_file():
-            d = json.loads(path.read_text())
-            return cls(int(d["image_size"]), d["mean"], d["std"])
-        return cls(image_size, list(OPENAI_MEAN), list(OPENAI_STD))
 
 
 def load(path: str | Path, device: str = "cpu"):

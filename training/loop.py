@@ -41,7 +41,8 @@ from siclip.manifests.storage import format_size
 from siclip.training.config import StageConfig, TrainConfig, match_globs, to_toml
 from siclip.training.data import (SampleSettings, check_shards_intact, check_sidecars, plan_epoch, split_shards,
                            train_loader)
-from siclip.training.evaluate import Preprocess, retrieval, to_input
+from siclip.images import Preprocess
+from siclip.training.evaluate import retrieval, to_input
 from siclip.teachers import parse_teacher
 from siclip.training.objective import Features, Objective, load_teacher, stage_objectives
 from siclip.training.runs import FINAL, Run, checkpoint_name, failpoint, folder_bytes, write_plots

@@ -12,7 +12,7 @@ from PIL import Image
 
 from siclip.captioning.config import TeacherConfig
 from siclip.captioning.embed import build_teachers
-from siclip.captioning.jobs import apply_crop
+from siclip.images import apply_view
 from siclip.captioning.models import build_tiny_clip, save_tiny
 from siclip.captioning.sidecar import storage_array
 from siclip.captioning.teacher_cli import sidecar_size
@@ -112,7 +112,7 @@ def test_teacher_sidecar_shapes_dtypes_unit_embeddings_and_replayable_augmentati
     # bfloat16 as stored, so that two similar crops are not confused by the rounding alone)
     ens = build_teachers(["tiny", str(folder)], "cpu", 0, False)
     for r, image in enumerate(images):
-        replayed = ens.embed_images(ens.prepare([apply_crop(image, p.tolist()) for p in aug[r]]))
+        replayed = ens.embed_images(ens.prepare([apply_view(image, p.tolist()) for p in aug[r]]))
         np.testing.assert_allclose(replayed.numpy(), img[r, 1:], atol=1e-2)
         as_stored = (storage_array(replayed, "bfloat16").astype(np.uint32) << 16).view(np.float32)
         distances = np.linalg.norm(as_stored[:, None, :] - img[r][None, :, :], axis=-1)  # (K, 1 + K slots)
@@ -185,10 +185,12 @@ def test_teacher_needs_caption_sidecars_and_names_the_shard(shards_root, capsys)
 
 
 def test_flip_false_records_the_same_crops_without_flips():
-    from siclip.captioning.jobs import crop_params
+    import random
 
-    with_flips = [crop_params(0, f"{i:05d}", k, (0.35, 1.0)) for i in range(40) for k in range(2)]
-    without = [crop_params(0, f"{i:05d}", k, (0.35, 1.0), flip=False) for i in range(40) for k in range(2)]
+    from siclip.images import draw_view
+
+    with_flips = [draw_view(random.Random(f"{i}:{k}"), (0.35, 1.0)) for i in range(40) for k in range(2)]
+    without = [draw_view(random.Random(f"{i}:{k}"), (0.35, 1.0), flip=False) for i in range(40) for k in range(2)]
     assert any(p[4] == 1.0 for p in with_flips) and all(p[4] == 0.0 for p in without)
     assert [p[:4] for p in with_flips] == [p[:4] for p in without]
     # off by default, as training's flip; absent from the parameters where it changes nothing, so sidecars made

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from siclip_testing import SMALL, siclip, write_list
 
-from siclip.training.evaluate import Preprocess
+from siclip.images import Preprocess
 
 SIZE = 64  # stage 1's --image-size in SMALL: a 64 px image is written as it is, re-encoded as JPEG q95
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from siclip.manifests.errors import SiclipError
 from siclip.manifests.manifest import StageManifest
-from siclip.training.evaluate import Preprocess
+from siclip.images import Preprocess
 from siclip.training.export import export_run
 from siclip.training.model import build_model, load_config
 from siclip.teachers import in_data_root

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from siclip.manifests.errors import SiclipError
 from siclip.training.data import all_shards
-from siclip.training.evaluate import Preprocess, recall_at, retrieval, retrieval_metrics
+from siclip.images import Preprocess
+from siclip.training.evaluate import recall_at, retrieval, retrieval_metrics
 from train_helpers import make_root
 
 
