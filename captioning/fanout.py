@@ -1,13 +1,12 @@
 """Running one task per shard: in this process, or on dask (a local cluster on 127.0.0.1, or an
 existing scheduler). Each worker builds the model once, on its first task, and keeps it.
 
-Both distributors have the same shape: `run(tasks, job, setup, on_result)`; `setup` is
-(function, kwargs) building the model, `job(task, model) -> result`.
+Both distributors have the same shape: `run(tasks, job, setup, on_result)`; `setup()` builds the model (a
+functools.partial of a module-level function, which pickles by reference), `job(task, model) -> result`.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import threading
@@ -17,23 +16,17 @@ from typing import Callable
 from distributed.diagnostics.plugin import WorkerPlugin
 
 
-def _resolve(ref: str) -> Callable:
-    mod, name = ref.split(":")
-    return getattr(importlib.import_module(mod), name)
-
-
-def run_in_process(tasks: list[dict], job: str, setup: tuple[str, dict], on_result: Callable[[dict], None]) -> None:
-    model = _resolve(setup[0])(**setup[1])
-    fn = _resolve(job)
+def run_in_process(tasks: list, job: Callable, setup: Callable, on_result: Callable[[dict], None]) -> None:
+    model = setup()
     for task in tasks:
-        on_result(fn(task, model))
+        on_result(job(task, model))
 
 
 class WorkerModel(WorkerPlugin):
     """A dask worker plugin holding one model per worker process, built on first use."""
 
-    def __init__(self, name: str, setup: tuple[str, dict]):
-        self.name, self.setup_ref = name, setup
+    def __init__(self, name: str, setup: Callable):
+        self.name, self.build = name, setup
         self._model = None
         self._lock = threading.Lock()
         self.loaded_at = None
@@ -45,7 +38,7 @@ class WorkerModel(WorkerPlugin):
         self._model = None
 
     def __getstate__(self):
-        return {"name": self.name, "setup_ref": self.setup_ref}
+        return {"name": self.name, "build": self.build}
 
     def __setstate__(self, state):
         self.__dict__.update(state, _model=None, _lock=threading.Lock(), loaded_at=None)
@@ -53,16 +46,16 @@ class WorkerModel(WorkerPlugin):
     def model(self):
         with self._lock:
             if self._model is None:
-                self._model = _resolve(self.setup_ref[0])(**self.setup_ref[1])
+                self._model = self.build()
                 self.loaded_at = time.time()
             return self._model
 
 
-def _run_on_worker(task: dict, job: str, plugin: str) -> dict:
+def _run_on_worker(task, job: Callable, plugin: str) -> dict:
     from distributed import get_worker
 
     holder = get_worker().plugins[plugin]
-    result = _resolve(job)(task, holder.model())
+    result = job(task, holder.model())
     result["worker"] = {"pid": os.getpid(), "model_loaded_at": holder.loaded_at}
     return result
 
@@ -77,7 +70,7 @@ def local_cluster_threads(workers: int) -> int:
     return max(1, per_worker - 1)
 
 
-def run_on_dask(tasks: list[dict], job: str, setup: tuple[str, dict], on_result: Callable[[dict], None],
+def run_on_dask(tasks: list, job: Callable, setup: Callable, on_result: Callable[[dict], None],
                 workers: int = 1, scheduler: str | None = None, log=print) -> None:
     from distributed import Client, LocalCluster, as_completed
 
@@ -94,7 +87,7 @@ def run_on_dask(tasks: list[dict], job: str, setup: tuple[str, dict], on_result:
     name = f"siclip-model-{os.getpid()}-{id(tasks)}"
     try:
         client.register_plugin(WorkerModel(name, setup), name=name)
-        futures = [client.submit(_run_on_worker, t, job, name, key=f"{name}-{t['shard']}", pure=False) for t in tasks]
+        futures = [client.submit(_run_on_worker, t, job, name, key=f"{name}-{t.shard}", pure=False) for t in tasks]
         for fut in as_completed(futures):
             on_result(fut.result())
     finally:

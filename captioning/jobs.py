@@ -12,6 +12,7 @@ import random
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from siclip.manifests.errors import SiclipError
@@ -22,6 +23,21 @@ from siclip.captioning.sidecar import OK
 
 _END = object()
 
+
+
+@dataclass
+class ShardTask:
+    """One shard's work in stage 2, as the stage hands it to a worker (it pickles to dask workers)."""
+
+    shard: str
+    tar: str
+    out: str  # the sidecar to write
+    root: str  # the data root
+    params: dict  # the stage's parameters, which decide the sidecar's content
+    batch_size: int
+    expected_samples: int | None = None  # the shards manifest's count, checked against the tar
+    tar_record: dict | None = None  # the shard's manifest record (size, sha256), checked before reading
+    inputs: dict = field(default_factory=dict)  # the input files' records, written into the sidecar
 
 def _decode_image(sample: dict):
     """(RGB image, None), or (None, why) for a sample whose image is missing or does not decode."""
@@ -68,22 +84,36 @@ def _prefetch(produce, depth: int = 2):
         stop.set()
 
 
-def _shard_failure(task: dict, e: BaseException) -> dict:
+def build_captioner(**kwargs):
+    """The captioner a worker holds (captioning.generate, imported on the worker, not where the stage runs)."""
+    from siclip.captioning.generate import build_captioner as build
+
+    return build(**kwargs)
+
+
+def build_teachers(**kwargs):
+    """The teacher ensemble a worker holds (captioning.embed, imported on the worker)."""
+    from siclip.captioning.embed import build_teachers as build
+
+    return build(**kwargs)
+
+
+def _shard_failure(task: ShardTask, e: BaseException) -> dict:
     if isinstance(e, SiclipError):
         msg = str(e)
     else:
         tb = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
         msg = f"{type(e).__name__}: {e}" + (f" (at {Path(tb.filename).name}:{tb.lineno})" if tb else "")
-    return {"shard": task["shard"], "ok": False, "error": msg}
+    return {"shard": task.shard, "ok": False, "error": msg}
 
 
-def _check_count(task: dict, rows: int) -> None:
-    if task.get("expected_samples") is not None and rows != task["expected_samples"]:
-        raise CorruptShardError(f"{task['tar']}: {rows} samples in the tar, the shards manifest says {task['expected_samples']}")
+def _check_count(task: ShardTask, rows: int) -> None:
+    if task.expected_samples is not None and rows != task.expected_samples:
+        raise CorruptShardError(f"{task.tar}: {rows} samples in the tar, the shards manifest says {task.expected_samples}")
 
 
-def caption_shard(task: dict, captioner) -> dict:
-    """Caption every sample of one shard into `task['out']`."""
+def caption_shard(task: ShardTask, captioner) -> dict:
+    """Caption every sample of one shard into `task.out`."""
     t0, started = time.perf_counter(), time.time()
     order: list[str] = []
     status: dict[str, str] = {}
@@ -91,7 +121,7 @@ def caption_shard(task: dict, captioner) -> dict:
 
     def batches():
         keys, images = [], []
-        for sample in iter_shard(Path(task["tar"]), task.get("tar_record")):
+        for sample in iter_shard(Path(task.tar), task.tar_record):
             key = sample["__key__"]
             order.append(key)
             img, why = _decode_image(sample)
@@ -100,7 +130,7 @@ def caption_shard(task: dict, captioner) -> dict:
                 continue
             keys.append(key)
             images.append(img)
-            if len(keys) == task["batch_size"]:
+            if len(keys) == task.batch_size:
                 yield keys, captioner.prepare(images)
                 keys, images = [], []
         if keys:
@@ -113,21 +143,21 @@ def caption_shard(task: dict, captioner) -> dict:
         _check_count(task, len(order))
         from siclip.captioning.sidecar import write_caption_sidecar
 
-        provenance = {"stage": "captions", "shard": task["shard"], "model": captioner.model_id,
-                      "revision": captioner.revision, "params": task["params"], "inputs": task.get("inputs", {})}
-        write_caption_sidecar(Path(task["out"]), order, [captions.get(k, []) for k in order],
+        provenance = {"stage": "captions", "shard": task.shard, "model": captioner.model_id,
+                      "revision": captioner.revision, "params": task.params, "inputs": task.inputs}
+        write_caption_sidecar(Path(task.out), order, [captions.get(k, []) for k in order],
                               [status.get(k, OK) for k in order], provenance)
     except Exception as e:
         return _shard_failure(task, e)
     failed: dict[str, int] = {}
     for why in status.values():
         failed[why] = failed.get(why, 0) + 1
-    return {"shard": task["shard"], "ok": True, "rows": len(order), "failed": failed,
+    return {"shard": task.shard, "ok": True, "rows": len(order), "failed": failed,
             "model": captioner.model_id, "revision": captioner.revision,
             "timing": {"seconds": round(time.perf_counter() - t0, 3), "started": started, "finished": time.time()}}
 
 
-def teacher_shard(task: dict, teachers) -> dict:
+def teacher_shard(task: ShardTask, teachers) -> dict:
     """Image embeddings (plain + K augmentations) and text embeddings (web + synthetic captions)."""
     import numpy as np
     import torch
@@ -136,15 +166,15 @@ def teacher_shard(task: dict, teachers) -> dict:
     from siclip.manifests.layout import DataRoot
 
     t0, started = time.perf_counter(), time.time()
-    p = task["params"]
+    p = task.params
     K, dim = p["augmentations"], teachers.dim
     out_keys, statuses, img_rows, txt_rows, augs = [], [], [], [], []
 
     def samples():
         if p["captions"]:
-            yield from iter_samples(DataRoot(task["root"]), task["shard"], ("captions",), tar_path=Path(task["tar"]))
+            yield from iter_samples(DataRoot(task.root), task.shard, ("captions",), tar_path=Path(task.tar))
         else:
-            yield from iter_shard(Path(task["tar"]), task.get("tar_record"))
+            yield from iter_shard(Path(task.tar), task.tar_record)
 
     def batches():
         batch = []
@@ -158,7 +188,7 @@ def teacher_shard(task: dict, teachers) -> dict:
                                 p.get("flip", True)) for k in range(K)]
             views = [img] + [apply_view(img, q) for q in params] if img is not None else None
             batch.append((key, why, views, texts, params))
-            if len(batch) == task["batch_size"]:
+            if len(batch) == task.batch_size:
                 yield batch, teachers.prepare([v for b in batch if b[2] for v in b[2]])
                 batch = []
         if batch:
@@ -185,19 +215,19 @@ def teacher_shard(task: dict, teachers) -> dict:
         image = storage_array(torch.stack(img_rows), p["dtype"]) if img_rows else np.zeros((0, 1 + K, dim), np.float16)
         text = [storage_array(x, p["dtype"]) for x in txt_rows]
         aug = np.asarray(augs, np.float32).reshape(len(out_keys), K, 5) if K else None
-        provenance = {"stage": "teacher", "shard": task["shard"], "teachers": teachers.describe(), "dim": dim,
+        provenance = {"stage": "teacher", "shard": task.shard, "teachers": teachers.describe(), "dim": dim,
                       "dtype": p["dtype"], "augmentations": K, "aug_params": ["x0", "y0", "w", "h", "flip"],
                       "text_emb": "web caption first, then each synthetic caption in caption-sidecar order",
                       "image_emb": "plain image first, then each augmentation; each teacher L2-normalised, concatenated, "
                                    "normalised again (unit length: the mean-cosine ensemble)",
-                      "params": p, "inputs": task.get("inputs", {})}
-        write_teacher_sidecar(Path(task["out"]), out_keys, image, text, aug, statuses, p["dtype"], provenance)
+                      "params": p, "inputs": task.inputs}
+        write_teacher_sidecar(Path(task.out), out_keys, image, text, aug, statuses, p["dtype"], provenance)
     except Exception as e:
         return _shard_failure(task, e)
     failed: dict[str, int] = {}
     for s in statuses:
         if s != OK:
             failed[s] = failed.get(s, 0) + 1
-    return {"shard": task["shard"], "ok": True, "rows": len(out_keys), "failed": failed,
+    return {"shard": task.shard, "ok": True, "rows": len(out_keys), "failed": failed,
             "model": [d["id"] for d in teachers.describe()],
             "timing": {"seconds": round(time.perf_counter() - t0, 3), "started": started, "finished": time.time()}}

@@ -3,7 +3,7 @@ check, the fan-out, recording each finished sidecar in the stage manifest, progr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +16,7 @@ from siclip.manifests.progress import Progress
 from siclip.manifests.samples import finished_shards, sidecar_path
 from siclip.manifests.storage import StorageBudget, disk_free_bytes, format_size
 from siclip.manifests.messages import log
+from siclip.captioning.jobs import ShardTask
 
 
 @dataclass
@@ -25,13 +26,21 @@ class StageJob:
     stage: str  # "captions" or "teacher"
     cfg: object
     params: dict  # decides the sidecar's content; a sidecar made with other params is not reused
-    setup: tuple[str, dict]  # ("module:function", kwargs) building the model on a worker
-    job: str  # "module:function" run per shard: (task, model) -> result
+    setup: Callable  # builds the model on a worker: a functools.partial of a module-level function
+    job: Callable  # run per shard: (ShardTask, model) -> result dict
     bytes_per_row: float  # a-priori sidecar size estimate, before any sidecar exists
     bytes_per_file: float = 0  # and what each sidecar file adds whatever its rows (a-priori too)
-    extra_task: dict = field(default_factory=dict)
     needs: Callable | None = None  # (root, shard) -> reason the shard cannot run yet, or None
     inputs: tuple[str, ...] = ("shards",)  # the stages whose files a sidecar is made from (recorded, see Inputs)
+
+
+@dataclass
+class Tally:
+    """What the finished tasks of one run add up to, for progress and the summary."""
+
+    shards: int = 0
+    samples: int = 0
+    failed_samples: int = 0
 
 
 def _estimate_bytes(manifest: StageManifest, rows: int, files: int, prior_per_row: float,
@@ -100,22 +109,19 @@ def run_stage(job: StageJob) -> int:
                 skipped[s.name] = reason
                 log(f"{stage}: shard {s.name} skipped: {reason}")
                 continue
-            tasks.append({"shard": s.name, "tar": str(s.tar), "tar_record": s.tar_record, "inputs": inputs.of(s.name),
-                          "out": str(sidecar_path(root, stage, s.name)),
-                          "root": str(root.root), "expected_samples": s.samples, "params": job.params,
-                          "batch_size": cfg.batch_size, **job.extra_task})
-        progress = Progress(stage, sum(t["expected_samples"] for t in tasks), "samples", every_s=1.0)
-        failed_samples = shards_done = samples_done = 0
+            tasks.append(ShardTask(shard=s.name, tar=str(s.tar), tar_record=s.tar_record, inputs=inputs.of(s.name),
+                                   out=str(sidecar_path(root, stage, s.name)), root=str(root.root),
+                                   expected_samples=s.samples, params=job.params, batch_size=cfg.batch_size))
+        progress = Progress(stage, sum(t.expected_samples for t in tasks), "samples", every_s=1.0)
+        tally = Tally()
         unrecorded: set[str] = set()
 
         def advance(rows: int) -> None:
-            nonlocal shards_done, samples_done
-            shards_done += 1
-            samples_done += rows
-            progress.update(samples_done, f"{shards_done}/{len(tasks)} shards", force=shards_done == len(tasks))
+            tally.shards += 1
+            tally.samples += rows
+            progress.update(tally.samples, f"{tally.shards}/{len(tasks)} shards", force=tally.shards == len(tasks))
 
         def on_result(res: dict) -> None:
-            nonlocal failed_samples
             if not res["ok"]:
                 skipped[res["shard"]] = res["error"]
                 log(f"{stage}: shard {res['shard']} skipped: {res['error']}")
@@ -132,7 +138,7 @@ def run_stage(job: StageJob) -> int:
             except DiskError as e:  # the sidecar is whole on disk: the next save, or the rerun, records it
                 unrecorded.add(res["shard"])
                 log(f"{stage}: shard {res['shard']}: sidecar written but not recorded: {e}")
-            failed_samples += sum(res["failed"].values())
+            tally.failed_samples += sum(res["failed"].values())
             advance(res["rows"])
 
         if tasks:
@@ -143,13 +149,13 @@ def run_stage(job: StageJob) -> int:
             else:
                 fanout.run_on_dask(tasks, job.job, job.setup, on_result, workers=cfg.workers,
                                    scheduler=cfg.scheduler, log=log)
-        made = len(tasks) - sum(1 for t in tasks if t["shard"] in skipped)
+        made = len(tasks) - sum(1 for t in tasks if t.shard in skipped)
         if unrecorded:
             log(f"{stage}: {len(unrecorded)} sidecar(s) written but not recorded ({', '.join(sorted(unrecorded))}): "
                 f"make room and rerun the same command, which records them without making them again")
         log(f"{stage}: done: {made} sidecar(s) written, {done + adopted} already there, {len(skipped)} shard(s) skipped"
-            f"{' (' + ', '.join(sorted(skipped)) + ')' if skipped else ''}, {failed_samples} sample(s) without output; "
-            f"{samples_done / max(progress.elapsed, 1e-9):.1f} samples/s; {stage} total {format_size(manifest.total_bytes)} in {out_dir}")
+            f"{' (' + ', '.join(sorted(skipped)) + ')' if skipped else ''}, {tally.failed_samples} sample(s) without output; "
+            f"{tally.samples / max(progress.elapsed, 1e-9):.1f} samples/s; {stage} total {format_size(manifest.total_bytes)} in {out_dir}")
         return 1 if skipped or unrecorded else 0
 
 

@@ -48,7 +48,10 @@ def sidecar_size(cfg: TeacherConfig) -> tuple[int, int, list[str]]:
 
 
 def run_config(cfg: TeacherConfig) -> int:
+    from functools import partial
+
     from siclip.captioning.fanout import local_cluster_threads
+    from siclip.captioning.jobs import build_teachers, teacher_shard
     from siclip.captioning.stage import StageJob, log, run_stage
 
     threads = cfg.threads_per_worker or local_cluster_threads(max(cfg.workers, 1))
@@ -58,10 +61,9 @@ def run_config(cfg: TeacherConfig) -> int:
             f"the size estimate assumes {ASSUMED_WIDTH} each")
     job = StageJob(
         stage="teacher", cfg=cfg, params=cfg.params(),
-        setup=("siclip.captioning.embed:build_teachers",
-               {"names": cfg.teachers(), "device": cfg.device, "seed": cfg.seed,
-                "trust_remote_code": cfg.trust_remote_code, "threads": threads}),
-        job="siclip.captioning.jobs:teacher_shard",
+        setup=partial(build_teachers, names=cfg.teachers(), device=cfg.device, seed=cfg.seed,
+                      trust_remote_code=cfg.trust_remote_code, threads=threads),
+        job=teacher_shard,
         bytes_per_row=per_row, bytes_per_file=per_file,
         needs=_needs_captions if cfg.captions else None,
         inputs=("shards", "captions") if cfg.captions else ("shards",))
