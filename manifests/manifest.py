@@ -20,7 +20,7 @@ from siclip.manifests.errors import SiclipError
 from siclip.manifests.io import atomic_write_json, sha256_file
 from siclip.manifests.layout import DataRoot, leaves_root
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # written into every manifest and read back: another version is refused, not guessed at
 
 
 def read_json_or_fail(path: Path) -> dict:
@@ -73,6 +73,10 @@ class StageManifest:
         d = read_json_or_fail(path)
         if d.get("stage") != stage or not isinstance(d.get("entries"), dict):
             raise SiclipError(f"{path}: not a siclip '{stage}' manifest")
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise SiclipError(f"{path}: manifest schema version {d.get('schema_version')!r}, this siclip reads version "
+                              f"{SCHEMA_VERSION}; use the siclip that wrote it, or rerun the '{stage}' stage into a new "
+                              f"data root")
         for unit, entry in d["entries"].items():
             check_entry(root, path, stage, unit, entry)
         return cls(stage, d["entries"], d.get("params", {}), d.get("info", {}))

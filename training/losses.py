@@ -9,7 +9,7 @@
 - `teacher_*`: the teacher's embeddings of the same batch, (N, D_t); required by the
   distillation terms, ignored by the others. The distillation terms L2-normalise them
   first: their scales (CRD's teacher temperature, ICL's logits, FD's floor) assume unit
-  vectors, and a concatenated ensemble of normalised teachers (older sidecars) is not one.
+  vectors, whatever the teacher or sidecar gives.
 
 Terms: `ClipLoss` (InfoNCE both ways), `PairMatchingLoss` (METHOD §5),
 `FeatureDistillLoss` (FD), `ContrastiveRelationDistillLoss` (CRD),

@@ -33,9 +33,6 @@ except ImportError:  # Python 3.10
 PRESETS_DIR = Path(__file__).parent / "presets"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 BLOCK_TYPES = ("preln", "sasp")
-# Tower keys added after checkpoints were first written, with the behaviour those checkpoints were built
-# with: a checkpoint's config.json without them loads as it was trained (presets get the new defaults).
-LEGACY_TOWER_KEYS = {"gain_mlp_init": 1.0, "first_layer_value": False}
 
 
 # ----------------------------------------------------------------------------- configs
@@ -511,8 +508,6 @@ class SiCLIP(nn.Module):
             raise ValueError(f"{directory} is not a siclip checkpoint (no {CONFIG_FILE} with format 'siclip')")
         payload = json.loads((directory / CONFIG_FILE).read_text())
         payload.pop("format")
-        for tower in ("image", "text"):
-            payload[tower] = {**LEGACY_TOWER_KEYS, **payload.get(tower, {})}
         model = cls(config_from_dict(payload, where=str(directory / CONFIG_FILE)))
         load_model(model, str(directory / WEIGHTS_FILE), device=device)
         return model.to(device)

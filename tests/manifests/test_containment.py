@@ -116,7 +116,7 @@ def test_loading_a_manifest_refuses_entries_that_leave_the_root(tmp_path, stage,
     root = DataRoot(tmp_path / "data")
     root.manifests.mkdir(parents=True)
     path = root.manifest_path(stage)
-    path.write_text(json.dumps({"stage": stage, "entries": {unit: {"files": files, "samples": 1}}}))
+    path.write_text(json.dumps({"stage": stage, "schema_version": 1, "entries": {unit: {"files": files, "samples": 1}}}))
     with pytest.raises(SiclipError) as e:
         StageManifest.load(root, stage)
     assert str(e.value).startswith(f"{path}: entry {unit!r}: ") and says in str(e.value)
@@ -132,3 +132,18 @@ def test_inside_follows_links_and_abs_refuses_paths_that_leave(tmp_path):
     for rel in ("shards/link-out.tar", "../x", "shards/../../x", str(tmp_path / "x"), ""):
         with pytest.raises(SiclipError):
             root.abs(rel)
+
+
+@pytest.mark.parametrize("version", [None, 0, 2, "1"])
+def test_a_manifest_of_another_schema_version_is_refused_in_one_line(tmp_path, version):
+    root = DataRoot(tmp_path / "data")
+    root.manifests.mkdir(parents=True)
+    path = root.manifest_path("captions")
+    body = {"stage": "captions", "entries": {}, **({} if version is None else {"schema_version": version})}
+    path.write_text(json.dumps(body))
+    with pytest.raises(SiclipError) as e:
+        StageManifest.load(root, "captions")
+    assert str(e.value).startswith(f"{path}: manifest schema version {version!r}, this siclip reads version 1")
+    assert "\n" not in str(e.value)
+    StageManifest("captions").save(root)  # what this siclip writes, it reads
+    assert StageManifest.load(root, "captions").entries == {}

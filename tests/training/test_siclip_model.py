@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from siclip.training.model import (
     Block,
-    CONFIG_FILE,
     ImageTowerConfig,
     SASPBlock,
     ShapedAttention,
@@ -286,24 +285,7 @@ def test_checkpoint_round_trip_keeps_outputs_and_sharing(tmp_path, tokenizer):
     assert torch.equal(loaded.encode_text(ids), model.encode_text(ids))
 
 
-def test_a_checkpoint_written_before_the_sasp_init_keys_loads_as_it_was_built(tmp_path, tokenizer):
-    """config.json without gain_mlp_init / first_layer_value: no value projection, as those models were built."""
-    import json
-
-    torch.manual_seed(0)
-    old = build_model(load_config("tiny", overrides={f"{t}.{k}": v for t in ("image", "text") for k, v in
-                                                    (("first_layer_value", False), ("gain_mlp_init", 1.0))})).eval()
-    old.save_pretrained(tmp_path / "old")
-    payload = json.loads((tmp_path / "old" / CONFIG_FILE).read_text())
-    for tower in ("image", "text"):
-        del payload[tower]["first_layer_value"], payload[tower]["gain_mlp_init"]
-    (tmp_path / "old" / CONFIG_FILE).write_text(json.dumps(payload))
-    loaded = SiCLIP.from_pretrained(tmp_path / "old").eval()
-    assert loaded.config == old.config
-    assert loaded.text.blocks[0].attn.value is None
-    ids = tokenizer(["a cat"])
-    assert torch.equal(loaded.encode_text(ids), old.encode_text(ids))
-    # the same keys missing from a preset or config file mean the paper's defaults
+def test_keys_missing_from_a_preset_or_config_file_mean_the_papers_defaults():
     assert load_config("tiny_preln").text.first_layer_value is True and load_config("tiny_preln").text.gain_mlp_init == 0.1
 
 
