@@ -53,7 +53,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "bench" / "configs" / "peer_tiny_preln.toml"
 OPEN_CLIP_MODEL = "ViT-peer-tiny-preln"  # bench/configs/open_clip/ViT-peer-tiny-preln.json
 WRAPPER = REPO / "bench" / "open_clip_peer.py"
-TOOLS = ("open_clip", "siclip")
+RECIPE = REPO / "bench" / "configs" / "peer_recipe.toml"  # --recipe: the SiCLIP recipe at the same samples seen
+TEACHER = REPO / "bench" / "configs" / "peer_teacher.toml"  # ... and its teacher, trained on the same shards
+TOOLS = ("open_clip", "siclip", "recipe")  # recipe: siclip with RECIPE
 QUICK_EPOCHS = 3
 SHARDS = [*real.SHARDS[:2], "budget=16GB", *real.SHARDS[3:]]  # room for the runs of several code versions
 LEVELS = ("group", "subgroup")
@@ -174,18 +176,99 @@ def siclip_code() -> list[Path]:
     return sorted(files)
 
 
-def siclip_run(data: Path, cfg, seed: int, schedule: Schedule, retrain: bool = False) -> dict:
-    """`siclip train` with the benchmark's config; skipped when the same run finished before (unless `retrain`)."""
-    sets = schedule.sets(seed)
-    name = f"siclip-e{schedule.epochs}-s{seed}-{digest(CONFIG, *sets, *siclip_code())}"
+def siclip_train(data: Path, config: Path, sets: list[str], name: str, retrain: bool = False) -> Path:
+    """`siclip train --config config --set …` as run `name`; skipped when it finished before (unless `retrain`)."""
     run = data / "runs" / name
     if retrain or not (run / "final" / "state.json").is_file():
         if run.exists():  # started and stopped, or to be measured again: whole or not at all
             shutil.rmtree(run)
         log(f"{data.name}: siclip train {name}")
-        train_measured([sys.executable, "-m", "siclip.cli", "train", "--data", data, "--config", CONFIG, "--out",
+        train_measured([sys.executable, "-m", "siclip.cli", "train", "--data", data, "--config", config, "--out",
                         name, *[a for s in sets for a in ("--set", s)]], run)
+    return run
+
+
+def siclip_run(data: Path, cfg, seed: int, schedule: Schedule, retrain: bool = False) -> dict:
+    """`siclip train` with the benchmark's config."""
+    sets = schedule.sets(seed)
+    name = f"siclip-e{schedule.epochs}-s{seed}-{digest(CONFIG, *sets, *siclip_code())}"
+    run = siclip_train(data, CONFIG, sets, name, retrain)
     return {"tool": "siclip", "seed": seed, "run": name, "path": str(run)}
+
+
+def recipe_run(data: Path, cfg, seed: int, schedule: Schedule, retrain: bool = False) -> dict:
+    """`siclip train` with the recipe: its first stage one epoch, its second the rest of the plain run's epochs,
+    inheriting from and distilling the set's teacher (made by `prepare_recipe` first)."""
+    if schedule.epochs < 2:
+        sys.exit("bench-peer: --recipe needs 2 or more epochs (one for the new blocks alone, then the rest)")
+    sets = [f"seed={seed}", "stages.0.epochs=1", f"stages.1.epochs={schedule.epochs - 1}",
+            f"inherit_from=runs/{teacher_name(schedule)}/clip"]
+    name = f"recipe-e{schedule.epochs}-s{seed}-{digest(RECIPE, *sets, *siclip_code())}"
+    run = siclip_train(data, RECIPE, sets, name, retrain)
+    return {"tool": "recipe", "seed": seed, "run": name, "path": str(run)}
+
+
+def teacher_name(schedule: Schedule) -> str:
+    return f"peer-teacher-e{schedule.epochs}"
+
+
+def write_clean(s: EmojiSet, inputs: Path) -> Path:
+    """real.CLEAN clean pairs (other renderings of training emoji, in the set's style, captioned with their
+    names and keywords) for the captioner to be fitted on."""
+    import random
+
+    record, params = inputs / "clean.json", {"clean": real.CLEAN, "render": s.render, "version": 1}
+    clean = inputs / "clean"
+    if record.is_file() and json.loads(record.read_text()) == params:
+        return clean
+    train, _ = real.split()
+    clean.mkdir(parents=True, exist_ok=True)
+    for i in range(real.CLEAN):
+        e = train[i * len(train) // real.CLEAN]
+        (clean / f"{i:05d}.{s.ext}").write_bytes(s.renderer()(e, random.Random(f"clean:{e.name}")))
+        (clean / f"{i:05d}.txt").write_text(e.caption() + "\n")
+    record.write_text(json.dumps(params))
+    return clean
+
+
+def siclip_cli(*args) -> None:
+    run_command([sys.executable, "-m", "siclip.cli", *args])
+
+
+def prepare_recipe(s: EmojiSet, data: Path, inputs: Path, schedule: Schedule) -> dict:
+    """What the recipe's students need, each part skipped when done: a captioner fitted on clean pairs, its
+    captions of every shard, the teacher trained on the training shards and exported, its sidecars. Returns the
+    teacher's compute (steps, samples seen, samples/s, minutes of each part), which the students' figures leave out."""
+    minutes = {}
+    captioner = inputs / "captioner"
+    if not (captioner / "fitted.json").is_file():
+        log(f"{s.name}: fitting the captioner on {real.CLEAN} clean pairs")
+        minutes["captioner"] = run_command([sys.executable, "-m", "siclip.captioning.fit", "--pairs", write_clean(s, inputs),
+                                            "--out", captioner, "--minutes", 1]) / 60
+        (captioner / "fitted.json").write_text(json.dumps({"minutes": round(minutes["captioner"], 2)}) + "\n")
+    started = time.monotonic()
+    siclip_cli("captions", "--data", data, "--model", captioner, "--workers", 1, "--batch-size", 64)
+    minutes["captions"] = (time.monotonic() - started) / 60
+    name = teacher_name(schedule)
+    run = siclip_train(data, TEACHER, schedule.sets(0), name)
+    if not (run / "clip" / "config.json").is_file():
+        siclip_cli("export", "--data", data, "--run", name)
+    started = time.monotonic()
+    cfg = load_config(TEACHER, schedule.sets(0))
+    siclip_cli("teacher", "--data", data, "--teacher", run / "clip", "--workers", 1, "--batch-size", 64,
+               "--augmentations", 2, "--overwrite", "--set", f"crop_scale={list(cfg.crop_scale)}", "--set", "flip=false")
+    minutes["sidecars"] = (time.monotonic() - started) / 60
+    curve = siclip_curve(run)
+    return {"run": name, "model": cfg.model, "steps": len(curve), "samples_seen": len(curve) * cfg.batch_size,
+            "samples_per_s": curve_figures(curve, cfg.batch_size)["samples_per_s"],
+            "train_minutes": measured(run).get("wall_minutes"),
+            "minutes_this_invocation": {k: round(v, 2) for k, v in minutes.items()}}
+
+
+def load_config(path: Path, sets: list[str]):
+    from siclip.training.config import load_train_config
+
+    return load_train_config(path, sets)
 
 
 def open_clip_args(data: Path, cfg, seed: int, schedule: Schedule) -> list[str]:
@@ -436,7 +519,7 @@ def siclip_own(data: Path, run: dict, zeroshot: Path) -> dict:
 def evaluate(data: Path, inputs: Path, run: dict, tokenizer, pairs) -> None:
     """Both paths for one run, added to `run`."""
     zeroshot = inputs / "zeroshot"
-    if run["tool"] == "siclip":
+    if run["tool"] != "open_clip":
         enc = siclip_encoders(Path(run["path"]))
         run["own"] = siclip_own(data, run, zeroshot)
     else:
@@ -487,7 +570,7 @@ def cell(runs: list[dict], path: tuple, pct: bool = True) -> str:
                                                   if len(values) > 1 else "")
 
 
-RATIOS = {  # name: (path into a run, whose mean over seeds is divided siclip / open_clip)
+RATIOS = {  # name: (path into a run, whose mean over seeds is divided siclip (or recipe) / open_clip)
     "zeroshot_group_top1": ("shared", "group", "top1"),
     "zeroshot_subgroup_top1": ("shared", "subgroup", "top1"),
     "retrieval_i2t_r1": ("shared", "retrieval", "i2t_r1"),
@@ -496,16 +579,16 @@ RATIOS = {  # name: (path into a run, whose mean over seeds is divided siclip / 
 }
 
 
-def ratios(runs: list[dict]) -> dict:
-    """siclip over open_clip of the mean over seeds, per set; None where either side has no run or 0."""
+def ratios(runs: list[dict], tool: str = "siclip") -> dict:
+    """`tool` over open_clip of the mean over seeds, per set; None where either side has no run or 0."""
     out = {}
     for set_name in sorted({r["set"] for r in runs}):
-        by_tool = {t: [r for r in runs if r["set"] == set_name and r["tool"] == t] for t in TOOLS}
+        by_tool = {t: [r for r in runs if r["set"] == set_name and r["tool"] == t] for t in (tool, "open_clip")}
         if not all(by_tool.values()):
             continue
         out[set_name] = {}
         for name, path in RATIOS.items():
-            a, b = mean_of(by_tool["siclip"], path), mean_of(by_tool["open_clip"], path)
+            a, b = mean_of(by_tool[tool], path), mean_of(by_tool["open_clip"], path)
             out[set_name][name] = round(a / b, 3) if b else None
     return out
 
@@ -555,9 +638,11 @@ def bench(args) -> dict:
     warmup = max(1, round(base.stages[0].warmup_steps * epochs / base.stages[0].epochs))
     schedule = Schedule(epochs, warmup)
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
-    tools = [args.only] if args.only else list(TOOLS)
+    tools = [args.only] if args.only else ["open_clip", "siclip"]
+    recipe = args.recipe or args.only == "recipe"
+    tools = [t for t in tools if t != "recipe"]  # the recipe's runs follow the pair's, seed by seed
     tokenizer = ClipTokenizer()
-    runs, chance = [], {}
+    runs, chance, teachers = [], {}, {}
     for set_name in args.sets:
         data, inputs = args.data / set_name, args.inputs / set_name
         prepare(SETS[set_name], data, inputs)
@@ -565,13 +650,17 @@ def bench(args) -> dict:
         _, held = split(data, cfg)
         pairs = [p for s in held for p in heldout_pairs(s.tar)]
         agree = tokenizers_agree(inputs, pairs)
+        if recipe:
+            teachers[set_name] = prepare_recipe(SETS[set_name], data, inputs, schedule)
+            log(f"{set_name} teacher: {json.dumps(teachers[set_name])}")
         for seed in seeds:
             # seed by seed, both tools close in time on the same CPU; which goes first alternates, so that a load
             # that rises or falls over the benchmark does not favour one tool's samples/s
-            for tool in (tools if seed % 2 == 0 else tools[::-1]):
-                run = (open_clip_run if tool == "open_clip" else siclip_run)(data, cfg, seed, schedule, args.retrain)
+            for tool in (tools if seed % 2 == 0 else tools[::-1]) + (["recipe"] if recipe else []):
+                run = {"open_clip": open_clip_run, "siclip": siclip_run, "recipe": recipe_run}[tool](
+                    data, cfg, seed, schedule, args.retrain)
                 path = Path(run["path"])
-                curve = siclip_curve(path) if tool == "siclip" else open_clip_curve(path)
+                curve = open_clip_curve(path) if tool == "open_clip" else siclip_curve(path)
                 run.update(set=set_name, **curve_figures(curve, cfg.batch_size), **measured(path))
                 evaluate(data, inputs, run, tokenizer, pairs)
                 run["tokenizers_agree"] = agree
@@ -581,13 +670,16 @@ def bench(args) -> dict:
         classes = {lv: len(class_names(inputs / "zeroshot" / lv)[0]) for lv in LEVELS}
         chance = {"group": 1 / classes["group"], "subgroup": 1 / classes["subgroup"], "r1": 1 / len(pairs)}
     print(table(runs, chance), file=sys.stderr, flush=True)
-    return {"ratios": ratios(runs), "runs": runs,
+    out = {"ratios": ratios(runs), "runs": runs,
             "settings": {"epochs": epochs, "warmup_steps": warmup, "seeds": seeds, "batch_size": base.batch_size,
                          "lr": base.stages[0].lr, "weight_decay": base.weight_decay, "workers": base.workers,
                          "open_clip_model": OPEN_CLIP_MODEL, "siclip_config": str(CONFIG.relative_to(REPO)),
                          "versions": versions()},
             "chance": {k: round(v, 4) for k, v in chance.items()},
             "minutes": round((time.monotonic() - started) / 60, 1)}
+    if recipe:  # the recipe over open_clip_train, and the teacher's compute, which the recipe's runs leave out
+        out.update(recipe_ratios=ratios(runs, "recipe"), teachers=teachers)
+    return out
 
 
 def main(argv=None) -> int:
@@ -597,7 +689,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help=f"1 seed, {QUICK_EPOCHS} epochs (warm-up scaled alike)")
     p.add_argument("--epochs", type=int, help="epochs of every run (default: the config's)")
     p.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (0 with --quick)")
-    p.add_argument("--only", choices=TOOLS, help="run one tool (ratios need both)")
+    p.add_argument("--only", choices=TOOLS, help="run one tool (ratios need open_clip's runs too)")
+    p.add_argument("--recipe", action="store_true",
+                   help="also the SiCLIP recipe (bench/configs/peer_recipe.toml), after its teacher and captions")
     p.add_argument("--sets", nargs="+", choices=sorted(SETS), default=list(SETS))
     p.add_argument("--retrain", action="store_true",
                    help="train the finished runs again too (samples/s measured anew, e.g. on quiet cores)")
