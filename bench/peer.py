@@ -172,7 +172,8 @@ def measured(run: Path) -> dict:
 
 def siclip_code() -> list[Path]:
     """What a siclip run's result depends on besides its data: the training and data-layer code, the presets."""
-    files = [*REPO.glob("training/**/*.py"), *REPO.glob("training/presets/*.toml"), *REPO.glob("manifests/*.py")]
+    files = [*REPO.glob("training/**/*.py"), *REPO.glob("training/presets/*.toml"), *REPO.glob("manifests/*.py"),
+             *REPO.glob("siclip/*.py")]
     return sorted(files)
 
 
