@@ -187,34 +187,32 @@ class SidecarTeacher(Teacher):
         return {k: batch[k].to(device) for k in ("t_image", "t_text", "t_syn", "t_syn_valid")}
 
 
-class SiclipTeacher(Teacher):
-    """A trained siclip model (a run or one of its checkpoints)."""
+class SiclipTeacher(teachers.Teacher):
+    """A trained siclip model (a run or one of its checkpoints) behind siclip/teachers.py's Teacher interface."""
+
+    kind = "siclip"
 
     def __init__(self, folder: Path):
         from siclip.training.evaluate import load
 
-        self.model, self.tokenizer, self.preprocess = load(folder)
+        super().__init__()
+        self.model, self.tokenizer, preprocess = load(folder)
         self.model.eval().requires_grad_(False)
-        self.name, self.dim = f"siclip {folder}", self.model.config.embed_dim
+        self.name, self.model_id, self.dim = f"siclip {folder}", str(folder), self.model.config.embed_dim
         self.logit_scale = float(self.model.scale())
-        self.image_size = self.model.config.image.image_size
+        self.image_size, self.mean, self.std = self.model.config.image.image_size, preprocess.mean, preprocess.std
         self.context = self.model.config.text.context_length
 
-    def to(self, device):
-        self.model.to(device)
-        return self
+    def image_features(self, pixels):
+        return self.model.encode_image(pixels.to(self.device))
 
-    @torch.no_grad()
-    def embed(self, batch, device):
-        p = self.preprocess
-        return self._online(
-            batch, device,
-            lambda px: self.model.encode_image(pixels_to_input(px, self.image_size, p.mean, p.std)),
-            lambda texts: self.model.encode_text(self.tokenizer(texts, self.context).to(device)))
+    def text_features(self, texts: list[str]):
+        return self.model.encode_text(self.tokenizer(texts, self.context).to(self.device))
 
 
 class OnlineTeacher(Teacher):
-    """A transformers or open_clip teacher (siclip/teachers.py), run on the batch's teacher view."""
+    """A teacher with siclip/teachers.py's interface (transformers, open_clip, or a siclip run), run on the batch's
+    teacher view."""
 
     def __init__(self, teacher: teachers.Teacher):
         self.teacher = teacher
@@ -257,5 +255,5 @@ def load_teacher(spec: str, root) -> Teacher | None:
     if parsed.kind == "sidecar":
         return SidecarTeacher(*sidecar_dim(root))
     if parsed.kind == "siclip":
-        return SiclipTeacher(Path(parsed.source))
+        return OnlineTeacher(SiclipTeacher(Path(parsed.source)))
     return OnlineTeacher(teachers.load_teacher(parsed))

@@ -25,12 +25,18 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).with_name("mutation.toml")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled",
        "COLUMNS": "300"}  # pytest's summary lines keep the assertion that failed
-PACKAGES = ["manifests", "siclip", "pipeline", "captioning", "training"]
+STAGES = ["manifests", "pipeline", "captioning", "training"]  # installed as siclip.<name> (docs/design.md)
 SKIP = shutil.ignore_patterns(".venv*", ".git", "data", "mutants", "__pycache__", "*.egg-info", ".pytest_cache")
 
 
-def copy_repo(dst: Path) -> Path:
+def copy_repo(dst: Path, installed_layout: bool = False) -> Path:
+    """A copy of the repository; `installed_layout`: with the four stage folders moved inside siclip/, as an install
+    places them, so that a module's path is its import name (mutmut names mutants by path: siclip/pipeline/urls.py
+    is siclip.pipeline.urls, which the tests import)."""
     shutil.copytree(REPO, dst, ignore=SKIP)
+    if installed_layout:
+        for name in STAGES:
+            shutil.move(dst / name, dst / "siclip" / name)
     return dst
 
 
@@ -44,8 +50,8 @@ def run_mutmut(modules: list[str], tests: list[str], work: Path, children: int) 
         return []
     with open(work / "pyproject.toml", "a") as f:
         f.write("\n[tool.mutmut]\n"
-                f"source_paths = {toml_list(PACKAGES)}\n"  # all of them: the tests import across
-                f"only_mutate = {toml_list(modules)}\n"
+                'source_paths = ["siclip"]\n'  # all of siclip: the tests import across it
+                f"only_mutate = {toml_list('siclip/' + m for m in modules)}\n"
                 f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
                 'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]\n')
     mutmut = [sys.executable, "-m", "mutmut"]
@@ -119,7 +125,7 @@ def main(argv=None) -> int:
         breaks = []
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="siclip-mutation-") as tmp:
-        survivors = run_mutmut(modules, cfg["mutmut"]["tests"], copy_repo(Path(tmp) / "mutmut"), args.children)
+        survivors = run_mutmut(modules, cfg["mutmut"]["tests"], copy_repo(Path(tmp) / "mutmut", installed_layout=True), args.children)
         work = copy_repo(Path(tmp) / "breaks")
         outcomes = []
         broken = baseline(breaks, work) if breaks and not args.no_baseline else None
