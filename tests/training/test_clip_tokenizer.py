@@ -41,7 +41,9 @@ def test_batch_rows_are_independent(tokenizer):
 
 
 def test_vocabulary_and_licence_ship_with_the_package():
-    assets = Path(__file__).parents[2] / "training" / "assets"
+    import siclip.training.tokenizer as tokenizer_module
+
+    assets = Path(tokenizer_module.__file__).parent / "assets"  # where the package is, checkout or install
     assert ClipTokenizer().vocab_size == 49408
     assert "OpenAI" in (assets / "LICENSE-clip-bpe.txt").read_text()
 
