@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of the README, on a machine with one CUDA GPU: run from the repository root as
+# The GPU figures of docs/benchmarks.md, on a machine with one CUDA GPU: run from the repository root as
 #   bench/gpu.sh [train] [captions] [blocks]        (default: all three)
 # Packages the machine lacks can lie as wheels in .whl/ (installed into /tmp/site, nothing else touched).
 # Each bench writes its JSON to $OUT (default /tmp/siclip-gpu) and prints its summary lines.

@@ -34,7 +34,7 @@ CLEAN = 600  # clean pairs the captioner is fitted on (other renderings of train
 SHARDS = ["image_size=64", "samples_per_shard=300", "budget=4GB", "reserve=40%", "timeout=5",
           "allow_private_addresses=true"]  # served on 127.0.0.1, which stage 1 refuses unless allowed
 PORT = 18766
-ROWS = [  # (config, what the row adds), in the README's order
+ROWS = [  # (config, what the row adds), in the order of docs/benchmarks.md's ablation table
     ("abl_web", "CLIP loss on web captions only"),
     ("abl_synthetic", "+ synthetic captions"),
     ("abl_pm", "+ PM loss"),

@@ -43,19 +43,19 @@ class ShardsConfig:
                                          "addresses (data served on your own network)", kind="switch")
     drop_duplicate_urls: bool = flag(False, "download each URL once: keep the first row of each (duplicates are "
                                      "counted and reported either way)", kind="switch")
-    fit_by: str = field(default="samples", metadata={"choices": FIT_BY})
-    max_samples: int = 0  # 0: every row of the list
+    fit_by: str = field(default="samples", metadata={"choices": FIT_BY})  # what --fit lowers: samples, quality or image_size
+    max_samples: int = 0  # download the first N valid rows of the list only; 0: every row
     timeout: float = 10.0  # seconds per download try, wall clock: connect, headers and body
     max_download_size: str = "20MB"  # a body over it fails as too_large
     allow_networks: list[str] = field(default_factory=list)  # private networks fetched anyway, e.g. ["10.20.0.0/16"]
-    retries: int = 0
+    retries: int = 0  # further tries of a row whose download failed (not too_large or private_address rows)
     min_image_size: int = 32  # an image whose shorter side is smaller (icons, tracking pixels) fails as image_too_small
     max_aspect_ratio: float = 0.0  # 0: no limit (keep_ratio needs one to bound the bytes of a sample)
     max_image_pixels: int = 89_478_485  # decoder limit against decompression bombs (PIL's default)
-    extract_exif: bool = False
-    allow_non_http: bool = False
+    extract_exif: bool = False  # EXIF in each sample's .json; off: unbounded, it would leave the worst case unknown
+    allow_non_http: bool = False  # keep non-http(s) rows, not refused as scheme_*; the fetch reaches http(s) only
     min_success_ratio: float = 0.5  # exit 1 when the net success rate falls below this fraction of the pilot's; 0: off
-    progress_every_s: float = 2.0
+    progress_every_s: float = 2.0  # seconds between progress lines on stderr
 
     def validate(self) -> None:
         if not self.urls:

@@ -50,7 +50,7 @@ class LossWeights:
 class StageConfig:
     """One stage of training: how long, against which teacher, with which losses, what trains."""
 
-    name: str = "stage"
+    name: str = "stage"  # shown in progress lines and metrics.jsonl; the stages' names must differ
     epochs: float = 0.0  # length in epochs of the training shards (epoch length from the manifests) ...
     steps: int = 0  # ... or in optimizer steps; exactly one of the two
     teacher: str = "none"  # none | sidecar | a siclip run or checkpoint | a CLIPModel folder or hub name | open_clip:ARCH/PRETRAINED or open_clip:FOLDER
@@ -59,8 +59,8 @@ class StageConfig:
     freeze: list = field(default_factory=list)  # globs frozen in this stage (wins over `train`)
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 0.0  # where the cosine ends
-    warmup_steps: int = 0
-    schedule: str = "cosine"
+    warmup_steps: int = 0  # linear warm-up from 0 to lr over this stage's first steps
+    schedule: str = "cosine"  # cosine (from lr down to min_lr) or constant, after the warm-up
 
 
 @dataclass
@@ -69,7 +69,7 @@ class TrainConfig:
     model_set: list = field(default_factory=list)  # dotted overrides of the model config: ["image.image_size=32"]
     inherit_from: str = ""  # run inherit_weights from this teacher before the first stage ("" = start fresh)
     inherit_freeze: bool = False  # inherited tensors frozen in the first stage (not logit_scale, new modules); later stages' globs decide
-    seed: int = 0
+    seed: int = 0  # seeds the model's init, the shuffles, the crops and the caption draws
     batch_size: int = 64  # global batch: every contrastive term sees all of it, across processes
     micro_batch: int = 0  # >0: gradient caching, activations held for this many samples at a time
     grad_checkpointing: bool = False  # recompute each block in the backward pass (less memory, more compute)
@@ -77,8 +77,8 @@ class TrainConfig:
     threads: int = 0  # torch threads of the training process; 0: torch's default (1 is fastest for tiny models on a busy CPU)
     precision: str = "auto"  # no | bf16 | fp16 | auto (bf16 on a GPU that has it, fp16 on one without, fp32 on CPU)
     weight_decay: float = 0.1  # AdamW's, on weights only (not on gains, biases, norms or logit_scale)
-    betas: list = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
+    betas: list = field(default_factory=lambda: [0.9, 0.98])  # AdamW's β1, β2
+    eps: float = 1e-6  # AdamW's ε
     grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
     synthetic_captions: int = 1  # synthetic captions per image per step, sampled from its caption sidecar
     crop_scale: list = field(default_factory=lambda: [0.6, 1.0])  # random resized crop, area fraction; [1, 1]: none
@@ -86,12 +86,12 @@ class TrainConfig:
     shuffle_buffer: int = 5000  # samples each loader worker shuffles among (open_clip's size)
     shuffle_initial: int = 1000  # samples in that buffer before the first leaves it (a quicker start)
     open_shards: int = 8  # shards each loader worker reads at once, interleaved (batches mix even a sorted list)
-    image_mean: list = field(default_factory=lambda: list(OPENAI_MEAN))
-    image_std: list = field(default_factory=lambda: list(OPENAI_STD))
+    image_mean: list = field(default_factory=lambda: list(OPENAI_MEAN))  # per-channel mean the pixels (0..1) are normalised by (OpenAI's)
+    image_std: list = field(default_factory=lambda: list(OPENAI_STD))  # per-channel std, likewise
     val_shards: Any = 0  # held out, never trained on: a count (the last N shards) or a list of shard names
     eval_every: int = 0  # retrieval on the held-out shards every N steps (and at the end); 0: at the end only
-    checkpoint_every: int = 100  # steps
-    keep_checkpoints: int = 2
+    checkpoint_every: int = 100  # steps between checkpoints (and one at the last step)
+    keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted (each counts against the budget)
     log_every: int = 1  # steps between lines of metrics.jsonl
     pm_k: int = 8  # hardest in-batch negatives per row and column of the pair-matching loss; 0: all
     record_keys: bool = False  # write the sample keys of every step to keys-rank<N>.jsonl (for audits and tests)

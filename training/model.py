@@ -41,35 +41,35 @@ BLOCK_TYPES = ("preln", "sasp")
 @dataclass
 class ImageTowerConfig:
     kind: str = "vit"  # "vit", or "mci0": timm's fastvit_mci0 (MobileCLIP-S0), extra siclip[mobileclip]
-    image_size: int = 224
+    image_size: int = 224  # input side in pixels
     patch_size: int = 16  # vit only
-    width: int = 768
+    width: int = 768  # the blocks' width (mci0: 512, fixed by its last stage)
     depth: int = 12  # mci0: the number of attention blocks in the last stage (2)
-    heads: int = 12
-    mlp_ratio: float = 4.0
+    heads: int = 12  # attention heads per block
+    mlp_ratio: float = 4.0  # MLP hidden width over the block's width
     act: str = "gelu"  # "gelu" or "quick_gelu" (OpenAI CLIP)
-    block: str | list[str] = "preln"  # one type for all layers, or one per layer
-    share_attention: list[list[int]] = field(default_factory=list)
-    ln_eps: float = 1e-5
+    block: str | list[str] = "preln"  # "preln" or "sasp" for all layers, or a list of one per layer
+    share_attention: list[list[int]] = field(default_factory=list)  # groups of layers (from 1) sharing one attention
+    ln_eps: float = 1e-5  # LayerNorm's ε
     gain_mlp_init: float = 0.1  # SAS-P g_m at init: He & Hofmann's skipless-parallel value, O(1/sqrt(depth))
     first_layer_value: bool = True  # a SAS-P layer 1 keeps a value projection, as the authors' first layer does
 
 
 @dataclass
 class TextTowerConfig:
-    vocab_size: int = 49408
-    context_length: int = 77
-    width: int = 512
-    depth: int = 12
-    heads: int = 8
-    mlp_ratio: float = 4.0
-    act: str = "gelu"
-    block: str | list[str] = "preln"
-    share_attention: list[list[int]] = field(default_factory=list)
-    ln_eps: float = 1e-5
-    gain_mlp_init: float = 0.1
-    first_layer_value: bool = True
-    causal: bool = True  # False: bidirectional attention
+    vocab_size: int = 49408  # token embeddings (CLIP's BPE vocabulary)
+    context_length: int = 77  # tokens per text with its start and end tokens; a longer text is cut, keeping its end token
+    width: int = 512  # the blocks' width
+    depth: int = 12  # transformer layers
+    heads: int = 8  # attention heads per block
+    mlp_ratio: float = 4.0  # MLP hidden width over the block's width
+    act: str = "gelu"  # as the image tower's
+    block: str | list[str] = "preln"  # as the image tower's
+    share_attention: list[list[int]] = field(default_factory=list)  # as the image tower's
+    ln_eps: float = 1e-5  # LayerNorm's ε
+    gain_mlp_init: float = 0.1  # as the image tower's
+    first_layer_value: bool = True  # as the image tower's
+    causal: bool = True  # causal attention, as CLIP's text tower; false: bidirectional
     # Bidirectional only: attention ignores the padding after the end token. open_clip's non-causal
     # towers (MobileCLIP's among them) attend to it, so a student inheriting one sets this False.
     mask_padding: bool = True
@@ -78,10 +78,10 @@ class TextTowerConfig:
 
 @dataclass
 class SiCLIPConfig:
-    name: str = "custom"
-    embed_dim: int = 512
-    init_logit_scale: float = math.log(1 / 0.07)
-    max_logit_scale: float = 100.0
+    name: str = "custom"  # the preset's name, stored with the model
+    embed_dim: int = 512  # width of the joint embedding both towers project to
+    init_logit_scale: float = math.log(1 / 0.07)  # log of the inverse temperature at init (CLIP's 1/0.07)
+    max_logit_scale: float = 100.0  # cap of the inverse temperature exp(logit_scale)
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
 
