@@ -6,7 +6,7 @@ DATA/runs/<name>/
   data.json                      training and held-out shards, the epoch plan
   inherit_report.json            what inherit_weights copied, sliced or left fresh
   metrics.jsonl                  one line per logged step (loss terms, lr, temperature, samples/s, memory) and per eval
-  plots/*.png                    loss terms, learning rate and temperature, eval metrics
+  plots/*.png                    weighted loss terms, learning rate and temperature, recall (training/plots.py)
   checkpoints/step-000100/       model (config.json, model.safetensors), preprocess.json, objective.safetensors,
                                  accelerate/ (optimizer, RNG, scaler), state.json (written last)
   final/                         the model at the end of the schedule
@@ -212,6 +212,14 @@ class Run:
                 pass
         return out
 
+    def stages(self) -> list[dict]:
+        """Each stage's name, steps [start, end) and loss weights, from data.json and config.json ([] before both)."""
+        data, config = self.path / "data.json", self.path / "config.json"
+        if not (data.is_file() and config.is_file()):
+            return []
+        weights = {s["name"]: s["loss"] for s in json.loads(config.read_text())["stages"]}
+        return [s | {"loss": weights.get(s["name"], {})} for s in json.loads(data.read_text())["stages"]]
+
     def truncate_metrics(self, step: int, path: Path | None = None) -> None:
         """Keep the lines up to `step` (a resumed run writes the later ones again)."""
         path = path or self.metrics_path
@@ -228,53 +236,7 @@ class Run:
 
 
 def write_plots(run: Run) -> list[Path]:
-    """PNG plots of the loss terms, the learning rate and temperature, and the eval metrics."""
-    import matplotlib
+    """RUN/plots/*.png from the run's metrics and stages (drawn by training/plots.py; matplotlib loads only here)."""
+    from siclip.training.plots import save_plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = run.read_metrics()
-    steps = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval" in r]
-    folder = run.path / "plots"
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-
-    def save(fig, name):
-        path = folder / name
-        fig.tight_layout()
-        fig.savefig(path.with_suffix(".tmp.png"), dpi=90)
-        plt.close(fig)
-        os.replace(path.with_suffix(".tmp.png"), path)
-        written.append(path)
-
-    if steps:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        terms = sorted({k for r in steps for k in r.get("terms", {})})
-        x = [r["step"] for r in steps]
-        ax.plot(x, [r["loss"] for r in steps], label="total", color="black", linewidth=1.5)
-        for term in terms:
-            pts = [(r["step"], r["terms"][term]) for r in steps if term in r.get("terms", {})]
-            ax.plot(*zip(*pts), label=term, linewidth=1)
-        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title(f"{run.name}: loss terms (unweighted)")
-        ax.legend(fontsize=8)
-        save(fig, "loss.png")
-
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.plot(x, [r["lr"] for r in steps], color="tab:blue")
-        ax.set_xlabel("step"), ax.set_ylabel("learning rate", color="tab:blue")
-        ax2 = ax.twinx()
-        ax2.plot(x, [r["temperature"] for r in steps], color="tab:red")
-        ax2.set_ylabel("exp(logit_scale)", color="tab:red")
-        ax.set_title(f"{run.name}: learning rate and logit scale")
-        save(fig, "lr.png")
-    if evals:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name in sorted({k for r in evals for k in r["eval"]}):
-            pts = [(r["step"], r["eval"][name]) for r in evals if name in r["eval"]]
-            ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set_xlabel("step"), ax.set_ylabel("recall"), ax.set_title(f"{run.name}: held-out retrieval")
-        ax.legend(fontsize=8)
-        save(fig, "eval.png")
-    return written
+    return save_plots(run.path / "plots", run.read_metrics(), run.stages(), run.name)
