@@ -43,13 +43,14 @@ def run(args) -> int:
             have = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else []
             raise SiclipError(f"--checkpoint {args.checkpoint}: {target} is not a checkpoint of the run (it has: "
                               f"{', '.join(have) or 'none'})")
+    templates = [read_templates(args.templates, folder) for folder in args.imagefolder or []]  # before the model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer, preprocess = load(target, device)
     result = {}
     if args.imagefolder:
         names = folder_names(args.imagefolder)
-        per_folder = {name: zeroshot(model, tokenizer, preprocess, folder, read_templates(args.templates, folder),
-                                     device) for name, folder in zip(names, args.imagefolder)}
+        per_folder = {name: zeroshot(model, tokenizer, preprocess, folder, prompts, device)
+                      for name, folder, prompts in zip(names, args.imagefolder, templates)}
         # one folder keeps the documented shape {"zeroshot": {metrics}}; several are keyed by folder name
         result["zeroshot"] = per_folder[names[0]] if len(names) == 1 else per_folder
     if args.retrieval is not None or not args.imagefolder:

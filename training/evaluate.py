@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from siclip.manifests.errors import SiclipError
+from siclip.manifests.messages import one_line
 from siclip.images import Preprocess, UnreadableImage, is_image_file
 
 TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.", "a photo of the {}.",
@@ -131,12 +132,28 @@ def read_templates(path: Path | None, folder: Path | None = None) -> list[str]:
         path = Path(folder) / TEMPLATES_FILE
     if path is None:
         return TEMPLATES
-    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    bad = [ln for ln in lines if "{}" not in ln]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SiclipError(f"templates {path}: no such file") from None
+    except OSError as e:
+        raise SiclipError(f"templates {path}: cannot read it ({e.strerror or one_line(e)})") from None
+    except UnicodeDecodeError as e:
+        raise SiclipError(f"templates {path}: not UTF-8 text ({one_line(e)})") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    bad = [ln for ln in lines if not fills_one_class(ln)]
     if not lines or bad:
-        raise SiclipError(f"templates {path}: one prompt per line, each with {{}} for the class name"
-                          + (f" (line without it: {bad[0]!r})" if bad else ""))
+        raise SiclipError(f"templates {path}: one prompt per line, each with {{}} for the class name and no other "
+                          f"braces" + (f" (not so: {bad[0]!r})" if bad else " (it has no prompt)"))
     return lines
+
+
+def fills_one_class(template: str) -> bool:
+    """Whether `template.format(name)` puts the class name in (and needs nothing else: no {1}, {field}, stray brace)."""
+    try:
+        return template.format("\0") != template.format("")
+    except (IndexError, KeyError, ValueError):
+        return False
 
 
 @torch.no_grad()
