@@ -3,7 +3,8 @@
 - `retrieval`: image <-> text recall@1/5/10 on held-out shards (each image's web caption is its match).
 - `zeroshot`: classification of a folder of class sub-folders, class names from the folder names,
   each class embedded as the mean of its prompt templates: top-1, top-5, mean per-class recall. Files are
-  decoded by `siclip.images` as stage 1 decoded the shards' images; one that does not decode is skipped and counted.
+  decoded by `siclip.images` as stage 1 decoded the shards' images; one that does not decode is skipped and counted,
+  and a progress line per batch goes to stderr.
 - `load(run or checkpoint folder)`: (model, tokenizer, preprocess) for encoding images and texts.
 """
 
@@ -15,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from siclip.images import Preprocess, SkippedImages, is_image_file
 from siclip.manifests.errors import SiclipError
 from siclip.manifests.messages import one_line
-from siclip.images import Preprocess, UnreadableImage, is_image_file
+from siclip.manifests.progress import Progress
 
 TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.", "a photo of the {}.",
              "a close-up photo of a {}.", "a drawing of a {}."]
@@ -159,8 +161,9 @@ def fills_one_class(template: str) -> bool:
 @torch.no_grad()
 def zeroshot(model, tokenizer, preprocess: Preprocess, folder: Path, templates: list[str], device="cpu",
              batch_size: int = 64, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict[str, float]:
-    """Zero-shot classification: top-1, top-5 and mean per-class recall over a folder of class folders.
-    A file that does not decode is left out: `unreadable` counts them, and `log` names the first."""
+    """Zero-shot classification: top-1, top-5 and mean per-class recall over a folder of class folders, with a
+    progress line per batch on stderr. A file that does not decode is left out: `unreadable` counts them, and
+    `log` names the first."""
     classes, items = image_folder(folder)
     model.eval()
     context = model.config.text.context_length
@@ -171,32 +174,39 @@ def zeroshot(model, tokenizer, preprocess: Preprocess, folder: Path, templates: 
         weights.append(torch.nn.functional.normalize(emb.mean(dim=0), dim=-1))
     weights = torch.stack(weights)
     check_finite(weights, "class prompt", f"zero-shot {folder}")
-    correct1, correct5, labels, unreadable = [], [], [], []
+    correct1, correct5, labels = [], [], []
+    skipped = SkippedImages()
+    progress = Progress(f"eval: zero-shot {folder}", len(items), unit="images")
     for start in range(0, len(items), batch_size):
         inputs, y = [], []
         for path, label in items[start:start + batch_size]:
-            try:
-                inputs.append(preprocess(path))
+            img = skipped.decode(path)
+            if img is not None:
+                inputs.append(preprocess(img))
                 y.append(label)
-            except UnreadableImage as e:
-                unreadable.append(e)
-        if not inputs:
-            continue
-        images = model.encode_image(torch.stack(inputs).to(device)).float()
-        check_finite(images, "image", f"zero-shot {folder}")
-        logits = images @ weights.T
-        top = logits.topk(min(5, len(classes)), dim=1).indices.cpu()
-        y = torch.tensor(y)
-        correct1.append(top[:, 0] == y)
-        correct5.append((top == y[:, None]).any(dim=1))
-        labels.append(y)
-    if unreadable:
-        log(f"eval: zero-shot {folder}: skipped {len(unreadable)} unreadable image{'s' * (len(unreadable) > 1)} of "
-            f"{len(items)}: {unreadable[0]}" + (f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""))
+        if inputs:
+            images = model.encode_image(torch.stack(inputs).to(device)).float()
+            check_finite(images, "image", f"zero-shot {folder}")
+            logits = images @ weights.T
+            top = logits.topk(min(5, len(classes)), dim=1).indices.cpu()
+            y = torch.tensor(y)
+            correct1.append(top[:, 0] == y)
+            correct5.append((top == y[:, None]).any(dim=1))
+            labels.append(y)
+        progress.update(min(start + batch_size, len(items)), skipped_note(skipped),
+                        force=start + batch_size >= len(items))
+    progress.close()
+    if skipped.count:
+        log(f"eval: zero-shot {folder}: {skipped.summary(len(items))}")
     if not labels:
-        raise SiclipError(f"--imagefolder {folder}: none of its {len(items)} images is readable ({unreadable[0]})")
+        raise SiclipError(f"--imagefolder {folder}: none of its {len(items)} images is readable ({skipped.first})")
     c1, c5, y = torch.cat(correct1), torch.cat(correct5), torch.cat(labels)
     per_class = [float(c1[y == i].float().mean()) for i in range(len(classes)) if (y == i).any()]
     return {"top1": float(c1.float().mean()), "top5": float(c5.float().mean()),
             "mean_per_class_recall": float(np.mean(per_class)), "classes": len(classes), "images": len(y),
-            "unreadable": len(unreadable), "chance_top1": 1.0 / len(classes)}
+            "unreadable": skipped.count, "chance_top1": 1.0 / len(classes)}
+
+
+def skipped_note(skipped: SkippedImages) -> str:
+    """The progress line's note of the images skipped so far, '' while there are none."""
+    return f"{skipped.count:,} unreadable, skipped" if skipped.count else ""
