@@ -66,7 +66,7 @@ def run(args) -> int:
                   + (", which the run trained on" if not args.retrieval else ""), file=sys.stderr)
             chosen = shards
         result["retrieval"] = retrieval(model, root, chosen, preprocess, model.config.text.context_length, device,
-                                        where=f"eval of {target}")
+                                        where=f"eval of {target}", progress=True)
     if args.json:
         print(json.dumps(result))
     else:
@@ -97,4 +97,7 @@ def table(result: dict, names: list[str]) -> str:
             label = "image -> text" if way == "i2t" else "text -> image"
             lines.append(f"  {label:<22}{r['samples']:>8}{r[f'{way}_r1']:>8.3f}{r[f'{way}_r5']:>8.3f}"
                          f"{r[f'{way}_r10']:>8.3f}{'':>8}{r['chance_r1']:>8.3f}")
+        if r.get("unreadable"):
+            lines.append(f"  ({r['unreadable']} held-out sample{'s' * (r['unreadable'] > 1)} with an unreadable image, "
+                         f"skipped)")
     return "\n".join(lines)

@@ -3,9 +3,10 @@
 - `retrieval`: image <-> text recall@1/5/10 on held-out shards (each image's web caption is its match).
 - `zeroshot`: classification of a folder of class sub-folders, class names from the folder names,
   each class embedded as the mean of its prompt templates: top-1, top-5, mean per-class recall. Files are
-  decoded by `siclip.images` as stage 1 decoded the shards' images; one that does not decode is skipped and counted,
-  and a progress line per batch goes to stderr.
+  decoded by `siclip.images` as stage 1 decoded the shards' images.
 - `load(run or checkpoint folder)`: (model, tokenizer, preprocess) for encoding images and texts.
+Both evaluations skip and count (`unreadable`) an image that does not decode, and give a progress line per batch
+on stderr (retrieval when asked: training's own evaluations keep quiet).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from siclip.images import Preprocess, SkippedImages, is_image_file
+from siclip.images import Preprocess, SkippedImages, image_member, is_image_file
 from siclip.manifests.errors import SiclipError
 from siclip.manifests.messages import one_line
 from siclip.manifests.progress import Progress
@@ -98,20 +99,65 @@ def retrieval_metrics(image: torch.Tensor, text: torch.Tensor, where: str = "ret
 
 
 def retrieval(model, root, shards, preprocess: Preprocess, context_length: int, device="cpu",
-              batch_size: int = 64, where: str = "retrieval") -> dict[str, float]:
-    """Image <-> text retrieval on `shards` (their samples in order, web captions); `where` names the model in errors."""
-    from siclip.training.data import SampleSettings, eval_batches
+              batch_size: int = 64, where: str = "retrieval", progress: bool = False,
+              log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict[str, float]:
+    """Image <-> text retrieval on `shards` (their samples in order, web captions); `where` names the model in errors
+    and messages. A sample whose image does not decode is left out: `unreadable` counts them, and `log` names the
+    first. `progress`: a progress line per batch on stderr."""
+    from siclip.training.data import SampleSettings
 
     settings = SampleSettings(seed=0, image_size=preprocess.image_size, context_length=context_length,
                               synthetic_captions=0, train=False)
+    skipped = SkippedImages()
+    total = sum(s.samples for s in shards)
+    bar = Progress("eval: retrieval", total) if progress else None
     was = model.training
     model.eval()
     try:
-        image, text = embed_batches(model, eval_batches(root, shards, settings, batch_size), preprocess.mean,
-                                    preprocess.std, device)
+        batches = readable_batches(root, shards, settings, batch_size, skipped, bar)
+        image, text = embed_batches(model, batches, preprocess.mean, preprocess.std, device)
     finally:
         model.train(was)
-    return retrieval_metrics(image, text, where)
+    if skipped.count:
+        log(f"{where}: retrieval {skipped.summary(total)}")
+    return retrieval_metrics(image, text, where) | {"unreadable": skipped.count}
+
+
+def readable_batches(root, shards, settings, batch_size: int, skipped: SkippedImages, progress: Progress | None = None):
+    """Evaluation batches of `shards` in order, as `training.data.eval_batches` makes them, less the samples whose
+    image does not decode (counted in `skipped`); `progress`, if given, advances per batch."""
+    import webdataset as wds
+
+    from siclip.manifests.samples import shard_samples
+    from siclip.training.data import SampleMaker, collate, shared_tokenizer
+
+    def decoded(samples):
+        for sample in samples:
+            ext = image_member(sample)
+            if ext is None:  # SampleMaker names the sample that has no image
+                yield sample
+                continue
+            img = skipped.decode(sample[ext], f"{sample.get('__url__')}: sample {sample['__key__']}")
+            if img is not None:  # the maker takes the decoded image as it is: one decode per sample
+                yield {**sample, ext: img}
+
+    tokenizer = shared_tokenizer()
+    pipe = wds.DataPipeline(lambda: iter([s.source() for s in shards]), shard_samples, decoded,
+                            wds.map(SampleMaker(settings, 0)),
+                            wds.batched(batch_size, collation_fn=lambda xs: collate(xs, settings, tokenizer),
+                                        partial=True))
+    done = 0
+    for batch in pipe:
+        yield batch
+        done += len(batch["keys"])
+        if progress:
+            progress.update(done + skipped.count, skipped_note(skipped))
+    if progress:
+        progress.update(done + skipped.count, skipped_note(skipped), force=True)
+        progress.close()
+    if not done and skipped.count:
+        raise SiclipError(f"nothing to evaluate: none of the {skipped.count} held-out samples has a readable image "
+                          f"({skipped.first})")
 
 
 def image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
