@@ -77,6 +77,29 @@ def decode_image(source, name: str | None = None):
         raise UnreadableImage(label, one_line(e)) from None
 
 
+class SkippedImages:
+    """A reader of many images that skips those that do not decode: `decode` gives decode_image's RGB image, or
+    None for one that does not decode, which it counts (`count`) and keeps the first of (`first`)."""
+
+    def __init__(self):
+        self.count, self.first = 0, None
+
+    def decode(self, source, name: str | None = None):
+        try:
+            return decode_image(source, name)
+        except UnreadableImage as e:
+            self.count += 1
+            self.first = self.first or e
+            return None
+
+    def summary(self, of: int) -> str:
+        """'skipped N unreadable image(s) of `of`: the first's error (and M more)', or '' when none was skipped."""
+        if not self.count:
+            return ""
+        more = f" (and {self.count - 1} more)" if self.count > 1 else ""
+        return f"skipped {self.count} unreadable image{'s' * (self.count > 1)} of {of}: {self.first}{more}"
+
+
 def _to_rgb(img):
     from PIL import Image
 

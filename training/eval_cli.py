@@ -43,13 +43,14 @@ def run(args) -> int:
             have = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else []
             raise SiclipError(f"--checkpoint {args.checkpoint}: {target} is not a checkpoint of the run (it has: "
                               f"{', '.join(have) or 'none'})")
+    templates = [read_templates(args.templates, folder) for folder in args.imagefolder or []]  # before the model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer, preprocess = load(target, device)
     result = {}
     if args.imagefolder:
         names = folder_names(args.imagefolder)
-        per_folder = {name: zeroshot(model, tokenizer, preprocess, folder, read_templates(args.templates, folder),
-                                     device) for name, folder in zip(names, args.imagefolder)}
+        per_folder = {name: zeroshot(model, tokenizer, preprocess, folder, prompts, device)
+                      for name, folder, prompts in zip(names, args.imagefolder, templates)}
         # one folder keeps the documented shape {"zeroshot": {metrics}}; several are keyed by folder name
         result["zeroshot"] = per_folder[names[0]] if len(names) == 1 else per_folder
     if args.retrieval is not None or not args.imagefolder:
@@ -65,7 +66,7 @@ def run(args) -> int:
                   + (", which the run trained on" if not args.retrieval else ""), file=sys.stderr)
             chosen = shards
         result["retrieval"] = retrieval(model, root, chosen, preprocess, model.config.text.context_length, device,
-                                        where=f"eval of {target}")
+                                        where=f"eval of {target}", progress=True)
     if args.json:
         print(json.dumps(result))
     else:
@@ -96,4 +97,7 @@ def table(result: dict, names: list[str]) -> str:
             label = "image -> text" if way == "i2t" else "text -> image"
             lines.append(f"  {label:<22}{r['samples']:>8}{r[f'{way}_r1']:>8.3f}{r[f'{way}_r5']:>8.3f}"
                          f"{r[f'{way}_r10']:>8.3f}{'':>8}{r['chance_r1']:>8.3f}")
+        if r.get("unreadable"):
+            lines.append(f"  ({r['unreadable']} held-out sample{'s' * (r['unreadable'] > 1)} with an unreadable image, "
+                         f"skipped)")
     return "\n".join(lines)

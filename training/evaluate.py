@@ -3,8 +3,10 @@
 - `retrieval`: image <-> text recall@1/5/10 on held-out shards (each image's web caption is its match).
 - `zeroshot`: classification of a folder of class sub-folders, class names from the folder names,
   each class embedded as the mean of its prompt templates: top-1, top-5, mean per-class recall. Files are
-  decoded by `siclip.images` as stage 1 decoded the shards' images; one that does not decode is skipped and counted.
+  decoded by `siclip.images` as stage 1 decoded the shards' images.
 - `load(run or checkpoint folder)`: (model, tokenizer, preprocess) for encoding images and texts.
+Both evaluations skip and count (`unreadable`) an image that does not decode, and give a progress line per batch
+on stderr (retrieval when asked: training's own evaluations keep quiet).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from siclip.images import Preprocess, SkippedImages, image_member, is_image_file
 from siclip.manifests.errors import SiclipError
-from siclip.images import Preprocess, UnreadableImage, is_image_file
+from siclip.manifests.messages import one_line
+from siclip.manifests.progress import Progress
 
 TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.", "a photo of the {}.",
              "a close-up photo of a {}.", "a drawing of a {}."]
@@ -95,20 +99,65 @@ def retrieval_metrics(image: torch.Tensor, text: torch.Tensor, where: str = "ret
 
 
 def retrieval(model, root, shards, preprocess: Preprocess, context_length: int, device="cpu",
-              batch_size: int = 64, where: str = "retrieval") -> dict[str, float]:
-    """Image <-> text retrieval on `shards` (their samples in order, web captions); `where` names the model in errors."""
-    from siclip.training.data import SampleSettings, eval_batches
+              batch_size: int = 64, where: str = "retrieval", progress: bool = False,
+              log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict[str, float]:
+    """Image <-> text retrieval on `shards` (their samples in order, web captions); `where` names the model in errors
+    and messages. A sample whose image does not decode is left out: `unreadable` counts them, and `log` names the
+    first. `progress`: a progress line per batch on stderr."""
+    from siclip.training.data import SampleSettings
 
     settings = SampleSettings(seed=0, image_size=preprocess.image_size, context_length=context_length,
                               synthetic_captions=0, train=False)
+    skipped = SkippedImages()
+    total = sum(s.samples for s in shards)
+    bar = Progress("eval: retrieval", total) if progress else None
     was = model.training
     model.eval()
     try:
-        image, text = embed_batches(model, eval_batches(root, shards, settings, batch_size), preprocess.mean,
-                                    preprocess.std, device)
+        batches = readable_batches(root, shards, settings, batch_size, skipped, bar)
+        image, text = embed_batches(model, batches, preprocess.mean, preprocess.std, device)
     finally:
         model.train(was)
-    return retrieval_metrics(image, text, where)
+    if skipped.count:
+        log(f"{where}: retrieval {skipped.summary(total)}")
+    return retrieval_metrics(image, text, where) | {"unreadable": skipped.count}
+
+
+def readable_batches(root, shards, settings, batch_size: int, skipped: SkippedImages, progress: Progress | None = None):
+    """Evaluation batches of `shards` in order, as `training.data.eval_batches` makes them, less the samples whose
+    image does not decode (counted in `skipped`); `progress`, if given, advances per batch."""
+    import webdataset as wds
+
+    from siclip.manifests.samples import shard_samples
+    from siclip.training.data import SampleMaker, collate, shared_tokenizer
+
+    def decoded(samples):
+        for sample in samples:
+            ext = image_member(sample)
+            if ext is None:  # SampleMaker names the sample that has no image
+                yield sample
+                continue
+            img = skipped.decode(sample[ext], f"{sample.get('__url__')}: sample {sample['__key__']}")
+            if img is not None:  # the maker takes the decoded image as it is: one decode per sample
+                yield {**sample, ext: img}
+
+    tokenizer = shared_tokenizer()
+    pipe = wds.DataPipeline(lambda: iter([s.source() for s in shards]), shard_samples, decoded,
+                            wds.map(SampleMaker(settings, 0)),
+                            wds.batched(batch_size, collation_fn=lambda xs: collate(xs, settings, tokenizer),
+                                        partial=True))
+    done = 0
+    for batch in pipe:
+        yield batch
+        done += len(batch["keys"])
+        if progress:
+            progress.update(done + skipped.count, skipped_note(skipped))
+    if progress:
+        progress.update(done + skipped.count, skipped_note(skipped), force=True)
+        progress.close()
+    if not done and skipped.count:
+        raise SiclipError(f"nothing to evaluate: none of the {skipped.count} held-out samples has a readable image "
+                          f"({skipped.first})")
 
 
 def image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -131,19 +180,36 @@ def read_templates(path: Path | None, folder: Path | None = None) -> list[str]:
         path = Path(folder) / TEMPLATES_FILE
     if path is None:
         return TEMPLATES
-    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    bad = [ln for ln in lines if "{}" not in ln]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SiclipError(f"templates {path}: no such file") from None
+    except OSError as e:
+        raise SiclipError(f"templates {path}: cannot read it ({e.strerror or one_line(e)})") from None
+    except UnicodeDecodeError as e:
+        raise SiclipError(f"templates {path}: not UTF-8 text ({one_line(e)})") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    bad = [ln for ln in lines if not fills_one_class(ln)]
     if not lines or bad:
-        raise SiclipError(f"templates {path}: one prompt per line, each with {{}} for the class name"
-                          + (f" (line without it: {bad[0]!r})" if bad else ""))
+        raise SiclipError(f"templates {path}: one prompt per line, each with {{}} for the class name and no other "
+                          f"braces" + (f" (not so: {bad[0]!r})" if bad else " (it has no prompt)"))
     return lines
+
+
+def fills_one_class(template: str) -> bool:
+    """Whether `template.format(name)` puts the class name in (and needs nothing else: no {1}, {field}, stray brace)."""
+    try:
+        return template.format("\0") != template.format("")
+    except (IndexError, KeyError, ValueError):
+        return False
 
 
 @torch.no_grad()
 def zeroshot(model, tokenizer, preprocess: Preprocess, folder: Path, templates: list[str], device="cpu",
              batch_size: int = 64, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict[str, float]:
-    """Zero-shot classification: top-1, top-5 and mean per-class recall over a folder of class folders.
-    A file that does not decode is left out: `unreadable` counts them, and `log` names the first."""
+    """Zero-shot classification: top-1, top-5 and mean per-class recall over a folder of class folders, with a
+    progress line per batch on stderr. A file that does not decode is left out: `unreadable` counts them, and
+    `log` names the first."""
     classes, items = image_folder(folder)
     model.eval()
     context = model.config.text.context_length
@@ -154,32 +220,39 @@ def zeroshot(model, tokenizer, preprocess: Preprocess, folder: Path, templates: 
         weights.append(torch.nn.functional.normalize(emb.mean(dim=0), dim=-1))
     weights = torch.stack(weights)
     check_finite(weights, "class prompt", f"zero-shot {folder}")
-    correct1, correct5, labels, unreadable = [], [], [], []
+    correct1, correct5, labels = [], [], []
+    skipped = SkippedImages()
+    progress = Progress(f"eval: zero-shot {folder}", len(items), unit="images")
     for start in range(0, len(items), batch_size):
         inputs, y = [], []
         for path, label in items[start:start + batch_size]:
-            try:
-                inputs.append(preprocess(path))
+            img = skipped.decode(path)
+            if img is not None:
+                inputs.append(preprocess(img))
                 y.append(label)
-            except UnreadableImage as e:
-                unreadable.append(e)
-        if not inputs:
-            continue
-        images = model.encode_image(torch.stack(inputs).to(device)).float()
-        check_finite(images, "image", f"zero-shot {folder}")
-        logits = images @ weights.T
-        top = logits.topk(min(5, len(classes)), dim=1).indices.cpu()
-        y = torch.tensor(y)
-        correct1.append(top[:, 0] == y)
-        correct5.append((top == y[:, None]).any(dim=1))
-        labels.append(y)
-    if unreadable:
-        log(f"eval: zero-shot {folder}: skipped {len(unreadable)} unreadable image{'s' * (len(unreadable) > 1)} of "
-            f"{len(items)}: {unreadable[0]}" + (f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""))
+        if inputs:
+            images = model.encode_image(torch.stack(inputs).to(device)).float()
+            check_finite(images, "image", f"zero-shot {folder}")
+            logits = images @ weights.T
+            top = logits.topk(min(5, len(classes)), dim=1).indices.cpu()
+            y = torch.tensor(y)
+            correct1.append(top[:, 0] == y)
+            correct5.append((top == y[:, None]).any(dim=1))
+            labels.append(y)
+        progress.update(min(start + batch_size, len(items)), skipped_note(skipped),
+                        force=start + batch_size >= len(items))
+    progress.close()
+    if skipped.count:
+        log(f"eval: zero-shot {folder}: {skipped.summary(len(items))}")
     if not labels:
-        raise SiclipError(f"--imagefolder {folder}: none of its {len(items)} images is readable ({unreadable[0]})")
+        raise SiclipError(f"--imagefolder {folder}: none of its {len(items)} images is readable ({skipped.first})")
     c1, c5, y = torch.cat(correct1), torch.cat(correct5), torch.cat(labels)
     per_class = [float(c1[y == i].float().mean()) for i in range(len(classes)) if (y == i).any()]
     return {"top1": float(c1.float().mean()), "top5": float(c5.float().mean()),
             "mean_per_class_recall": float(np.mean(per_class)), "classes": len(classes), "images": len(y),
-            "unreadable": len(unreadable), "chance_top1": 1.0 / len(classes)}
+            "unreadable": skipped.count, "chance_top1": 1.0 / len(classes)}
+
+
+def skipped_note(skipped: SkippedImages) -> str:
+    """The progress line's note of the images skipped so far, '' while there are none."""
+    return f"{skipped.count:,} unreadable, skipped" if skipped.count else ""

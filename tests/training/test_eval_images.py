@@ -117,3 +117,32 @@ def test_siclip_eval_reports_the_skipped_file_in_its_output_and_exits_0(tmp_path
     assert "Traceback" not in res.stderr and f"{folder / 'square' / 'broken.png'}: not a readable image" in res.stderr
     table = siclip("eval", "--run", tmp_path / "run", "--imagefolder", folder).stdout
     assert "1 unreadable" in table
+
+
+def test_siclip_eval_shows_progress_for_each_folder_on_stderr_and_keeps_stdout_for_the_json(tmp_path):
+    """A progress line per folder (count, rate, ETA, the skipped so far) on stderr; stdout is the result alone."""
+    import re
+
+    from siclip.training.model import build_model
+
+    torch.manual_seed(0)
+    build_model("tiny").save_pretrained(tmp_path / "run" / "final")
+    folders = [tmp_path / "a" / "shapes", tmp_path / "b" / "colours"]
+    for folder, n in zip(folders, (3, 70)):  # 140 images: three batches of 64 or fewer
+        for cls in ("one", "two"):
+            (folder / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (20, 20), (60 * i % 256, 0, 200 if cls == "one" else 0)).save(folder / cls / f"{i}.png")
+    (folders[1] / "two" / "x.jpg").write_text("a text file named like a picture\n")
+    res = siclip("eval", "--run", tmp_path / "run", *[a for f in folders for a in ("--imagefolder", f)], "--json")
+    out = json.loads(res.stdout)  # the whole of stdout is the one JSON object
+    assert set(out) == {"zeroshot"} and set(out["zeroshot"]) == {"shapes", "colours"}
+    assert out["zeroshot"]["shapes"]["unreadable"] == 0 and out["zeroshot"]["shapes"]["images"] == 6
+    assert out["zeroshot"]["colours"]["unreadable"] == 1 and out["zeroshot"]["colours"]["images"] == 140
+    lines = res.stderr.splitlines()
+    progress = {f: [ln for ln in lines if ln.startswith(f"eval: zero-shot {f}: ")
+                    and re.search(r"\d+/\d+ images .*\| [\d.,]+ images/s \| ETA \w+", ln)] for f in folders}
+    assert progress[folders[0]][-1].startswith(f"eval: zero-shot {folders[0]}: 6/6 images (100%) | ")
+    assert not progress[folders[0]][-1].endswith("skipped")
+    assert progress[folders[1]][-1].startswith(f"eval: zero-shot {folders[1]}: 141/141 images (100%) | ")
+    assert progress[folders[1]][-1].endswith(" | 1 unreadable, skipped")

@@ -97,3 +97,80 @@ def test_a_diverged_model_stops_zero_shot_with_one_line_naming_the_folder(tmp_pa
         next(p for n, p in model.named_parameters() if n.startswith("visual.")).fill_(float("nan"))
     with pytest.raises(SiclipError, match=rf"^zero-shot {folder}: 2 of 2 image embeddings are not finite"):
         zeroshot(model, shared_tokenizer(), Preprocess(16, [0.5] * 3, [0.25] * 3), folder, ["a {}."])
+
+
+def break_image(root, shard: int, i: int, data: bytes = b"not a JPEG, whatever its name says") -> str:
+    """Replace sample i of shard `shard`'s jpg member with `data`, re-recorded in the shards manifest (as a shard that
+    stage 1 wrote so would be): the key of the broken sample."""
+    import io
+    import tarfile
+
+    from siclip.manifests.layout import shard_name
+    from siclip.manifests.manifest import StageManifest
+    from train_helpers import key_of
+
+    name, key = shard_name(shard), key_of(shard, i)
+    tar = root.shards / f"{name}.tar"
+    with tarfile.open(tar) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(tar, "w") as tf:
+        for m, content in members:
+            content = data if m.name == f"{key}.jpg" else content
+            m.size = len(content)
+            tf.addfile(m, io.BytesIO(content))
+    manifest = StageManifest.load(root, "shards")
+    manifest.add(root, name, [tar], manifest.entries[name]["samples"])
+    manifest.save(root)
+    return key
+
+
+def test_retrieval_skips_a_sample_whose_image_does_not_decode_counts_it_and_names_it(tmp_path, capsys):
+    from siclip.training.model import build_model, load_config
+
+    root = make_root(tmp_path, [6, 5])
+    key = break_image(root, 1, 2)
+    torch.manual_seed(0)
+    model = build_model(load_config("tiny", {"image.image_size": 16, "text.context_length": 16}))
+    out = retrieval(model, root, all_shards(root), Preprocess(16, [0.5] * 3, [0.25] * 3), 16, where="my-run")
+    said = capsys.readouterr().err.splitlines()
+    assert out["samples"] == 10 and out["unreadable"] == 1 and out["chance_r1"] == pytest.approx(1 / 10)
+    assert len(said) == 1 and said[0].startswith(
+        f"my-run: retrieval skipped 1 unreadable image of 11: {root.shards / '00001.tar'}: sample {key}: "
+        f"not a readable image (UnidentifiedImageError: cannot identify image file"), said
+
+
+def test_retrieval_with_no_readable_image_is_a_one_line_error(tmp_path):
+    from siclip.training.model import build_model, load_config
+
+    root = make_root(tmp_path, [2])
+    for i in range(2):
+        break_image(root, 0, i, b"\xff\xd8\xff\xe0 a truncated JPEG")
+    model = build_model(load_config("tiny", {"image.image_size": 16, "text.context_length": 16}))
+    with pytest.raises(SiclipError, match=r"^nothing to evaluate: none of the 2 held-out samples has a readable image "
+                                          r"\(.*00000\.tar: sample 000000000: not a readable image"):
+        retrieval(model, root, all_shards(root), Preprocess(16, [0.5] * 3, [0.25] * 3), 16)
+
+
+def test_siclip_eval_retrieval_shows_progress_and_counts_an_unreadable_sample_in_its_json(tmp_path):
+    """Retrieval over shards: a progress line (count, rate, ETA, skipped) on stderr, the result JSON alone on
+    stdout with the skipped sample counted, and the table says so too."""
+    import json
+    import re
+
+    from siclip_testing import siclip
+
+    from siclip.training.model import build_model
+
+    root = make_root(tmp_path / "data", [6, 5])
+    key = break_image(root, 0, 4)
+    torch.manual_seed(0)
+    build_model("tiny").save_pretrained(tmp_path / "run" / "final")
+    res = siclip("eval", "--run", tmp_path / "run", "--retrieval", root.root, "--json")
+    out = json.loads(res.stdout)
+    assert set(out) == {"retrieval"} and out["retrieval"]["samples"] == 10 and out["retrieval"]["unreadable"] == 1
+    assert "Traceback" not in res.stderr and f"00000.tar: sample {key}: not a readable image" in res.stderr
+    last = [ln for ln in res.stderr.splitlines() if ln.startswith("eval: retrieval: ")][-1]
+    assert re.fullmatch(r"eval: retrieval: 11/11 samples \(100%\) \| [\d.,]+ samples/s \| ETA \w+ \| "
+                        r"1 unreadable, skipped", last), last
+    table = siclip("eval", "--run", tmp_path / "run", "--retrieval", root.root).stdout
+    assert "(1 held-out sample with an unreadable image, skipped)" in table
