@@ -1,8 +1,9 @@
 """What `siclip captions` and `siclip teacher` share: choosing the shards still to do, the budget
-check, the fan-out, recording each finished sidecar in the stage manifest, progress and summary."""
+check, the fan-out, recording each finished sidecar in the stage manifest, progress per batch and summary."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -115,17 +116,32 @@ def run_stage(job: StageJob) -> int:
         progress = Progress(stage, sum(t.expected_samples for t in tasks), "samples", every_s=1.0)
         tally = Tally()
         unrecorded: set[str] = set()
+        working: dict[str, int] = {}  # rows done so far of each shard being worked
+        finished: set[str] = set()
+        lock = threading.Lock()  # on dask, batch counts arrive on the client's event-loop thread
 
-        def advance(rows: int) -> None:
-            tally.shards += 1
-            tally.samples += rows
-            progress.update(tally.samples, f"{tally.shards}/{len(tasks)} shards", force=tally.shards == len(tasks))
+        def show(force: bool = False) -> None:
+            progress.update(tally.samples + sum(working.values()), f"{tally.shards}/{len(tasks)} shards", force=force)
+
+        def on_batch(shard: str, rows: int) -> None:
+            with lock:
+                if shard not in finished:  # a count may arrive after its shard's result
+                    working[shard] = max(rows, working.get(shard, 0))
+                    show()
+
+        def advance(shard: str, rows: int) -> None:
+            with lock:
+                finished.add(shard)
+                working.pop(shard, None)
+                tally.shards += 1
+                tally.samples += rows
+                show(force=tally.shards == len(tasks))
 
         def on_result(res: dict) -> None:
             if not res["ok"]:
                 skipped[res["shard"]] = res["error"]
                 log(f"{stage}: shard {res['shard']} skipped: {res['error']}")
-                advance(0)
+                advance(res["shard"], 0)
                 return
             path = sidecar_path(root, stage, res["shard"])
             manifest.params = job.params
@@ -139,16 +155,17 @@ def run_stage(job: StageJob) -> int:
                 unrecorded.add(res["shard"])
                 log(f"{stage}: shard {res['shard']}: sidecar written but not recorded: {e}")
             tally.failed_samples += sum(res["failed"].values())
-            advance(res["rows"])
+            advance(res["shard"], res["rows"])
 
         if tasks:
             from siclip.captioning import fanout
 
             if cfg.workers == 0 and not cfg.scheduler:
-                fanout.run_in_process(tasks, job.job, job.setup, on_result)
+                fanout.run_in_process(tasks, job.job, job.setup, on_result, on_batch)
             else:
-                fanout.run_on_dask(tasks, job.job, job.setup, on_result, workers=cfg.workers,
+                fanout.run_on_dask(tasks, job.job, job.setup, on_result, on_batch, workers=cfg.workers,
                                    scheduler=cfg.scheduler, log=log)
+        progress.close()
         made = len(tasks) - sum(1 for t in tasks if t.shard in skipped)
         if unrecorded:
             log(f"{stage}: {len(unrecorded)} sidecar(s) written but not recorded ({', '.join(sorted(unrecorded))}): "
