@@ -85,16 +85,24 @@ def run_stage(job: StageJob) -> int:
                 done += 1
                 continue
             path = sidecar_path(root, stage, s.name)
-            if entry is None and path.exists() and _adopt(root, manifest, job, s, path, inputs):
+            # a sidecar on disk that its entry does not list: a run killed, or a disk full, between the sidecar's
+            # rename and the manifest save (over an old entry too, when that run replaced it)
+            unlisted = entry is None or entry.get("params") != job.params or not manifest.entry_ok(root, s.name)
+            if unlisted and path.exists() and _adopt(root, manifest, job, s, path, inputs):
                 adopted += 1
                 continue
             todo.append(s)
         rows = sum(s.samples for s in todo)
         _check_budget(root, stage, manifest, rows, len(todo), job, out_dir)
-        # an entry whose sidecar is missing, damaged or made with replaced parameters lists nothing true
-        stale_entries = [s.name for s in todo if manifest.entries.pop(s.name, None) is not None]
-        if adopted or stale_entries:
+        # an entry whose sidecar is missing or damaged lists nothing true; one whose sidecar was made with
+        # replaced parameters or from replaced inputs stays, true to its sidecar, until its replacement is
+        # written: a model that fails to load or a killed run leaves the manifest as it was
+        stale_entries = [s.name for s in todo if s.name in manifest.entries and not manifest.entry_ok(root, s.name)]
+        for name in stale_entries:
+            del manifest.entries[name]
+        if adopted:
             manifest.params = job.params
+        if adopted or stale_entries:
             manifest.save(root)
         if adopted:
             log(f"{stage}: recorded {adopted} complete sidecar(s) that an interrupted run wrote but did not list")
