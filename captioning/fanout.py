@@ -1,8 +1,11 @@
 """Running one task per shard: in this process, or on dask (a local cluster on 127.0.0.1, or an
 existing scheduler). Each worker builds the model once, on its first task, and keeps it.
 
-Both distributors have the same shape: `run(tasks, job, setup, on_result)`; `setup()` builds the model (a
-functools.partial of a module-level function, which pickles by reference), `job(task, model) -> result`.
+Both distributors have the same shape: `run(tasks, job, setup, on_result, on_batch)`; `setup()` builds the model
+(a functools.partial of a module-level function, which pickles by reference), `job(task, model, report) -> result`,
+where the job calls `report(rows)` after each batch with the rows of its shard done so far, and the distributor
+hands that on as `on_batch(shard, rows)`. On dask the counts travel as worker events to this client: a worker's
+stderr reaches the user only on a local cluster, and one line over all workers says more than one per worker.
 """
 
 from __future__ import annotations
@@ -11,15 +14,25 @@ import logging
 import os
 import threading
 import time
+from functools import partial
 from typing import Callable
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from siclip.manifests.progress import every_s_from_env
 
-def run_in_process(tasks: list, job: Callable, setup: Callable, on_result: Callable[[dict], None]) -> None:
+REPORT_EVERY_S = 1.0  # a worker's batch counts to the client, unless $SICLIP_PROGRESS_S says otherwise
+
+
+def _ignore(*_) -> None:
+    pass
+
+
+def run_in_process(tasks: list, job: Callable, setup: Callable, on_result: Callable[[dict], None],
+                   on_batch: Callable[[str, int], None] = _ignore) -> None:
     model = setup()
     for task in tasks:
-        on_result(job(task, model))
+        on_result(job(task, model, partial(on_batch, task.shard)))
 
 
 class WorkerModel(WorkerPlugin):
@@ -51,11 +64,23 @@ class WorkerModel(WorkerPlugin):
             return self._model
 
 
-def _run_on_worker(task, job: Callable, plugin: str) -> dict:
+def _run_on_worker(task, job: Callable, plugin: str, topic: str) -> dict:
     from distributed import get_worker
 
-    holder = get_worker().plugins[plugin]
-    result = job(task, holder.model())
+    worker = get_worker()
+    holder = worker.plugins[plugin]
+    # the client prints a line a second at most, and the scheduler keeps every event: no more than that
+    every = every_s_from_env()
+    every = REPORT_EVERY_S if every is None else every
+    last = float("-inf")
+
+    def report(rows: int) -> None:
+        nonlocal last
+        if time.monotonic() - last >= every:
+            last = time.monotonic()
+            worker.log_event(topic, {"shard": task.shard, "rows": rows})
+
+    result = job(task, holder.model(), report)
     result["worker"] = {"pid": os.getpid(), "model_loaded_at": holder.loaded_at}
     return result
 
@@ -71,7 +96,8 @@ def local_cluster_threads(workers: int) -> int:
 
 
 def run_on_dask(tasks: list, job: Callable, setup: Callable, on_result: Callable[[dict], None],
-                workers: int = 1, scheduler: str | None = None, log=print) -> None:
+                on_batch: Callable[[str, int], None] = _ignore, workers: int = 1, scheduler: str | None = None,
+                log=print) -> None:
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
@@ -85,14 +111,19 @@ def run_on_dask(tasks: list, job: Callable, setup: Callable, on_result: Callable
         client = Client(cluster)
         log(f"dask: local cluster of {workers} worker process(es) at {cluster.scheduler_address}")
     name = f"siclip-model-{os.getpid()}-{id(tasks)}"
+    topic = f"{name}-batches"
     try:
+        # the handler runs on the client's event-loop thread, concurrently with on_result on this one
+        client.subscribe_topic(topic, lambda event: on_batch(event[1]["shard"], event[1]["rows"]))
         client.register_plugin(WorkerModel(name, setup), name=name)
-        futures = [client.submit(_run_on_worker, t, job, name, key=f"{name}-{t.shard}", pure=False) for t in tasks]
+        futures = [client.submit(_run_on_worker, t, job, name, topic, key=f"{name}-{t.shard}", pure=False)
+                   for t in tasks]
         for fut in as_completed(futures):
             on_result(fut.result())
     finally:
         try:
             client.unregister_worker_plugin(name)
+            client.unsubscribe_topic(topic)
         except Exception:
             pass
         client.close()

@@ -1,5 +1,6 @@
 """One task per shard, run on a worker that holds the model: read the tar, run the model in batches
-while a thread decodes and preprocesses the next batch, write the sidecar atomically.
+while a thread decodes and preprocesses the next batch, report the rows done after each batch, write
+the sidecar atomically.
 
 A task never raises: it returns {"ok": False, "error": ...} for a shard it cannot finish, so the
 other shards go on.
@@ -112,8 +113,12 @@ def _check_count(task: ShardTask, rows: int) -> None:
         raise CorruptShardError(f"{task.tar}: {rows} samples in the tar, the shards manifest says {task.expected_samples}")
 
 
-def caption_shard(task: ShardTask, captioner) -> dict:
-    """Caption every sample of one shard into `task.out`."""
+def _no_report(rows: int) -> None:
+    pass
+
+
+def caption_shard(task: ShardTask, captioner, report=_no_report) -> dict:
+    """Caption every sample of one shard into `task.out`; `report(rows)` after each batch."""
     t0, started = time.perf_counter(), time.time()
     order: list[str] = []
     status: dict[str, str] = {}
@@ -131,15 +136,16 @@ def caption_shard(task: ShardTask, captioner) -> dict:
             keys.append(key)
             images.append(img)
             if len(keys) == task.batch_size:
-                yield keys, captioner.prepare(images)
+                yield keys, captioner.prepare(images), len(order)  # the rows read so far, failed ones too
                 keys, images = [], []
         if keys:
-            yield keys, captioner.prepare(images)
+            yield keys, captioner.prepare(images), len(order)
 
     try:
-        for keys, pixels in _prefetch(batches):
+        for keys, pixels, read in _prefetch(batches):
             for key, caps in zip(keys, captioner.caption(pixels, keys)):
                 captions[key] = caps
+            report(read)
         _check_count(task, len(order))
         from siclip.captioning.sidecar import write_caption_sidecar
 
@@ -157,8 +163,9 @@ def caption_shard(task: ShardTask, captioner) -> dict:
             "timing": {"seconds": round(time.perf_counter() - t0, 3), "started": started, "finished": time.time()}}
 
 
-def teacher_shard(task: ShardTask, teachers) -> dict:
-    """Image embeddings (plain + K augmentations) and text embeddings (web + synthetic captions)."""
+def teacher_shard(task: ShardTask, teachers, report=_no_report) -> dict:
+    """Image embeddings (plain + K augmentations) and text embeddings (web + synthetic captions);
+    `report(rows)` after each batch."""
     import numpy as np
     import torch
 
@@ -211,6 +218,7 @@ def teacher_shard(task: ShardTask, teachers) -> dict:
                 txt_rows.append(txt_emb[t:t + len(tx)])
                 t += len(tx)
                 augs.append(params if params else [[0.0] * 5] * K)
+            report(len(out_keys))
         _check_count(task, len(out_keys))
         image = storage_array(torch.stack(img_rows), p["dtype"]) if img_rows else np.zeros((0, 1 + K, dim), np.float16)
         text = [storage_array(x, p["dtype"]) for x in txt_rows]

@@ -1,8 +1,9 @@
 """What `siclip captions` and `siclip teacher` share: choosing the shards still to do, the budget
-check, the fan-out, recording each finished sidecar in the stage manifest, progress and summary."""
+check, the fan-out, recording each finished sidecar in the stage manifest, progress per batch and summary."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -84,16 +85,24 @@ def run_stage(job: StageJob) -> int:
                 done += 1
                 continue
             path = sidecar_path(root, stage, s.name)
-            if entry is None and path.exists() and _adopt(root, manifest, job, s, path, inputs):
+            # a sidecar on disk that its entry does not list: a run killed, or a disk full, between the sidecar's
+            # rename and the manifest save (over an old entry too, when that run replaced it)
+            unlisted = entry is None or entry.get("params") != job.params or not manifest.entry_ok(root, s.name)
+            if unlisted and path.exists() and _adopt(root, manifest, job, s, path, inputs):
                 adopted += 1
                 continue
             todo.append(s)
         rows = sum(s.samples for s in todo)
         _check_budget(root, stage, manifest, rows, len(todo), job, out_dir)
-        # an entry whose sidecar is missing, damaged or made with replaced parameters lists nothing true
-        stale_entries = [s.name for s in todo if manifest.entries.pop(s.name, None) is not None]
-        if adopted or stale_entries:
+        # an entry whose sidecar is missing or damaged lists nothing true; one whose sidecar was made with
+        # replaced parameters or from replaced inputs stays, true to its sidecar, until its replacement is
+        # written: a model that fails to load or a killed run leaves the manifest as it was
+        stale_entries = [s.name for s in todo if s.name in manifest.entries and not manifest.entry_ok(root, s.name)]
+        for name in stale_entries:
+            del manifest.entries[name]
+        if adopted:
             manifest.params = job.params
+        if adopted or stale_entries:
             manifest.save(root)
         if adopted:
             log(f"{stage}: recorded {adopted} complete sidecar(s) that an interrupted run wrote but did not list")
@@ -115,17 +124,32 @@ def run_stage(job: StageJob) -> int:
         progress = Progress(stage, sum(t.expected_samples for t in tasks), "samples", every_s=1.0)
         tally = Tally()
         unrecorded: set[str] = set()
+        working: dict[str, int] = {}  # rows done so far of each shard being worked
+        finished: set[str] = set()
+        lock = threading.Lock()  # on dask, batch counts arrive on the client's event-loop thread
 
-        def advance(rows: int) -> None:
-            tally.shards += 1
-            tally.samples += rows
-            progress.update(tally.samples, f"{tally.shards}/{len(tasks)} shards", force=tally.shards == len(tasks))
+        def show(force: bool = False) -> None:
+            progress.update(tally.samples + sum(working.values()), f"{tally.shards}/{len(tasks)} shards", force=force)
+
+        def on_batch(shard: str, rows: int) -> None:
+            with lock:
+                if shard not in finished:  # a count may arrive after its shard's result
+                    working[shard] = max(rows, working.get(shard, 0))
+                    show()
+
+        def advance(shard: str, rows: int) -> None:
+            with lock:
+                finished.add(shard)
+                working.pop(shard, None)
+                tally.shards += 1
+                tally.samples += rows
+                show(force=tally.shards == len(tasks))
 
         def on_result(res: dict) -> None:
             if not res["ok"]:
                 skipped[res["shard"]] = res["error"]
                 log(f"{stage}: shard {res['shard']} skipped: {res['error']}")
-                advance(0)
+                advance(res["shard"], 0)
                 return
             path = sidecar_path(root, stage, res["shard"])
             manifest.params = job.params
@@ -139,16 +163,17 @@ def run_stage(job: StageJob) -> int:
                 unrecorded.add(res["shard"])
                 log(f"{stage}: shard {res['shard']}: sidecar written but not recorded: {e}")
             tally.failed_samples += sum(res["failed"].values())
-            advance(res["rows"])
+            advance(res["shard"], res["rows"])
 
         if tasks:
             from siclip.captioning import fanout
 
             if cfg.workers == 0 and not cfg.scheduler:
-                fanout.run_in_process(tasks, job.job, job.setup, on_result)
+                fanout.run_in_process(tasks, job.job, job.setup, on_result, on_batch)
             else:
-                fanout.run_on_dask(tasks, job.job, job.setup, on_result, workers=cfg.workers,
+                fanout.run_on_dask(tasks, job.job, job.setup, on_result, on_batch, workers=cfg.workers,
                                    scheduler=cfg.scheduler, log=log)
+        progress.close()
         made = len(tasks) - sum(1 for t in tasks if t.shard in skipped)
         if unrecorded:
             log(f"{stage}: {len(unrecorded)} sidecar(s) written but not recorded ({', '.join(sorted(unrecorded))}): "

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+
+from siclip.manifests.errors import SiclipError
+
+# Seconds between progress lines, on a terminal and in a log alike: overrides each job's own interval
+# (a long job logged to a file may want fewer lines; a test wants them at once).
+EVERY_ENV = "SICLIP_PROGRESS_S"
 
 
 def format_duration(seconds: float) -> str:
@@ -15,20 +22,39 @@ def format_duration(seconds: float) -> str:
     return f"{s}s"
 
 
+def every_s_from_env() -> float | None:
+    """The interval $SICLIP_PROGRESS_S sets, or None when it is unset."""
+    value = os.environ.get(EVERY_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds >= 0:
+        raise SiclipError(f"{EVERY_ENV}={value!r} is not a number of seconds (0 or more)")
+    return seconds
+
+
 class Progress:
-    """Prints `label done/total (pct) | rate | ETA | extra` at most every `every_s` seconds, on one
-    rewritten line on a terminal and as plain lines otherwise."""
+    """Prints `label done/total (pct) | rate | ETA | extra` at most every `every_s` seconds (5 at least in a
+    log; $SICLIP_PROGRESS_S overrides both), on one rewritten line on a terminal and as plain lines otherwise."""
 
     def __init__(self, label: str, total: int, unit: str = "samples", every_s: float = 2.0, stream=None):
-        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self.label, self.total, self.unit = label, total, unit
         self.stream = stream or sys.stderr
         self.start = self.last = time.monotonic()
         self.tty = getattr(self.stream, "isatty", lambda: False)()
+        override = every_s_from_env()
+        if override is not None:
+            self.every_s = override
+        else:  # a log keeps every line, a terminal rewrites one
+            self.every_s = every_s if self.tty else max(every_s, 5.0)
         self.done = 0
 
     def due(self) -> bool:
         """Whether the next update would print (lets a caller skip computing its extra text)."""
-        return time.monotonic() - self.last >= (self.every_s if self.tty else max(self.every_s, 5.0))
+        return time.monotonic() - self.last >= self.every_s
 
     def update(self, done: float, extra: str = "", force: bool = False) -> None:
         self.done = done

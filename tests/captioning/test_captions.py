@@ -213,3 +213,28 @@ def test_bad_scheduler_address_is_one_line(shards_root, capsys):
     capsys.readouterr()
     assert captions(shards_root, "--scheduler", "127.0.0.1:8786") == 2
     assert "is not a dask address" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_overwrite_with_a_model_that_does_not_load_keeps_every_entry(shards_root, tmp_path, capsys):
+    assert captions(shards_root, "--workers", "0") == 0
+    listed = StageManifest.load(shards_root, "captions").entries
+    sidecars = all_sidecars(shards_root)
+    assert len(listed) == len(sidecars) == 3
+    broken = tmp_path / "not-a-model"
+    broken.mkdir()
+    for workers in ("0", "1"):  # the model fails in this process, and on a dask worker
+        capsys.readouterr()
+        assert captions(shards_root, "--workers", workers, "--model", str(broken), "--overwrite") == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("siclip captions: error: cannot load captioner") and "not-a-model" in err
+        assert StageManifest.load(shards_root, "captions").entries == listed
+        assert all_sidecars(shards_root) == sidecars
+        assert main(["manifest", str(shards_root.root), "--verify"]) == 0
+
+    # an --overwrite that works replaces every entry and its sidecar
+    assert captions(shards_root, "--workers", "0", "--seed", "7", "--overwrite") == 0
+    m = StageManifest.load(shards_root, "captions")
+    assert sorted(m.entries) == sorted(listed) and all(e["params"]["seed"] == 7 for e in m.entries.values())
+    reseeded = all_sidecars(shards_root)
+    assert reseeded.keys() == sidecars.keys() and all(reseeded[k] != sidecars[k] for k in sidecars)
+    assert main(["manifest", str(shards_root.root), "--verify"]) == 0

@@ -23,8 +23,8 @@ def test_a_disk_full_at_the_manifest_save_goes_on_and_the_rerun_recovers(shards_
     filler = []
     real = jobs.caption_shard
 
-    def then_fill(task, captioner):  # the disk fills up once shard 00000's sidecar is written
-        res = real(task, captioner)
+    def then_fill(task, captioner, report):  # the disk fills up once shard 00000's sidecar is written
+        res = real(task, captioner, report)
         if task.shard == "00000":
             filler.append(fill_disk(disk))
         return res

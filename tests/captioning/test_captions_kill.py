@@ -11,6 +11,7 @@ from pathlib import Path
 
 from siclip.manifests.layout import DataRoot
 from siclip.manifests.manifest import StageManifest
+from siclip.manifests.progress import EVERY_ENV
 from siclip.cli import main
 
 from captions_helpers import all_sidecars, captions, sidecar_rows
@@ -18,11 +19,11 @@ from captions_helpers import all_sidecars, captions, sidecar_rows
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _start(root: DataRoot) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+def _start(root: DataRoot, *extra: str, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", EVERY_ENV: "0"}
     return subprocess.Popen([sys.executable, "-m", "siclip.cli", "captions", "--data", str(root.root), "--model", "tiny",
-                             "--max-new-tokens", "12", "--workers", "0", "--batch-size", "1"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--max-new-tokens", "12", "--workers", "0", "--batch-size", "1", *extra],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
 
 
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
@@ -96,3 +97,47 @@ def test_sidecar_written_but_not_recorded_is_adopted_not_redone(shards_root, cap
     assert not stale.exists()
     assert (shards_root.captions / "00001.arrow").stat().st_mtime_ns == mtime
     assert sorted(StageManifest.load(shards_root, "captions").entries) == sorted(StageManifest.load(shards_root, "shards").entries)
+
+
+def test_sigkill_during_an_overwrite_leaves_the_old_entries_then_the_rerun_replaces_them(shards_root):
+    assert captions(shards_root, "--workers", "0") == 0
+    old = all_sidecars(shards_root)
+    names = sorted(StageManifest.load(shards_root, "shards").entries)
+    # many long captions per image: the first shard's 8 batches take long after its first one is reported
+    slow = ("--seed", "7", "--overwrite", "--num-captions", "8", "--max-new-tokens", "30")
+    proc = _start(shards_root, *slow, stderr=subprocess.PIPE)
+    for line in proc.stderr:  # killed at the first batch's progress line, before any new sidecar is written
+        if line.startswith("captions: 1/24 samples"):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.stderr.close()
+    assert proc.wait() == -signal.SIGKILL, "the job ended before its first batch was reported"
+    assert _consistent_after_kill(shards_root, old) == set(names)  # every old entry, each checking out
+    assert main(["manifest", str(shards_root.root), "--verify"]) == 0
+
+    proc = _start(shards_root, *slow)
+    assert proc.wait() == 0
+    m = StageManifest.load(shards_root, "captions")
+    assert sorted(m.entries) == names and all(e["params"]["seed"] == 7 for e in m.entries.values())
+    assert all(len(caps) == 8 for rows in all_sidecars(shards_root).values() for caps, _ in rows.values())
+    assert main(["manifest", str(shards_root.root), "--verify"]) == 0
+
+
+def test_a_replacement_written_but_not_recorded_is_adopted_not_redone(shards_root, capsys):
+    """The same window in an --overwrite run: the new sidecar is in place, the manifest still lists the old one."""
+    assert captions(shards_root, "--workers", "0") == 0
+    listed_old = shards_root.manifest_path("captions").read_bytes()
+    assert captions(shards_root, "--workers", "0", "--seed", "7", "--overwrite", "--set", 'shards=["00001"]') == 0
+    replaced = shards_root.captions / "00001.arrow"
+    mtime = replaced.stat().st_mtime_ns
+    shards_root.manifest_path("captions").write_bytes(listed_old)
+    assert main(["manifest", str(shards_root.root), "--verify"]) != 0  # the entry of 00001 no longer checks out
+
+    capsys.readouterr()
+    assert captions(shards_root, "--workers", "0", "--seed", "7", "--overwrite") == 0
+    err = capsys.readouterr().err
+    assert "recorded 1 complete sidecar(s)" in err and "2 to do" in err
+    assert replaced.stat().st_mtime_ns == mtime
+    m = StageManifest.load(shards_root, "captions")
+    assert sorted(m.entries) == ["00000", "00001", "00002"] and all(e["params"]["seed"] == 7 for e in m.entries.values())
+    assert main(["manifest", str(shards_root.root), "--verify"]) == 0

@@ -174,6 +174,31 @@ def test_a_recaptioned_shard_is_re_embedded_and_the_others_are_not(shards_root, 
     assert StageManifest.load(shards_root, "teacher").entry_ok(shards_root, "00001")
 
 
+def test_teacher_overwrite_with_a_teacher_that_does_not_load_keeps_every_entry(shards_root, tmp_path, capsys):
+    web_only = ("--set", "captions=false")
+    assert _teacher(shards_root, "--teacher", "tiny", *web_only) == 0
+    listed = StageManifest.load(shards_root, "teacher").entries
+    sidecars = {p.name: p.read_bytes() for p in shards_root.teacher.glob("*.arrow")}
+    assert len(listed) == len(sidecars) == 3
+    broken = tmp_path / "not-a-clip"
+    broken.mkdir()
+    capsys.readouterr()
+    assert _teacher(shards_root, "--teacher", str(broken), "--overwrite", *web_only) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("siclip teacher: error:") and "not-a-clip" in err[-1]
+    assert "3 to do" in "\n".join(err)  # it got as far as the model, with every shard to replace
+    assert StageManifest.load(shards_root, "teacher").entries == listed
+    assert {p.name: p.read_bytes() for p in shards_root.teacher.glob("*.arrow")} == sidecars
+    assert main(["manifest", str(shards_root.root), "--verify"]) == 0
+
+    # an --overwrite that works replaces every entry and its sidecar
+    assert _teacher(shards_root, "--teacher", "tiny", "--augmentations", "1", "--overwrite", *web_only) == 0
+    m = StageManifest.load(shards_root, "teacher")
+    assert sorted(m.entries) == sorted(listed) and all(e["params"]["augmentations"] == 1 for e in m.entries.values())
+    assert all(read_sidecar(shards_root.teacher / name)[1]["augmentations"] == 1 for name in sidecars)
+    assert main(["manifest", str(shards_root.root), "--verify"]) == 0
+
+
 def test_teacher_needs_caption_sidecars_and_names_the_shard(shards_root, capsys):
     assert main(["captions", "--data", str(shards_root.root), "--model", "tiny", "--max-new-tokens", "8",
                  "--workers", "0", "--set", 'shards=["00000"]']) == 0
