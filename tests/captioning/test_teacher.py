@@ -198,3 +198,14 @@ def test_flip_false_records_the_same_crops_without_flips():
     assert not TeacherConfig(data="d").flip and "flip" not in TeacherConfig(data="d").params()
     assert "flip" not in TeacherConfig(data="d", augmentations=2, flip=True).params()
     assert TeacherConfig(data="d", augmentations=2).params()["flip"] is False
+
+
+def test_a_misspelt_or_missing_teacher_is_named_before_anything_runs(shards_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for teacher, message in [("tiny,sidcar", "teacher 'sidcar' is not a teacher name (did you mean 'sidecar'?)"),
+                             ("./runs/nope", f"teacher './runs/nope': no such folder: {tmp_path / 'runs/nope'}"),
+                             (str(shards_root.runs / "nope"), f"no such folder: {shards_root.runs / 'nope'}")]:
+        assert _teacher(shards_root, "--teacher", teacher, "--set", "captions=false") == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not list(shards_root.teacher.glob("*.arrow"))
