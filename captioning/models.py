@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from siclip.manifests.errors import SiclipError
-from siclip.teachers import PREFIX as OPEN_CLIP, load_open_clip, open_clip_embed_dim
+from siclip.teachers import PREFIX as OPEN_CLIP, find_checkpoint, load_open_clip, open_clip_embed_dim, \
+    siclip_embed_dim
 from siclip.manifests.messages import first_line
 
 TINY = "tiny"
@@ -181,6 +182,8 @@ def clip_embedding_width(name: str, trust_remote_code: bool = False) -> int | No
         return TINY_CLIP_DIM
     if name.startswith(OPEN_CLIP):
         return open_clip_embed_dim(name)
+    if (checkpoint := find_checkpoint(name)) is not None:
+        return siclip_embed_dim(checkpoint)
     _quiet_transformers()
     try:
         from transformers import AutoConfig

@@ -12,7 +12,7 @@ A name is one of
     open_clip:hf-hub:ORG/REPO   such a repository on the hub
     timm:NAME                   a timm image tower (inheritance only: MobileCLIP-S0's fastvit_mci0)
     tiny                        a tiny random CLIP built in memory (tests and smoke runs of stage 2)
-    a siclip run or checkpoint  a run's final model, else its latest checkpoint (training loads these itself)
+    a siclip run or checkpoint  a run's final model, else its latest checkpoint
     a transformers model        a local folder or a hub name with image and text features (CLIPModel, …)
 A path may be given relative to the data root (`runs/teacher/clip`). A name that gives no weights is
 refused: open_clip would build random weights without a word. A name that is not there is a hub name only
@@ -330,6 +330,42 @@ class OpenClipTeacher(Teacher):
         return self.model.encode_text(self.tokenizer(texts).to(self.device))
 
 
+class SiclipTeacher(Teacher):
+    """A trained siclip model (a run's final model or one of its checkpoints), its preprocessing and tokenizer.
+    The model is stage 3's, imported when one is loaded: the one place this layer reaches up, so that stage 2,
+    the objective and inheritance read a run in one way."""
+
+    kind = "siclip"
+
+    def __init__(self, folder: str | Path):
+        from siclip.training.evaluate import load
+
+        super().__init__()
+        self.model, self.tokenizer, self._preprocess = load(folder)
+        self.model.eval().requires_grad_(False)
+        self.name, self.model_id, self.dim = f"siclip {folder}", str(folder), self.model.config.embed_dim
+        self.logit_scale = float(self.model.scale())
+        self.image_size, self.mean, self.std = self.model.config.image.image_size, self._preprocess.mean, \
+            self._preprocess.std
+        self.context = self.model.config.text.context_length
+
+    def preprocess(self, images: list):
+        import torch
+
+        return torch.stack([self._preprocess(image) for image in images])
+
+    def image_features(self, pixels):
+        return self.model.encode_image(pixels.to(self.device, self.dtype))
+
+    def text_features(self, texts: list[str]):
+        return self.model.encode_text(self.tokenizer(texts, self.context).to(self.device))
+
+
+def siclip_embed_dim(folder: str | Path) -> int:
+    """A siclip model folder's embedding width, from its config alone."""
+    return int(json.loads((Path(folder) / MODEL_CONFIG).read_text())["embed_dim"])
+
+
 def _quiet_transformers() -> None:
     import os
 
@@ -342,12 +378,14 @@ def _quiet_transformers() -> None:
 
 def load_teacher(spec: TeacherSpec, *, trust_remote_code: bool = False, model_only: bool = False,
                  what: str = "teacher") -> Teacher:
-    """A transformers or open_clip teacher, on the CPU in its stored precision (`.to()` moves it); a SiclipError
-    naming the teacher when it does not load. `model_only`: the weights alone (for inheritance: a transformers
-    folder need not hold a processor and tokenizer). The other kinds are the caller's: `tiny` is built by stage 2,
-    siclip runs and timm towers are read by stage 3."""
+    """A transformers, open_clip or siclip teacher, on the CPU in its stored precision (`.to()` moves it); a
+    SiclipError naming the teacher when it does not load. `model_only`: the weights alone (for inheritance: a
+    transformers folder need not hold a processor and tokenizer). The other kinds are the caller's: `tiny` is
+    built by stage 2, timm towers are read by inheritance, sidecars by the loader."""
     if spec.kind == "open_clip":
         return OpenClipTeacher(spec.source, what)
+    if spec.kind == "siclip":
+        return SiclipTeacher(spec.source)
     if spec.kind != "transformers":
         raise SiclipError(f"{what} {spec.given!r}: a {spec.kind} teacher cannot be used here")
     _quiet_transformers()
