@@ -366,14 +366,21 @@ def siclip_embed_dim(folder: str | Path) -> int:
     return int(json.loads((Path(folder) / MODEL_CONFIG).read_text())["embed_dim"])
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
+    """transformers' warnings and its own bars (loading and writing weights: one per model, in every worker)
+    off. The Hugging Face hub's download bars stay as they were: a first download of gigabytes shows its
+    progress."""
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    hub_off = are_progress_bars_disabled()
+    logging.disable_progress_bar()  # transformers' bars, and the hub's with them ...
+    if not hub_off:
+        enable_progress_bars()  # ... which come back on
 
 
 def load_teacher(spec: TeacherSpec, *, trust_remote_code: bool = False, model_only: bool = False,
@@ -388,7 +395,7 @@ def load_teacher(spec: TeacherSpec, *, trust_remote_code: bool = False, model_on
         return SiclipTeacher(spec.source)
     if spec.kind != "transformers":
         raise SiclipError(f"{what} {spec.given!r}: a {spec.kind} teacher cannot be used here")
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     kw = {"trust_remote_code": trust_remote_code}

@@ -1,6 +1,6 @@
 """siclip.teachers: a teacher name that is not there is a hub name only when it reads as one. A near miss of a
 kind is refused with the kind it misses, a path with the folder that is not there, each as one line naming
-where the name came from."""
+where the name came from; loading a model leaves the hub's download bars on."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from siclip.manifests.errors import SiclipError
 from siclip.manifests.layout import DataRoot
-from siclip.teachers import parse_teacher
+from siclip.teachers import load_teacher, parse_teacher
 
 
 def refusal(spec: str, root=None, what: str = "teacher") -> str:
@@ -77,3 +77,32 @@ def test_the_configs_and_inheritance_name_the_key(tmp_path, monkeypatch):
     with pytest.raises(SiclipError, match=r"^inherit_from './runs/nope': no such folder: "):
         inherit_weights(student, "./runs/nope")
 
+
+def test_loading_or_writing_a_model_leaves_the_hubs_download_bars_on(tmp_path, monkeypatch):
+    """transformers' own bars (loading and writing weights) go; the hub's download bars stay."""
+    import torch
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging
+
+    from siclip.captioning.models import clip_embedding_width, save_tiny
+    from siclip.images import Preprocess
+    from siclip.training.export import export_model
+    from siclip.training.model import build_model, load_config
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    if are_progress_bars_disabled():  # set at import from the environment: nothing to test then
+        pytest.skip("HF_HUB_DISABLE_PROGRESS_BARS is set")
+    folder = save_tiny("clip", tmp_path / "clip")
+    steps = {
+        "save_tiny": lambda: save_tiny("clip", tmp_path / "again"),
+        "load_teacher": lambda: load_teacher(parse_teacher(str(folder))),
+        "clip_embedding_width": lambda: clip_embedding_width(str(folder)),
+        "export_model": lambda: export_model(build_model(load_config("tiny_preln", {"image.image_size": 32})),
+                                             Preprocess(32, [0.5] * 3, [0.25] * 3), tmp_path / "export"),
+    }
+    for name, step in steps.items():
+        enable_progress_bars()
+        with torch.no_grad():
+            step()
+        assert not are_progress_bars_disabled(), f"{name} turned the hub's download bars off"
+        assert not logging.is_progress_bar_enabled(), f"{name} left transformers' own bars on"
