@@ -81,7 +81,8 @@ class CaptionsConfig(RunConfig):
 @dataclass
 class TeacherConfig(RunConfig):
     teacher: str = field(default="openai/clip-vit-large-patch14", **_flag(
-        "CLIP teacher(s): transformers hub names or local folders, open_clip:ARCH/PRETRAINED or open_clip:FOLDER "
+        "CLIP teacher(s): transformers hub names or local folders, siclip runs or checkpoints, "
+        "open_clip:ARCH/PRETRAINED or open_clip:FOLDER "
         "(needs siclip[mobileclip]), or 'tiny'; comma-separated for an ensemble (embeddings concatenated)",
         metavar="NAME_OR_PATH[,…]"))
     augmentations: int = field(default=0, **_flag("extra image embeddings per sample of recorded random crops/flips", metavar="K"))

@@ -1,4 +1,4 @@
-"""CLIP teachers (transformers or open_clip): image and text embeddings, unit length.
+"""CLIP teachers (transformers, open_clip or a siclip run): image and text embeddings, unit length.
 
 An ensemble's embedding is each teacher's L2-normalised embedding, concatenated, then normalised
 again: the concatenation of T unit vectors has length √T, and the distillation losses assume unit
@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from siclip import teachers
 from siclip.captioning.models import TINY, build_tiny_clip, check_device
-from siclip.manifests.errors import SiclipError
 
 
 def ensemble_embedding(per_teacher: list[torch.Tensor]) -> torch.Tensor:
@@ -57,9 +56,6 @@ def load_teacher(name: str, device: str, seed: int, trust_remote_code: bool) -> 
     if spec.kind == "tiny":
         model, (processor, tokenizer) = build_tiny_clip(seed)
         teacher = teachers.TransformersTeacher(model, processor, tokenizer, f"{TINY}(seed={seed})")
-    elif spec.kind == "siclip":
-        raise SiclipError(f"teacher {name!r} is a siclip run or checkpoint: export it as a CLIPModel folder first "
-                          f"(siclip export --run …) and give that folder")
     else:
         teacher = teachers.load_teacher(spec, trust_remote_code=trust_remote_code)
     return teacher.to(device, torch.float16 if device.startswith("cuda") else torch.float32)

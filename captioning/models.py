@@ -7,12 +7,12 @@ model from a config, deterministic by seed, so tests and the demo never download
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from siclip.manifests.errors import SiclipError
-from siclip.teachers import PREFIX as OPEN_CLIP, load_open_clip, open_clip_embed_dim
+from siclip.teachers import PREFIX as OPEN_CLIP, find_checkpoint, load_open_clip, open_clip_embed_dim, \
+    quiet_transformers as _quiet_transformers, siclip_embed_dim
 from siclip.manifests.messages import first_line
 
 TINY = "tiny"
@@ -41,14 +41,6 @@ def check_device(device: str) -> None:
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SiclipError(f"--device {device}: no CUDA device is visible to torch (torch {torch.__version__}); use --device cpu")
-
-
-def _quiet_transformers() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
 
 
 def seed_for(seed: int, key: str, index: int) -> int:
@@ -181,6 +173,8 @@ def clip_embedding_width(name: str, trust_remote_code: bool = False) -> int | No
         return TINY_CLIP_DIM
     if name.startswith(OPEN_CLIP):
         return open_clip_embed_dim(name)
+    if (checkpoint := find_checkpoint(name)) is not None:
+        return siclip_embed_dim(checkpoint)
     _quiet_transformers()
     try:
         from transformers import AutoConfig

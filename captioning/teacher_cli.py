@@ -35,13 +35,15 @@ def sidecar_size(cfg: TeacherConfig) -> tuple[int, int, list[str]]:
     from siclip.captioning.models import clip_embedding_width
     from siclip.manifests.layout import DataRoot
     from siclip.manifests.manifest import StageManifest
+    from siclip.teachers import in_data_root
 
-    widths = {name: clip_embedding_width(name, cfg.trust_remote_code) for name in cfg.teachers()}
+    root = DataRoot(cfg.data)
+    widths = {name: clip_embedding_width(in_data_root(name, root), cfg.trust_remote_code) for name in cfg.teachers()}
     assumed = [name for name, w in widths.items() if w is None]
     width = sum(w or ASSUMED_WIDTH for w in widths.values())
     texts = 1
     if cfg.captions:
-        texts += int(StageManifest.load(DataRoot(cfg.data), "captions").params.get("num_captions", ASSUMED_CAPTIONS))
+        texts += int(StageManifest.load(root, "captions").params.get("num_captions", ASSUMED_CAPTIONS))
     vectors = 1 + cfg.augmentations + texts  # plain image, K augmentations, web + synthetic captions
     per_row = ROW_OVERHEAD + 2 * width * vectors + 4 * 5 * cfg.augmentations  # float16/bfloat16; 5 float32 per crop
     return per_row, FILE_OVERHEAD, assumed
@@ -53,7 +55,12 @@ def run_config(cfg: TeacherConfig) -> int:
     from siclip.captioning.fanout import local_cluster_threads
     from siclip.captioning.jobs import build_teachers, teacher_shard
     from siclip.captioning.stage import StageJob, log, run_stage
+    from siclip.manifests.layout import DataRoot
+    from siclip.teachers import parse_teacher
 
+    # what each name loads (a path may be relative to the data root); a misspelt or missing one stops here,
+    # before the estimate and the workers
+    names = [parse_teacher(name, DataRoot(cfg.data)).source for name in cfg.teachers()]
     threads = cfg.threads_per_worker or local_cluster_threads(max(cfg.workers, 1))
     per_row, per_file, assumed = sidecar_size(cfg)
     if assumed:
@@ -61,7 +68,7 @@ def run_config(cfg: TeacherConfig) -> int:
             f"the size estimate assumes {ASSUMED_WIDTH} each")
     job = StageJob(
         stage="teacher", cfg=cfg, params=cfg.params(),
-        setup=partial(build_teachers, names=cfg.teachers(), device=cfg.device, seed=cfg.seed,
+        setup=partial(build_teachers, names=names, device=cfg.device, seed=cfg.seed,
                       trust_remote_code=cfg.trust_remote_code, threads=threads),
         job=teacher_shard,
         bytes_per_row=per_row, bytes_per_file=per_file,

@@ -12,14 +12,17 @@ A name is one of
     open_clip:hf-hub:ORG/REPO   such a repository on the hub
     timm:NAME                   a timm image tower (inheritance only: MobileCLIP-S0's fastvit_mci0)
     tiny                        a tiny random CLIP built in memory (tests and smoke runs of stage 2)
-    a siclip run or checkpoint  a run's final model, else its latest checkpoint (training loads these itself)
+    a siclip run or checkpoint  a run's final model, else its latest checkpoint
     a transformers model        a local folder or a hub name with image and text features (CLIPModel, …)
 A path may be given relative to the data root (`runs/teacher/clip`). A name that gives no weights is
-refused: open_clip would build random weights without a word.
+refused: open_clip would build random weights without a word. A name that is not there is a hub name only
+when it reads as one (NAME or ORG/NAME): a near miss of a kind (`sidcar`) or a path (`./runs/x`, `/a/b`,
+`data/runs/x`) is refused by name, before the hub is asked.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass
@@ -33,6 +36,8 @@ KEYWORDS = ("none", "sidecar")
 PREFIX = "open_clip:"
 TIMM = "timm:"
 TINY = "tiny"
+WORDS, PREFIXES = (*KEYWORDS, TINY), (PREFIX, TIMM)  # the kinds a name is checked against for a near miss
+KIND = re.compile(r"^[A-Za-z][\w.-]*:")  # `kind:` at the start of a name (a path's colon comes after a / or .)
 # a siclip model folder and a run's layout: config.json says format "siclip"; a run keeps final/ and checkpoints/
 MODEL_CONFIG = "config.json"
 FINAL = "final"
@@ -132,8 +137,58 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
+def near_miss(spec: str) -> str | None:
+    """The kind `spec` seems to misspell ('sidcar' -> 'sidecar', 'open-clip:ViT-B-32/openai' ->
+    'open_clip:ViT-B-32/openai'), else None."""
+    kind = KIND.match(spec)
+    if spec in WORDS or (kind and kind.group(0) in PREFIXES):
+        return None
+    if kind and kind.group(0) == "hf-hub:":
+        return PREFIX + spec  # open_clip's own hub names
+    if kind:
+        close = difflib.get_close_matches(kind.group(0), PREFIXES, n=1)
+        return close[0] + spec[kind.end():] if close else None
+    close = difflib.get_close_matches(spec, WORDS, n=1) if "/" not in spec else []
+    return close[0] if close else None
+
+
+def reads_as_path(spec: str, root=None) -> bool:
+    """Whether a name reads as a path rather than a hub name (NAME or ORG/NAME): it starts with /, ./, ../ or ~,
+    has more than one /, or the folder it would sit in exists (here or in the data root)."""
+    if spec.startswith(("/", "./", "../", "~")) or spec in (".", "..") or spec.count("/") > 1 or spec.endswith("/"):
+        return True
+    if "/" not in spec:
+        return False
+    parent = spec.split("/")[0]
+    return Path(parent).is_dir() or (root is not None and (root.root / parent).is_dir())
+
+
+def check_spelling(spec: str, what: str = "teacher") -> None:
+    """A SiclipError when `spec` is no path here and seems to misspell a kind (did you mean …?): a config
+    checks its teacher names with it before anything loads."""
+    close = near_miss(spec) if not Path(spec).expanduser().exists() else None
+    if close is not None:
+        raise SiclipError(f"{what} {spec!r} is not a teacher name (did you mean {close!r}?)")
+
+
+def _refuse_missing(spec: str, root, what: str) -> None:
+    """A SiclipError for a name that is not there and is no hub name: a near miss of a kind, an unknown
+    `kind:`, or a path."""
+    check_spelling(spec, what)
+    kind = KIND.match(spec)
+    if kind:
+        raise SiclipError(f"{what} {spec!r}: no teacher kind {kind.group(0)!r} (the kinds: {', '.join(PREFIXES)}; "
+                          f"a hub name has no colon)")
+    if reads_as_path(spec, root):
+        looked = str(Path(spec).expanduser().absolute())
+        if root is not None and not Path(spec).expanduser().is_absolute():
+            looked += f" nor {root.root / spec}"
+        raise SiclipError(f"{what} {spec!r}: no such folder: {looked}")
+
+
 def parse_teacher(spec: str, root=None, what: str = "teacher") -> TeacherSpec:
-    """What a teacher name means (module docstring); a SiclipError for a name that cannot be one."""
+    """What a teacher name means (module docstring); a SiclipError for a name that cannot be one. `what` names
+    where the name came from (a config key or option) in messages."""
     given = spec
     if spec in KEYWORDS:
         return TeacherSpec(spec, spec, given)
@@ -150,7 +205,11 @@ def parse_teacher(spec: str, root=None, what: str = "teacher") -> TeacherSpec:
         return TeacherSpec("siclip", str(checkpoint), given)
     path = Path(spec).expanduser()
     if not path.exists():
-        return TeacherSpec("transformers", spec, given)  # a hub name (or a path that is not there: the load says)
+        _refuse_missing(spec, root, what)
+        return TeacherSpec("transformers", spec, given)  # a hub name
+    if not path.is_dir():
+        raise SiclipError(f"{what} {given!r} is a file: give a siclip run or checkpoint folder, a transformers "
+                          f"model folder, or open_clip:ARCH/FILE for an open_clip weights file")
     if not (path / MODEL_CONFIG).is_file():
         raise SiclipError(f"{what} {given!r} is a folder with neither a siclip run or checkpoint nor a "
                           f"transformers model (no {MODEL_CONFIG})")
@@ -271,27 +330,72 @@ class OpenClipTeacher(Teacher):
         return self.model.encode_text(self.tokenizer(texts).to(self.device))
 
 
-def _quiet_transformers() -> None:
+class SiclipTeacher(Teacher):
+    """A trained siclip model (a run's final model or one of its checkpoints), its preprocessing and tokenizer.
+    The model is stage 3's, imported when one is loaded: the one place this layer reaches up, so that stage 2,
+    the objective and inheritance read a run in one way."""
+
+    kind = "siclip"
+
+    def __init__(self, folder: str | Path):
+        from siclip.training.evaluate import load
+
+        super().__init__()
+        self.model, self.tokenizer, self._preprocess = load(folder)
+        self.model.eval().requires_grad_(False)
+        self.name, self.model_id, self.dim = f"siclip {folder}", str(folder), self.model.config.embed_dim
+        self.logit_scale = float(self.model.scale())
+        self.image_size, self.mean, self.std = self.model.config.image.image_size, self._preprocess.mean, \
+            self._preprocess.std
+        self.context = self.model.config.text.context_length
+
+    def preprocess(self, images: list):
+        import torch
+
+        return torch.stack([self._preprocess(image) for image in images])
+
+    def image_features(self, pixels):
+        return self.model.encode_image(pixels.to(self.device, self.dtype))
+
+    def text_features(self, texts: list[str]):
+        return self.model.encode_text(self.tokenizer(texts, self.context).to(self.device))
+
+
+def siclip_embed_dim(folder: str | Path) -> int:
+    """A siclip model folder's embedding width, from its config alone."""
+    return int(json.loads((Path(folder) / MODEL_CONFIG).read_text())["embed_dim"])
+
+
+def quiet_transformers() -> None:
+    """transformers' warnings and its own bars (loading and writing weights: one per model, in every worker)
+    off. The Hugging Face hub's download bars stay as they were: a first download of gigabytes shows its
+    progress."""
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    hub_off = are_progress_bars_disabled()
+    logging.disable_progress_bar()  # transformers' bars, and the hub's with them ...
+    if not hub_off:
+        enable_progress_bars()  # ... which come back on
 
 
 def load_teacher(spec: TeacherSpec, *, trust_remote_code: bool = False, model_only: bool = False,
                  what: str = "teacher") -> Teacher:
-    """A transformers or open_clip teacher, on the CPU in its stored precision (`.to()` moves it); a SiclipError
-    naming the teacher when it does not load. `model_only`: the weights alone (for inheritance: a transformers
-    folder need not hold a processor and tokenizer). The other kinds are the caller's: `tiny` is built by stage 2,
-    siclip runs and timm towers are read by stage 3."""
+    """A transformers, open_clip or siclip teacher, on the CPU in its stored precision (`.to()` moves it); a
+    SiclipError naming the teacher when it does not load. `model_only`: the weights alone (for inheritance: a
+    transformers folder need not hold a processor and tokenizer). The other kinds are the caller's: `tiny` is
+    built by stage 2, timm towers are read by inheritance, sidecars by the loader."""
     if spec.kind == "open_clip":
         return OpenClipTeacher(spec.source, what)
+    if spec.kind == "siclip":
+        return SiclipTeacher(spec.source)
     if spec.kind != "transformers":
         raise SiclipError(f"{what} {spec.given!r}: a {spec.kind} teacher cannot be used here")
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     kw = {"trust_remote_code": trust_remote_code}

@@ -19,6 +19,7 @@ from typing import Any
 from siclip.manifests.config import coerce_value, unknown_key
 from siclip.manifests.errors import SiclipError
 from siclip.images import OPENAI_MEAN, OPENAI_STD
+from siclip.teachers import check_spelling
 
 try:
     import tomllib
@@ -136,6 +137,7 @@ class TrainConfig:
                 raise bad(f"{at}: loss weights must be >= 0 with at least one positive, got {weights}")
             if s.loss.clip_synthetic > 0 and self.synthetic_captions == 0:
                 raise bad(f"{at}: clip_synthetic > 0 needs synthetic_captions >= 1")
+            check_spelling(s.teacher, f"{where}: {at}: teacher")
             if s.loss.distillation() and s.teacher == "none":
                 raise bad(f"{at}: fd/crd/icl weights need a teacher (teacher = 'sidecar', a run, a CLIP folder …)")
             if not s.train:

@@ -108,10 +108,9 @@ def write_image_processor(folder: Path, image_size: int, mean, std) -> None:
 
 def export_model(model: SiCLIP, preprocess, folder: str | Path) -> Path:
     """Write the CLIPModel folder (weights, config, tokenizer, image processor) into `folder`."""
-    from transformers.utils import logging
+    from siclip.teachers import quiet_transformers
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    quiet_transformers()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     to_transformers(model).save_pretrained(folder)

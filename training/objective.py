@@ -16,7 +16,6 @@ sidecars (precomputed, "reinforced" data); a siclip run or checkpoint, a transfo
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -187,29 +186,6 @@ class SidecarTeacher(Teacher):
         return {k: batch[k].to(device) for k in ("t_image", "t_text", "t_syn", "t_syn_valid")}
 
 
-class SiclipTeacher(teachers.Teacher):
-    """A trained siclip model (a run or one of its checkpoints) behind siclip/teachers.py's Teacher interface."""
-
-    kind = "siclip"
-
-    def __init__(self, folder: Path):
-        from siclip.training.evaluate import load
-
-        super().__init__()
-        self.model, self.tokenizer, preprocess = load(folder)
-        self.model.eval().requires_grad_(False)
-        self.name, self.model_id, self.dim = f"siclip {folder}", str(folder), self.model.config.embed_dim
-        self.logit_scale = float(self.model.scale())
-        self.image_size, self.mean, self.std = self.model.config.image.image_size, preprocess.mean, preprocess.std
-        self.context = self.model.config.text.context_length
-
-    def image_features(self, pixels):
-        return self.model.encode_image(pixels.to(self.device))
-
-    def text_features(self, texts: list[str]):
-        return self.model.encode_text(self.tokenizer(texts, self.context).to(self.device))
-
-
 class OnlineTeacher(Teacher):
     """A teacher with siclip/teachers.py's interface (transformers, open_clip, or a siclip run), run on the batch's
     teacher view."""
@@ -254,6 +230,4 @@ def load_teacher(spec: str, root) -> Teacher | None:
         return None
     if parsed.kind == "sidecar":
         return SidecarTeacher(*sidecar_dim(root))
-    if parsed.kind == "siclip":
-        return OnlineTeacher(SiclipTeacher(Path(parsed.source)))
     return OnlineTeacher(teachers.load_teacher(parsed))

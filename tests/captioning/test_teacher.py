@@ -223,3 +223,52 @@ def test_flip_false_records_the_same_crops_without_flips():
     assert not TeacherConfig(data="d").flip and "flip" not in TeacherConfig(data="d").params()
     assert "flip" not in TeacherConfig(data="d", augmentations=2, flip=True).params()
     assert TeacherConfig(data="d", augmentations=2).params()["flip"] is False
+
+
+def test_a_siclip_run_is_a_teacher_as_its_final_model_or_a_checkpoint(shards_root, tmp_path, capsys):
+    """A run trained here embeds the images and captions with its own model, as `siclip.training.load` gives it."""
+    from siclip.training import load
+    from siclip_testing import siclip
+
+    config = tmp_path / "run.toml"
+    config.write_text(
+        'model_set = ["image.image_size=16", "image.patch_size=8", "image.width=32", "image.depth=2", '
+        '"image.heads=2", "image.share_attention=[[1, 2]]", "text.width=32", "text.depth=2", "text.heads=2", '
+        '"text.share_attention=[[1, 2]]", "text.context_length=16", "embed_dim=16"]\n'
+        "batch_size = 8\nworkers = 0\nsynthetic_captions = 0\nval_shards = 0\neval_every = 0\n"
+        "checkpoint_every = 1\nkeep_checkpoints = 1\n[[stages]]\nname = 'a'\nsteps = 2\n[stages.loss]\nclip_synthetic = 0.0\n")
+    siclip("train", "--data", shards_root.root, "--config", config, "--out", "own")
+    run = shards_root.runs / "own"
+    checkpoint = next((run / "checkpoints").glob("step-*"))
+    capsys.readouterr()
+    # named as a stage's teacher names it: relative to the data root
+    assert _teacher(shards_root, "--teacher", "runs/own", "--set", "captions=false") == 0
+    _check_estimate(shards_root, capsys.readouterr().err,
+                    TeacherConfig(data=str(shards_root.root), teacher="runs/own", captions=False))
+
+    model, tokenizer, preprocess = load(run)
+    for shard in StageManifest.load(shards_root, "shards").entries:
+        table, info = read_sidecar(shards_root.teacher / f"{shard}.arrow")
+        assert info["dim"] == 16 and info["teachers"][0]["id"] == str(run / "final")
+        samples = list(iter_samples(shards_root, shard, ("teacher",)))
+        with torch.no_grad():
+            images = model.encode_image(torch.stack([preprocess(s["jpg"]) for s in samples]))
+            texts = model.encode_text(tokenizer([s["txt"].decode() for s in samples]))
+        np.testing.assert_allclose(embeddings(table, "image_emb")[:, 0], images.numpy(), atol=2e-3)
+        np.testing.assert_allclose(np.concatenate(_text_embeddings(table)), texts.numpy(), atol=2e-3)
+
+    # its final/ folder and a checkpoint are teachers too, each its own model
+    ensemble = build_teachers([str(run / "final"), str(checkpoint)], "cpu", 0, False)
+    assert ensemble.describe() == [{"id": str(run / "final"), "revision": None, "dim": 16},
+                                   {"id": str(checkpoint), "revision": None, "dim": 16}]
+
+
+def test_a_misspelt_or_missing_teacher_is_named_before_anything_runs(shards_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for teacher, message in [("tiny,sidcar", "teacher 'sidcar' is not a teacher name (did you mean 'sidecar'?)"),
+                             ("./runs/nope", f"teacher './runs/nope': no such folder: {tmp_path / 'runs/nope'}"),
+                             (str(shards_root.runs / "nope"), f"no such folder: {shards_root.runs / 'nope'}")]:
+        assert _teacher(shards_root, "--teacher", teacher, "--set", "captions=false") == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not list(shards_root.teacher.glob("*.arrow"))

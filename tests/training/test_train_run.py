@@ -331,7 +331,11 @@ fd = 2000.0
     ("batch_size = 16\n[[stages]]\nname = 'a'\nsteps = 2\nfreeze = ['text.blokcs.*']\n",
      "module glob 'text.blokcs.*' matches no parameter"),
     ("batch_size = 16\n[[stages]]\nname = 'a'\nsteps = 2\nteacher = '/no/such/teacher'\n[stages.loss]\nicl = 1.0\n",
-     "teacher '/no/such/teacher' does not load"),
+     "teacher '/no/such/teacher': no such folder: /no/such/teacher"),
+    ("batch_size = 16\n[[stages]]\nname = 'a'\nsteps = 2\nteacher = 'sidcar'\n[stages.loss]\ncrd = 1.0\n",
+     "stage 0 ('a'): teacher 'sidcar' is not a teacher name (did you mean 'sidecar'?)"),
+    ("batch_size = 16\ninherit_from = 'shards/nope'\n[[stages]]\nname = 'a'\nsteps = 2\n",
+     "inherit_from 'shards/nope': no such folder: "),
     ("batch_size = 16\n[[stages]]\nname = 'a'\nsteps = 2\nepochs = 1\n", "exactly one, positive"),
     ("batch_size = 16\n[[stages]]\nname = 'a'\nsteps = 2\n[stages.loss]\nfd = 1.0\n", "need a teacher"),
 ])
