@@ -180,8 +180,9 @@ def test_teacher_overwrite_with_a_teacher_that_does_not_load_keeps_every_entry(s
     listed = StageManifest.load(shards_root, "teacher").entries
     sidecars = {p.name: p.read_bytes() for p in shards_root.teacher.glob("*.arrow")}
     assert len(listed) == len(sidecars) == 3
-    broken = tmp_path / "not-a-clip"
+    broken = tmp_path / "not-a-clip"  # passes the name check (a model folder) and fails when the model loads
     broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "clip"}')
     capsys.readouterr()
     assert _teacher(shards_root, "--teacher", str(broken), "--overwrite", *web_only) == 2
     err = capsys.readouterr().err.strip().splitlines()
