@@ -283,7 +283,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         accelerator.wait_for_everyone()  # the others read the run folder only once it is in order
 
         # -- data ---------------------------------------------------------------------------------------
-        train_shards, val_shards = split_shards(root, cfg.val_shards)
+        train_shards, val_shards = split_shards(root, cfg.val_shards, cfg.val_samples)
         check_shards_intact(train_shards + val_shards)
         use_captions = cfg.synthetic_captions > 0 and any(s.loss.clip_synthetic > 0 for s in cfg.stages)
         if use_captions:
@@ -343,16 +343,19 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         stop = min(total, max_steps) if max_steps else total
         if plan0.note:
             say(f"train: loader: {plan0.note}")
+        held_samples = sum(s.samples for s in val_shards)
         if main:
             (run.path / "data.json").write_text(json.dumps({
                 "data_root": str(root.root), "train_shards": [s.name for s in train_shards], "val_shards": [s.name for s in val_shards],
-                "train_samples": sum(s.samples for s in train_shards), "steps_per_epoch": steps_per_epoch,
+                "train_samples": sum(s.samples for s in train_shards), "val_samples": held_samples,
+                "steps_per_epoch": steps_per_epoch,
                 "global_batch": cfg.batch_size, "processes": world, "loader_workers": len(plan0.workers),
                 "samples_per_epoch_used": steps_per_epoch * cfg.batch_size, "total_steps": total,
                 "stages": [{"name": sp.cfg.name, "start": sp.start, "end": sp.end} for sp in spans]}, indent=1) + "\n")
+        held = (f"{len(val_shards)} held out ({held_samples:,} samples: {val_shards[0].name}"
+                + (f" … {val_shards[-1].name})" if len(val_shards) > 1 else ")")) if val_shards else "none held out"
         say(f"train: {len(train_shards)} training shards ({sum(s.samples for s in train_shards):,} samples), "
-            f"{len(val_shards)} held out; {steps_per_epoch} steps of {cfg.batch_size} per epoch, {total} steps in "
-            f"{len(spans)} stage(s)")
+            f"{held}; {steps_per_epoch} steps of {cfg.batch_size} per epoch, {total} steps in {len(spans)} stage(s)")
         preprocess = Preprocess(model_config.image.image_size, list(cfg.image_mean), list(cfg.image_std))
 
         # -- optimizer, devices ---------------------------------------------------------------------------
