@@ -133,7 +133,7 @@ def split(data: Path, cfg):
     from siclip.manifests.layout import DataRoot
     from siclip.training.data import split_shards
 
-    return split_shards(DataRoot(data), cfg.val_shards)
+    return split_shards(DataRoot(data), cfg.val_shards, cfg.val_samples)
 
 
 # ----------------------------------------------------------------------------- runs

@@ -27,7 +27,7 @@ from siclip.training.loop import train
 
 
 def run(root: DataRoot, precision: str, steps: int) -> dict:
-    cfg = load_train_config("tiny", ["val_shards=0", "eval_every=0", f"checkpoint_every={10**6}", "log_every=1",
+    cfg = load_train_config("tiny", ["val_samples=0", "eval_every=0", f"checkpoint_every={10**6}", "log_every=1",
                                      "micro_batch=16", f"precision={precision}", "stages.0.warmup_steps=5"])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

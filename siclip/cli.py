@@ -10,6 +10,7 @@ import argparse
 import inspect
 import json
 import sys
+from pathlib import Path
 
 from siclip.manifests.errors import SiclipError
 
@@ -60,8 +61,29 @@ def bench_function(name: str):
     return bench
 
 
+def version(checkout: Path = Path(__file__).resolve().parents[1]) -> str:
+    """The version of the code that runs: a source checkout's pyproject.toml, else the installed package's."""
+    pyproject = checkout / "pyproject.toml"
+    if pyproject.is_file() and (checkout / "siclip" / "cli.py").is_file():
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        project = tomllib.loads(pyproject.read_text()).get("project", {})
+        if project.get("name") == "siclip" and "version" in project:
+            return str(project["version"])
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("siclip")
+    except PackageNotFoundError:
+        return "unknown (neither installed nor a source checkout)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="siclip", description="Train a small CLIP model on one GPU and one TB of disk.")
+    parser.add_argument("--version", action="version", version=f"siclip {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd, module, help_ in stage_commands():
         p = sub.add_parser(cmd, help=help_, description=help_)

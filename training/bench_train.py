@@ -218,7 +218,7 @@ def bench_train(quick: bool = False, device: str = "cpu") -> dict:
         shards = 4
         per_shard = max(64, (steps + warmup + 2) * 64 // shards + 64)
         root = make_bench_root(Path(tmp) / "data", shards, per_shard)
-        cfg = load_train_config("tiny", ["val_shards=0", "eval_every=0", f"checkpoint_every={10**6}",
+        cfg = load_train_config("tiny", ["val_samples=0", "eval_every=0", f"checkpoint_every={10**6}",
                                          "stages.0.epochs=1", "log_every=1"])
         loader_rate, batch = _loader_rate(cfg, root, 8 if quick else 24)
         plain = _plain_loop(cfg, batch, steps, warmup)

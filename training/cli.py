@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 
 def add_arguments(parser) -> None:
     parser.description = ("Train a SiCLIP model on a data root's shards (with their caption and teacher sidecars), "
@@ -18,6 +20,8 @@ def add_arguments(parser) -> None:
                                                                     "--resume goes on later")
     parser.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint "
                                                               "(start it when it has none)")
+    parser.add_argument("--json", action="store_true", help="at the end, one line of JSON on stdout: steps, samples/s, "
+                                                            "the last logged losses, the last eval, the run's paths")
 
 
 def run(args) -> int:
@@ -30,5 +34,8 @@ def run(args) -> int:
         raise SiclipError(f"--max-steps must be at least 1, got {args.max_steps}")
     open_data_root(args.data)  # a folder it can write its run into, or one line saying why not
     cfg = load_train_config(args.config, args.sets)
-    return train(cfg, args.data, args.out, max_steps=args.max_steps, resume=args.resume,
-                 config_name=find_config(args.config).stem)
+    result = train(cfg, args.data, args.out, max_steps=args.max_steps, resume=args.resume,
+                   config_name=find_config(args.config).stem)
+    if args.json and result.summary:  # the main process's: one line, whatever the number of processes
+        print(json.dumps(result.summary), flush=True)
+    return result.status

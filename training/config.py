@@ -89,7 +89,8 @@ class TrainConfig:
     open_shards: int = 8  # shards each loader worker reads at once, interleaved (batches mix even a sorted list)
     image_mean: list = field(default_factory=lambda: list(OPENAI_MEAN))  # per-channel mean the pixels (0..1) are normalised by (OpenAI's)
     image_std: list = field(default_factory=lambda: list(OPENAI_STD))  # per-channel std, likewise
-    val_shards: Any = 0  # held out, never trained on: a count (the last N shards) or a list of shard names
+    val_samples: int = 0  # held out, never trained on: the last shards by name (empty ones skipped) holding at least N samples
+    val_shards: Any = 0  # ... or these shards: a count (the last N by name) or a list of names; set one of the two
     eval_every: int = 0  # retrieval on the held-out shards every N steps (and at the end); 0: at the end only
     checkpoint_every: int = 100  # steps between checkpoints (and one at the last step)
     keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted (each counts against the budget)
@@ -108,7 +109,7 @@ class TrainConfig:
                      "shuffle_initial", "open_shards"):
             if getattr(self, name) < 1:
                 raise bad(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("micro_batch", "workers", "threads", "synthetic_captions", "eval_every", "pm_k"):
+        for name in ("micro_batch", "workers", "threads", "synthetic_captions", "eval_every", "pm_k", "val_samples"):
             if getattr(self, name) < 0:
                 raise bad(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
@@ -121,6 +122,9 @@ class TrainConfig:
             raise bad(f"val_shards must be a count or a list of shard names, got {self.val_shards!r}")
         if isinstance(self.val_shards, list):
             self.val_shards = [str(s) for s in self.val_shards]
+        if self.val_samples and self.val_shards:
+            raise bad(f"val_samples = {self.val_samples} and val_shards = {self.val_shards!r} both choose the held-out "
+                      f"shards; keep one (--set val_samples=0 or --set val_shards=0)")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise bad(f"stage names must differ, got {names}")

@@ -3,7 +3,7 @@ webdataset's pipeline stages, joined by key with their caption and teacher sidec
 tokenised and batched.
 
 One epoch, top to bottom:
-  1. `training_shards`: the finished shards of the manifest, less the held-out `val_shards`;
+  1. `split_shards`: the finished shards of the manifest, less the held-out ones (`val_samples`, `val_shards`);
   2. `plan_epoch`: the shards in a seeded order, dealt to processes, then to loader workers;
      every worker's batch count, and so the epoch's step count, follows from the manifest's
      sample counts (no sample-count flag);
@@ -62,11 +62,23 @@ def all_shards(root: DataRoot) -> list[Shard]:
     return shards
 
 
-def split_shards(root: DataRoot, val_shards) -> tuple[list[Shard], list[Shard]]:
-    """(training shards, held-out shards): `val_shards` is a count (the last N by name) or a list of names."""
+def split_shards(root: DataRoot, val_shards=0, val_samples: int = 0) -> tuple[list[Shard], list[Shard]]:
+    """(training shards, held-out shards). `val_samples`: the last shards by name, empty ones skipped, that
+    together hold at least that many samples; `val_shards`: a count (the last N by name) or a list of names."""
     shards = all_shards(root)
     names = [s.name for s in shards]
-    if isinstance(val_shards, int):
+    if val_samples:
+        held, count = set(), 0
+        for s in reversed([s for s in shards if s.samples]):
+            if count >= val_samples:
+                break
+            held.add(s.name)
+            count += s.samples
+        if count < val_samples or not any(s.samples for s in shards if s.name not in held):
+            raise SiclipError(f"val_samples = {val_samples}: the {len(shards)} shards of {root.manifest_path('shards')} "
+                              f"hold {sum(s.samples for s in shards):,} samples, too few to hold out that many and "
+                              f"train on the rest; lower val_samples")
+    elif isinstance(val_shards, int):
         if val_shards >= len(shards):
             raise SiclipError(f"val_shards = {val_shards} holds out every one of the {len(shards)} shards; "
                               f"leave at least one to train on")
@@ -79,7 +91,11 @@ def split_shards(root: DataRoot, val_shards) -> tuple[list[Shard], list[Shard]]:
         held = set(val_shards)
         if len(held) == len(shards):
             raise SiclipError("val_shards holds out every shard; leave at least one to train on")
-    return [s for s in shards if s.name not in held], [s for s in shards if s.name in held]
+    train, val = [s for s in shards if s.name not in held], [s for s in shards if s.name in held]
+    if val and not sum(s.samples for s in val):
+        raise SiclipError(f"val_shards = {val_shards!r} holds out {', '.join(s.name for s in val)}, which hold no "
+                          f"samples: nothing to evaluate; hold out by samples instead (val_samples = N, val_shards = 0)")
+    return train, val
 
 
 def check_shards_intact(shards: list[Shard]) -> None:

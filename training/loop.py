@@ -1,7 +1,8 @@
 """`siclip train`: the lean Accelerate loop, read top to bottom.
 
     prepare:   config -> data (shards, sidecars, epoch plan) -> model (+ inheritance) -> teachers and
-               each stage's objective -> AdamW -> resume from the latest checkpoint
+               each stage's objective -> room for the first checkpoint -> the run folder (written only once
+               every check has passed) -> AdamW -> resume from the latest checkpoint
     each step: stage (what trains, which losses, which teacher) -> batch -> teacher embeddings ->
                forward/backward over the whole batch with gradient caching -> gradients averaged
                across processes -> clip -> AdamW step -> logit_scale clamped in place -> log,
@@ -45,11 +46,12 @@ from siclip.images import Preprocess
 from siclip.training.evaluate import retrieval, to_input
 from siclip.teachers import parse_teacher
 from siclip.training.objective import Features, Objective, load_teacher, stage_objectives
-from siclip.training.runs import FINAL, Run, checkpoint_name, failpoint, folder_bytes, write_plots
+from siclip.training.runs import FINAL, STATE, Run, checkpoint_name, failpoint, folder_bytes, write_plots
 from siclip.manifests.messages import log, first_line
 
 # keys a resumed run may change; the rest decide the data order or the numbers
 RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys", "threads"}
+HELD_OUT_KEYS = {"val_samples", "val_shards"}  # two ways to name the held-out shards: compared by the shards
 EXIT_BUDGET = 3
 
 
@@ -217,8 +219,9 @@ def peak_memory_mb(device) -> float:
 
 
 def config_digest(cfg: TrainConfig) -> dict:
+    """The keys a resumed run must keep; the held-out split is compared by the shards it holds out (data.json)."""
     d = cfg.to_dict()
-    return {k: v for k, v in d.items() if k not in RESUMABLE_CHANGES}
+    return {k: v for k, v in d.items() if k not in RESUMABLE_CHANGES | HELD_OUT_KEYS}
 
 
 def loader_error(e: SiclipError) -> SiclipError:
@@ -230,9 +233,40 @@ def loader_error(e: SiclipError) -> SiclipError:
 # ----------------------------------------------------------------------------- the run
 
 
+@dataclass
+class TrainResult:
+    """How `train` ended: its exit status, and (in the main process) the summary `siclip train --json` prints."""
+
+    status: int  # 0: the schedule or --max-steps done; EXIT_BUDGET: stopped at the storage budget
+    summary: dict
+
+
+def run_summary(run: Run, status: str, start_step: int, step: int, total: int, seconds: float,
+                batch_size: int) -> dict:
+    """The end of a `train` call: the steps it trained and how fast, the last logged losses and evaluation,
+    and where the run's files are."""
+    records = run.read_metrics()
+    logged = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval" in r]
+    latest = run.latest()
+    return {
+        "run": run.name, "status": status, "steps": step - start_step, "step": step, "total_steps": total,
+        "seconds": round(seconds, 3),
+        "samples_per_s": round((step - start_step) * batch_size / seconds, 2) if seconds > 0 else 0.0,
+        "loss": logged[-1]["loss"] if logged else None, "terms": logged[-1].get("terms") if logged else None,
+        "logged_step": logged[-1]["step"] if logged else None,
+        "eval": {"step": evals[-1]["step"], **evals[-1]["eval"]} if evals else None,
+        "paths": {"run": str(run.path), "config": str(run.path / "config.toml"),
+                  "final_model": str(run.path / FINAL) if (run.path / FINAL / STATE).is_file() else None,
+                  "checkpoint": str(latest[1]) if latest else None, "metrics": str(run.metrics_path),
+                  "plots": sorted(str(p) for p in (run.path / "plots").glob("*.png"))},
+    }
+
+
 def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max_steps: int | None = None,
-          resume: bool = False, config_name: str = "run") -> int:
-    """Train per `cfg` on the data root; 0 when the schedule (or max_steps) is done, 3 when stopped at the budget."""
+          resume: bool = False, config_name: str = "run") -> TrainResult:
+    """Train per `cfg` on the data root; status 0 when the schedule (or max_steps) is done, 3 when stopped at the
+    budget (before it trains when even the first checkpoint would not fit)."""
     from accelerate import Accelerator
 
     from siclip.training.inherit import inherit_weights
@@ -265,25 +299,28 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         if locked:
             raise SiclipError(locked)
         saved = run.path / "config.json"
-        if saved.is_file() and not resume:
+        # a folder whose start failed before its first step holds nothing to keep: it starts afresh; a run that
+        # trained is continued only by --resume with a config that gives the same data order and numbers
+        afresh = saved.is_file() and not run.started()
+        protected = saved.is_file() and not afresh
+        if protected and not resume:
             raise SiclipError(f"{run.path} already holds a run; pass --resume to continue it, or choose another --out")
-        if saved.is_file():
+        if protected:
             before = json.loads(saved.read_text())
             changed = sorted(k for k, v in config_digest(cfg).items() if before.get(k) != v)
             if changed:
                 raise SiclipError(f"--resume with a config that differs from the run's in {', '.join(changed)} "
                                   f"(see {run.path / 'config.toml'}); these decide the data order or the numbers")
-        accelerator.wait_for_everyone()  # every process has looked at the run folder before it changes
-        if main:
-            say(f"# siclip train: resolved config ({run.path / 'config.toml'})\n{to_toml(cfg)}")
-            run.path.mkdir(parents=True, exist_ok=True)
-            run.reconcile(log=say)
-            (run.path / "config.toml").write_text(to_toml(cfg))
-            saved.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-        accelerator.wait_for_everyone()  # the others read the run folder only once it is in order
+        say(f"# siclip train: resolved config ({run.path / 'config.toml'})\n{to_toml(cfg)}")
 
         # -- data ---------------------------------------------------------------------------------------
-        train_shards, val_shards = split_shards(root, cfg.val_shards)
+        train_shards, val_shards = split_shards(root, cfg.val_shards, cfg.val_samples)
+        if protected:  # val_shards and val_samples may change, as long as they hold out the same shards
+            before_held = json.loads((run.path / "data.json").read_text())["val_shards"] \
+                if (run.path / "data.json").is_file() else None
+            if before_held is not None and before_held != [s.name for s in val_shards]:
+                raise SiclipError(f"--resume with a config that holds out {[s.name for s in val_shards]}, but the run "
+                                  f"held out {before_held} (see {run.path / 'data.json'}); choose the same shards")
         check_shards_intact(train_shards + val_shards)
         use_captions = cfg.synthetic_captions > 0 and any(s.loss.clip_synthetic > 0 for s in cfg.stages)
         if use_captions:
@@ -309,10 +346,11 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         # inherit_freeze: what inherit_weights freezes (inherited tensors, not logit_scale nor new modules) stays
         # frozen through the first stage; the later stages' globs alone decide what trains
         frozen_inherited: set[str] = set()
+        report = None
         if cfg.inherit_from and resume_from is None:  # step 0: every process inherits the same way
             try:
-                report = inherit_weights(model, parse_teacher(cfg.inherit_from, root, "inherit_from"), freeze=cfg.inherit_freeze,
-                                         report_path=report_path if main else None)
+                report = inherit_weights(model, parse_teacher(cfg.inherit_from, root, "inherit_from"),
+                                         freeze=cfg.inherit_freeze)  # its report is saved with the run folder
             except (OSError, ValueError, RuntimeError, ImportError) as e:
                 raise SiclipError(f"inherit_from {cfg.inherit_from!r}: {first_line(e)}") from None
             say(f"train: {report.summary()} (report: {report_path})")
@@ -343,16 +381,45 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         stop = min(total, max_steps) if max_steps else total
         if plan0.note:
             say(f"train: loader: {plan0.note}")
+        held_samples = sum(s.samples for s in val_shards)
+
+        # -- the budget: a first checkpoint that would not fit stops the run before it trains --------------
+        begin = resume_from[0] if resume_from is not None else 0
+        if begin < stop:
+            first = min(stop, (begin // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
+            refusal = run.room_for(first, _estimate_checkpoint(run, model, objectives), cfg.keep_checkpoints) \
+                if main else None
+            refusal = _broadcast_message(refusal, accelerator)
+            if refusal:
+                say(f"train: {refusal}")
+                return TrainResult(EXIT_BUDGET, run_summary(run, "budget", begin, begin, total, 0.0, cfg.batch_size)
+                                   if main else {})
+
+        # -- the run folder: written only now that every check has passed -----------------------------------
+        accelerator.wait_for_everyone()  # every process has looked at the run folder before it changes
         if main:
+            if afresh:
+                say(f"train: {run.path} holds a start that failed before its first step (no checkpoint, no "
+                    f"metrics): starting it afresh with this config")
+                run.clear_failed_start()
+            run.path.mkdir(parents=True, exist_ok=True)
+            run.reconcile(log=say)
+            (run.path / "config.toml").write_text(to_toml(cfg))
+            saved.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+            if report is not None:
+                report.save(report_path)
             (run.path / "data.json").write_text(json.dumps({
                 "data_root": str(root.root), "train_shards": [s.name for s in train_shards], "val_shards": [s.name for s in val_shards],
-                "train_samples": sum(s.samples for s in train_shards), "steps_per_epoch": steps_per_epoch,
+                "train_samples": sum(s.samples for s in train_shards), "val_samples": held_samples,
+                "steps_per_epoch": steps_per_epoch,
                 "global_batch": cfg.batch_size, "processes": world, "loader_workers": len(plan0.workers),
                 "samples_per_epoch_used": steps_per_epoch * cfg.batch_size, "total_steps": total,
                 "stages": [{"name": sp.cfg.name, "start": sp.start, "end": sp.end} for sp in spans]}, indent=1) + "\n")
+        accelerator.wait_for_everyone()  # the others read the run folder only once it is in order
+        held = (f"{len(val_shards)} held out ({held_samples:,} samples: {val_shards[0].name}"
+                + (f" … {val_shards[-1].name})" if len(val_shards) > 1 else ")")) if val_shards else "none held out"
         say(f"train: {len(train_shards)} training shards ({sum(s.samples for s in train_shards):,} samples), "
-            f"{len(val_shards)} held out; {steps_per_epoch} steps of {cfg.batch_size} per epoch, {total} steps in "
-            f"{len(spans)} stage(s)")
+            f"{held}; {steps_per_epoch} steps of {cfg.batch_size} per epoch, {total} steps in {len(spans)} stage(s)")
         preprocess = Preprocess(model_config.image.image_size, list(cfg.image_mean), list(cfg.image_std))
 
         # -- optimizer, devices ---------------------------------------------------------------------------
@@ -387,7 +454,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
             run.truncate_metrics(step, keys_path)
         if (run.path / FINAL / "state.json").is_file() and step >= total:
             say(f"train: {run.name} already finished all {total} steps; final model in {run.path / FINAL}")
-            return 0
+            return TrainResult(0, run_summary(run, "finished", step, step, total, 0.0, cfg.batch_size) if main else {})
 
         # -- the loop --------------------------------------------------------------------------------------
         progress = Progress("train", stop, unit="steps") if main else None
@@ -475,12 +542,15 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         if status == 0 and step == total:
             if not _export_final(run, model, preprocess, step, accelerator):
                 status = EXIT_BUDGET
+        summary = {}
         if main:
             write_plots(run)
             elapsed = time.monotonic() - started
-            evals = [r["eval"] for r in run.read_metrics() if "eval" in r]
-            ev = (f"; held-out retrieval i2t R@1 {evals[-1]['i2t_r1']:.3f}, t2i R@1 {evals[-1]['t2i_r1']:.3f} "
-                  f"(chance {evals[-1]['chance_r1']:.3f})") if evals else ""
+            summary = run_summary(run, "budget" if status else "done" if step == total else "max_steps", start_step,
+                                  step, total, elapsed, cfg.batch_size)
+            last_eval = summary["eval"]
+            ev = (f"; held-out retrieval i2t R@1 {last_eval['i2t_r1']:.3f}, t2i R@1 {last_eval['t2i_r1']:.3f} "
+                  f"(chance {last_eval['chance_r1']:.3f})") if last_eval else ""
             where = run.path / FINAL if step == total else run.latest()[1] if run.latest() else run.path
             how = ("stopped at the budget after" if status else "done:" if step == total
                    else f"stopped at --max-steps {stop} (--resume goes on) after")
@@ -489,7 +559,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                 f"{(step - start_step) * cfg.batch_size / max(elapsed, 1e-9):,.1f} samples/s; "
                 f"loss {last.get('loss', float('nan')):.4f}{ev}; model: {where}; plots: {run.path / 'plots'}")
         accelerator.wait_for_everyone()
-        return status
+        return TrainResult(status, summary)
 
 
 def _evaluate(run: Run, model, root, val_shards, preprocess, model_config, device, step, accelerator) -> None:

@@ -2,7 +2,8 @@
 
 ```
 DATA/runs/<name>/
-  config.toml, config.json       the resolved training config (TOML to read, JSON to compare on resume)
+  config.toml, config.json       the resolved training config (TOML to read, JSON to compare on resume); written
+                                 once every check has passed, and replaced when the run never logged a step
   data.json                      training and held-out shards, the epoch plan
   inherit_report.json            what inherit_weights copied, sliced or left fresh
   metrics.jsonl                  one line per logged step (loss terms, lr, temperature, samples/s, memory) and per eval
@@ -99,6 +100,19 @@ class Run:
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
 
+    def started(self) -> bool:
+        """Whether the run trained at all: a whole checkpoint, a final model, or a line of metrics."""
+        return bool(self.checkpoints()) or (self.path / FINAL / STATE).is_file() or (
+            self.metrics_path.is_file() and self.metrics_path.stat().st_size > 0)
+
+    def clear_failed_start(self) -> None:
+        """Remove what a start that failed before its first step left (config, data plan, inheritance report,
+        empty logs), so that a corrected config starts afresh."""
+        for name in ("config.toml", "config.json", "data.json", "inherit_report.json", "metrics.jsonl"):
+            (self.path / name).unlink(missing_ok=True)
+        for path in self.path.glob("keys-rank*.jsonl"):
+            path.unlink()
+
     def checkpoints(self) -> list[tuple[int, Path]]:
         """Whole checkpoints (state.json written), by step."""
         if not self.checkpoints_dir.is_dir():
@@ -158,7 +172,7 @@ class Run:
         if estimate <= left:
             return None
         latest = self.latest()
-        resume = f"the run can resume from {latest[1].name}" if latest else "no checkpoint was kept"
+        resume = f"the run can resume from {latest[1].name}" if latest else "no checkpoint was kept: rerun"
         return (f"stopped at the budget: checkpoint {checkpoint_name(step)} needs about {format_size(estimate)} "
                 f"but only {format_size(left)} of the {format_size(budget.budget_bytes)} budget is left; {resume} "
                 f"once space is freed or the budget raised ('siclip manifest {self.root.root}' shows what is used)")

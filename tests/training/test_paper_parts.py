@@ -236,7 +236,7 @@ def paper_data(tmp_path_factory, teacher_dir):
 def paper_sets(teacher: str) -> list[str]:
     """paper.toml as it is, shortened to 2 + 2 steps of 8 on a CPU, the teacher a local folder (no download)."""
     sets = [f"inherit_from={teacher}", f"stages.0.teacher={teacher}", "batch_size=8", "micro_batch=4", "workers=1",
-            "val_shards=1", "shuffle_buffer=16", "checkpoint_every=1", "keep_checkpoints=4", "eval_every=0", "log_every=1",
+            "val_samples=16", "shuffle_buffer=16", "checkpoint_every=1", "keep_checkpoints=4", "eval_every=0", "log_every=1",
             "record_keys=true", "pm_k=4"]
     for i in (0, 1):
         sets += [f"stages.{i}.epochs=0", f"stages.{i}.steps=2", f"stages.{i}.warmup_steps=1"]

@@ -204,6 +204,31 @@ def test_held_out_shards_are_never_trained_on(tmp_path):
         split_shards(root, len(SIZES))
 
 
+def test_val_samples_holds_out_the_last_whole_shards_that_hold_that_many_skipping_empty_ones(tmp_path):
+    root = make_root(tmp_path, [50, 50, 50, 50, 2, 0])  # a short remainder, then a shard whose rows all failed
+    names = lambda shards: [s.name for s in shards]  # noqa: E731
+    assert names(split_shards(root, val_samples=1)[1]) == ["00004"]
+    train, val = split_shards(root, val_samples=40)
+    assert names(val) == ["00003", "00004"] and names(train) == ["00000", "00001", "00002", "00005"]
+    assert names(split_shards(root, val_samples=52)[1]) == ["00003", "00004"]
+    assert names(split_shards(root, val_samples=53)[1]) == ["00002", "00003", "00004"]
+    with pytest.raises(SiclipError, match="val_samples = 160: .* hold 202 samples, too few to hold out that many"):
+        split_shards(root, val_samples=160)
+    with pytest.raises(SiclipError, match="val_shards = 1 holds out 00005, which hold no samples: nothing to evaluate"):
+        split_shards(root, 1)
+    assert names(split_shards(root, ["00000", "00005"])[1]) == ["00000", "00005"]  # an explicit list with samples
+
+
+def test_val_samples_and_val_shards_together_are_one_clear_error():
+    from siclip.training.config import load_train_config
+
+    with pytest.raises(SiclipError, match=r"val_samples = 100 and val_shards = 1 both choose the held-out shards; "
+                                          r"keep one \(--set val_samples=0 or --set val_shards=0\)"):
+        load_train_config("tiny", ["val_shards=1"])
+    assert load_train_config("tiny", ["val_shards=1", "val_samples=0"]).val_shards == 1
+    assert load_train_config("tiny").val_samples == 100
+
+
 def test_a_batch_too_big_for_the_data_is_refused(tmp_path):
     root = make_root(tmp_path, [3, 3])
     with pytest.raises(SiclipError, match="an epoch has no full batch"):
