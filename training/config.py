@@ -90,7 +90,7 @@ class TrainConfig:
     image_mean: list = field(default_factory=lambda: list(OPENAI_MEAN))  # per-channel mean the pixels (0..1) are normalised by (OpenAI's)
     image_std: list = field(default_factory=lambda: list(OPENAI_STD))  # per-channel std, likewise
     val_samples: int = 0  # held out, never trained on: the last shards by name (empty ones skipped) holding at least N samples
-    val_shards: Any = 0  # ... or these shards: a count (the last N by name) or a list of names; set one of the two
+    val_shards: Any = 0  # held out instead of by val_samples: a count (the last N shards by name) or a list of names; set one of the two
     eval_every: int = 0  # retrieval on the held-out shards every N steps (and at the end); 0: at the end only
     checkpoint_every: int = 100  # steps between checkpoints (and one at the last step)
     keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted (each counts against the budget)
