@@ -38,7 +38,10 @@ def test_a_start_that_fails_after_its_config_is_resolved_leaves_nothing_and_the_
         tmp_path, resume):
     root = make_root(tmp_path / "data", [16, 16, 16])
     flags = ["--resume"] if resume else []
-    bad = train(root, config(tmp_path, "bad", teacher=str(tmp_path / "no-such-teacher")), "run", *flags, check=False)
+    broken = tmp_path / "broken-teacher"  # a model folder by its look, so the failure comes when it loads
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "clip"}')
+    bad = train(root, config(tmp_path, "bad", teacher=str(broken)), "run", *flags, check=False)
     assert bad.returncode == 2 and "does not load" in bad.stderr.strip().splitlines()[-1], bad.stderr[-2000:]
     assert not (root.runs / "run").exists(), "a failed start wrote the run folder"
     res = train(root, config(tmp_path, "good"), "run", *flags)
