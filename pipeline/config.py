@@ -14,6 +14,13 @@ DEFAULT_CONFIG = Path(__file__).with_name("shards.toml")
 RESIZE_MODES = ["center_crop", "border", "keep_ratio", "keep_ratio_largest", "no"]
 DISTRIBUTORS = ["multiprocessing", "pyspark", "ray"]
 FIT_BY = ["samples", "quality", "image_size"]
+# img2dataset's `input_format` names ("json" reads JSON lines or one JSON list of objects); "auto": from each
+# file's name. pipeline/urls.py reads compression from the file itself, so "csv.gz" reads as "csv".
+INPUT_FORMATS = ("auto", "parquet", "csv", "csv.gz", "tsv", "tsv.gz", "json", "json.gz", "jsonl", "jsonl.gz", "txt",
+                 "txt.gz")
+# what img2dataset writes into each sample's .json itself: a kept column by one of these names would be overwritten
+SAMPLE_JSON_KEYS = ("url", "caption", "key", "status", "error_message", "width", "height", "original_width",
+                    "original_height", "exif", "sha256")
 ALLOW_PRIVATE_FLAG = "--allow-private-addresses"  # named by every refusal of a private address
 
 
@@ -23,7 +30,8 @@ def flag(default, help, **kw):
 
 @dataclass
 class ShardsConfig:
-    urls: str = flag("", "URL list: parquet, csv, tsv or jsonl, optionally .gz", metavar="FILE")
+    urls: str = flag("", "URL list: a file, or a folder or glob of files ('lists/*.parquet'), read in file-name order: "
+                     "parquet, csv, tsv, jsonl or txt (one URL per line), optionally .gz", metavar="FILE|DIR|GLOB")
     data: str = flag("data", "data root", metavar="DATA")
     budget: str = flag("1TB", "storage budget for everything under the data root", metavar="SIZE")
     reserve: str = flag("40%", "part of the budget kept for captions, teacher embeddings, checkpoints", metavar="PCT|SIZE")
@@ -34,8 +42,10 @@ class ShardsConfig:
     samples_per_shard: int = flag(10000, "rows of the URL list per shard", metavar="N")
     processes: int = flag(0, "download processes (0: one per core)", metavar="N")
     threads: int = flag(64, "download threads per process", metavar="N")
+    input_format: str = flag("auto", "format of the list's files, as img2dataset names it (auto: from each file's "
+                             "name)", choices=list(INPUT_FORMATS))
     url_col: str = flag("url", "URL column of the list", metavar="NAME")
-    caption_col: str = flag("caption", "caption column of the list", metavar="NAME")
+    caption_col: str = flag("caption", "caption column of the list (empty: none, every caption empty)", metavar="NAME")
     distributor: str = flag("multiprocessing", "img2dataset distributor", choices=DISTRIBUTORS)
     fit: bool = flag(False, "lower the sample count (or --set fit_by=...) until the plan fits the budget", kind="switch")
     retry_failed: bool = flag(False, "re-download samples that failed for a retryable reason into new shards", kind="switch")
@@ -43,6 +53,9 @@ class ShardsConfig:
                                          "addresses (data served on your own network)", kind="switch")
     drop_duplicate_urls: bool = flag(False, "download each URL once: keep the first row of each (duplicates are "
                                      "counted and reported either way)", kind="switch")
+    # columns of the list kept in each sample's .json (and the shard's .parquet), as img2dataset's
+    # save_additional_columns does, e.g. ["similarity", "uid"]
+    save_additional_columns: list[str] = field(default_factory=list)
     fit_by: str = field(default="samples", metadata={"choices": FIT_BY})  # what --fit lowers: samples, quality or image_size
     max_samples: int = 0  # download the first N valid rows of the list only; 0: every row
     timeout: float = 10.0  # seconds per download try, wall clock: connect, headers and body
@@ -97,6 +110,15 @@ class ShardsConfig:
 
             if importlib.util.find_spec(self.distributor) is None:
                 raise SiclipError(f"--distributor {self.distributor} needs its package: pip install 'siclip[{self.distributor}]'")
+        if self.input_format not in INPUT_FORMATS:
+            raise SiclipError(f"input_format {self.input_format!r}: choose one of {', '.join(INPUT_FORMATS)}")
+        taken = [c for c in self.save_additional_columns if c in SAMPLE_JSON_KEYS]
+        if taken:
+            raise SiclipError(f"save_additional_columns: {taken[0]!r} is a key img2dataset writes into each sample's "
+                              f"json itself ({', '.join(SAMPLE_JSON_KEYS)}); the URL and caption columns are kept "
+                              "as url and caption anyway")
+        if len(set(self.save_additional_columns)) < len(self.save_additional_columns):
+            raise SiclipError(f"save_additional_columns names a column twice: {self.save_additional_columns}")
         if self.fit_by not in FIT_BY:
             raise SiclipError(f"fit_by {self.fit_by!r}: choose one of {', '.join(FIT_BY)}")
         if self.resize_mode == "keep_ratio" and self.max_aspect_ratio <= 0:
@@ -109,4 +131,5 @@ class ShardsConfig:
 
     # keys whose change makes different shards: a resumed run must match them
     OUTPUT_KEYS = ("image_size", "resize_mode", "encode_format", "quality", "samples_per_shard", "url_col",
-                   "caption_col", "min_image_size", "max_aspect_ratio", "max_image_pixels", "extract_exif")
+                   "caption_col", "min_image_size", "max_aspect_ratio", "max_image_pixels", "extract_exif",
+                   "save_additional_columns")

@@ -65,7 +65,8 @@ def make_downloader(cfg, output_folder: Path):
                       max_aspect_ratio=cfg.max_aspect_ratio or float("inf"), blurrer=None)
     return GuardedDownloader(fetch_policy(cfg), sample_writer_class=WebDatasetSampleWriter, resizer=resizer,
                              thread_count=cfg.threads, save_caption=True, extract_exif=cfg.extract_exif,
-                             output_folder=str(output_folder), column_list=["url", "caption"], timeout=cfg.timeout,
+                             output_folder=str(output_folder), timeout=cfg.timeout,
+                             column_list=["url", "caption", *cfg.save_additional_columns],  # into each sample's .json
                              number_sample_per_shard=cfg.samples_per_shard, oom_shard_count=5, compute_hash="sha256",
                              verify_hash_type=None, encode_format=cfg.encode_format, retries=cfg.retries,
                              user_agent_token=None,

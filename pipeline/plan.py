@@ -35,6 +35,15 @@ def image_bound(cfg) -> int:
     return int(pixels * 3 * 1.1) + 2048  # cv2 writes no ICC or EXIF segments
 
 
+def extra_json_bytes(table: pa.Table) -> list[int]:
+    """Per row, the bytes its extra columns (those after url and caption) add to its .json: exactly their
+    json.dumps(indent=4) as img2dataset writes them, one level deep in the sample's object."""
+    extras = table.column_names[2:]
+    if not extras:
+        return [0] * table.num_rows
+    return [len(json.dumps(row, indent=4)) for row in table.select(extras).to_pylist()]
+
+
 def shard_bound(table: pa.Table, cfg) -> int:
     """Worst-case bytes of the shard made from `table` (tar + parquet + stats), from its rows' text sizes."""
     url_len = pa.compute.binary_length(table.column("url").cast(pa.binary())).to_pylist()
@@ -43,10 +52,10 @@ def shard_bound(table: pa.Table, cfg) -> int:
     exif = EXIF_BOUND if cfg.extract_exif else 0
     tar = 2 * TAR_BLOCK + 20 * TAR_BLOCK  # end-of-archive blocks and slack for tar record padding
     parquet = PARQUET_FILE_BOUND
-    for u, c in zip(url_len, cap_len):
-        meta = 2 * (u + c) + JSON_FIXED + exif  # json escapes can double a string
+    for u, c, x in zip(url_len, cap_len, extra_json_bytes(table)):
+        meta = 2 * (u + c) + x + JSON_FIXED + exif  # json escapes can double a string
         tar += img + _pad(c) + _pad(meta)
-        parquet += u + c + PARQUET_ROW_OVERHEAD + exif
+        parquet += u + c + x + PARQUET_ROW_OVERHEAD + exif
     return tar + parquet + STATS_FIXED + STATS_PER_ERROR * min(len(url_len), 1000)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -33,6 +34,8 @@ def table_sha256(table: pa.Table) -> str:
             for buf in chunk.buffers():
                 if buf is not None:
                     h.update(buf)
+    for col in table.column_names[2:]:  # the kept extra columns, by value: buffers may hold junk under nulls
+        h.update(json.dumps([col, table.column(col).to_pylist()], default=str).encode())
     return h.hexdigest()
 
 
@@ -78,9 +81,10 @@ def _remove(paths: list[Path]) -> None:
 def _run_locked(root: DataRoot, cfg) -> int:
     t0 = time.monotonic()
     urls = read_url_list(cfg.urls, cfg.url_col, cfg.caption_col, cfg.allow_non_http, cfg.max_samples,
-                         cfg.drop_duplicate_urls)
+                         cfg.drop_duplicate_urls, cfg.input_format, cfg.save_additional_columns)
     refused = ", ".join(f"{k} {v}" for k, v in sorted(urls.refused.items())) or "none"
-    log(f"shards: {cfg.urls}: {urls.source_rows:,} rows, {urls.table.num_rows:,} to download; refused: {refused}")
+    files = f"{urls.files} files, " if urls.files > 1 else ""
+    log(f"shards: {cfg.urls}: {files}{urls.source_rows:,} rows, {urls.table.num_rows:,} to download; refused: {refused}")
     if urls.duplicates and not cfg.drop_duplicate_urls:
         log(f"shards: warning: {urls.duplicates:,} row(s) repeat the URL of an earlier row and will be downloaded "
             f"again, as identical samples; --drop-duplicate-urls keeps the first row of each URL")
@@ -127,7 +131,7 @@ def _run_locked(root: DataRoot, cfg) -> int:
 
 def _check_same_job(manifest: StageManifest, cfg, list_id: str) -> None:
     """A rerun must ask for the same shards as the run that made the existing ones."""
-    made = manifest.params
+    made = {**params_of(type(cfg)(urls="-")), **manifest.params}  # a key newer than the manifest: its default
     now = params_of(cfg)
     diff = [f"{k}={made.get(k)!r} (now {now[k]!r})" for k in now if made.get(k) != now[k]]
     if manifest.info["plan"].get("list_sha256") != list_id:
@@ -226,21 +230,25 @@ def _retry_jobs(root, cfg, manifest: StageManifest) -> list:
 
     info = manifest.info.setdefault("retry", {"harvested": [], "shards": {}})
     reasons = retry_reasons(cfg)
-    urls, caps = [], []
+    columns = ["url", "caption", *cfg.save_additional_columns]
+    parts = []
     for unit in sorted(manifest.entries):
         if unit in info["harvested"]:
             continue
-        t = pq.read_table(shard_files(root.shards, int(unit))[1], columns=["url", "caption", "status", "error_message"])
-        for u, c, st, err in zip(*(t.column(n).to_pylist() for n in t.column_names)):
-            if st != "success" and classify(err) in reasons:
-                urls.append(u)
-                caps.append(c or "")
+        t = pq.read_table(shard_files(root.shards, int(unit))[1], columns=[*columns, "status", "error_message"])
+        again = [st != "success" and classify(err) in reasons
+                 for st, err in zip(t.column("status").to_pylist(), t.column("error_message").to_pylist())]
+        parts.append(t.select(columns).filter(pa.array(again, pa.bool_())))
         info["harvested"].append(unit)
         info.setdefault("reasons", {})[unit] = sorted(reasons)  # which of its failures were tried again
     planned = manifest.info["plan"]["shards"]
     next_id = max([planned - 1] + [int(k) for k in info["shards"]] + [int(u) for u in manifest.entries]) + 1
     sps = cfg.samples_per_shard
-    table = pa.table({"url": pa.array(urls, pa.string()), "caption": pa.array(caps, pa.string())})
+    if parts:
+        table = pa.concat_tables(parts).combine_chunks()
+        table = table.set_column(1, "caption", table.column("caption").fill_null(""))
+    else:
+        table = pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())})
     retry_dir = root.work / "shards" / "retry"
     retry_dir.mkdir(parents=True, exist_ok=True)
     for i in range(0, table.num_rows, sps):
