@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
@@ -86,3 +87,9 @@ def remove_stale_temps(folder: Path) -> int:
             p.unlink(missing_ok=True)
             n += 1
     return n
+
+
+def failpoint(name: str) -> None:
+    """Tests kill the job at a named moment (SICLIP_FAILPOINT=name): a real SIGKILL, no cleanup, as a crash."""
+    if os.environ.get("SICLIP_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -133,6 +133,8 @@ def iter_shard(tar_path: Path | str, record: dict | None = None) -> Iterator[dic
                         raise CorruptShardError(f"{tar_path}: key {key} appears twice (members not grouped by key)")
                     seen.add(key)
                     current = {"__key__": key, "__url__": str(tar_path)}
+                if ext in current:  # the later member would silently replace the earlier one
+                    raise CorruptShardError(f"{tar_path}: member {member['fname']} appears twice (key {key})")
                 current[ext] = member["data"]
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         msg = str(e.args[0]) if e.args else type(e).__name__

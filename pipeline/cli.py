@@ -8,7 +8,8 @@ from siclip.pipeline.config import DEFAULT_CONFIG, ShardsConfig
 
 def add_arguments(parser) -> None:
     parser.description = ("Download an image-text URL list with img2dataset into webdataset shards under DATA/shards, "
-                          "under a storage budget planned on a pilot shard and enforced per shard. Rerun to resume.")
+                          "under a storage budget planned on a pilot shard and enforced per shard. Rerun to resume. With --adopt, "
+                          "take in the tars of an img2dataset output folder (or brace notation) made elsewhere instead.")
     add_config_arguments(parser, ShardsConfig, DEFAULT_CONFIG)
 
 

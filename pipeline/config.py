@@ -35,6 +35,11 @@ class ShardsConfig:
     data: str = flag("data", "data root", metavar="DATA")
     budget: str = flag("1TB", "storage budget for everything under the data root", metavar="SIZE")
     reserve: str = flag("40%", "part of the budget kept for captions, teacher embeddings, checkpoints", metavar="PCT|SIZE")
+    adopt: str = flag("", "instead of --urls: take in webdataset tars made elsewhere, an img2dataset output folder "
+                      "or brace notation such as '/d/{00000..00099}.tar' (hard-linked into DATA/shards)",
+                      metavar="SOURCE")
+    copy: bool = flag(False, "with --adopt: copy the tars instead of hard-linking them (needed when SOURCE is on "
+                      "another file system than DATA)", kind="switch")
     image_size: int = flag(256, "target image size in pixels", metavar="PX")
     resize_mode: str = flag("center_crop", "img2dataset resize mode", choices=RESIZE_MODES)
     encode_format: str = flag("jpg", "image encoding in the shards", choices=["jpg", "webp", "png"])
@@ -71,8 +76,13 @@ class ShardsConfig:
     progress_every_s: float = 2.0  # seconds between progress lines on stderr
 
     def validate(self) -> None:
-        if not self.urls:
-            raise SiclipError("no URL list given: pass --urls FILE")
+        if self.urls and self.adopt:
+            raise SiclipError("--urls and --adopt both given: download a URL list or adopt existing shards, "
+                              "one per data root")
+        if not (self.urls or self.adopt):
+            raise SiclipError("no URL list given: pass --urls FILE (or --adopt SOURCE for shards made elsewhere)")
+        if self.copy and not self.adopt:
+            raise SiclipError("--copy copies the tars that --adopt takes in: pass --adopt SOURCE too")
         budget = parse_size(self.budget)
         reserve = parse_reserve(self.reserve, budget)
         if reserve >= budget:  # caught here, before the pilot downloads anything

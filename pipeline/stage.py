@@ -46,6 +46,10 @@ def run_shards(cfg) -> int:
     print_config(cfg, "siclip shards")
     with stage_lock(root, "shards"):
         try:
+            if cfg.adopt:
+                from siclip.pipeline.adopt import adopt_locked
+
+                return adopt_locked(root, cfg)
             return _run_locked(root, cfg)
         except BaseException:
             if new and not _finished_any(root):
@@ -98,6 +102,9 @@ def _run_locked(root: DataRoot, cfg) -> int:
         log(f"shards: warning: the budget {format_size(budget)} is larger than the free disk {format_size(free)}")
 
     manifest = StageManifest.load(root, "shards")
+    if "adopt" in manifest.info:  # its shards have no URL list, and names a download would take
+        raise SiclipError(f"the shards under {root.root} were adopted by 'siclip shards --adopt'; download a URL list "
+                          f"into another --data (one data root holds downloaded or adopted shards)")
     reconcile(root, manifest, cfg.encode_format, log=log)
     list_id = table_sha256(urls.table)
     plan_info = manifest.info.get("plan")

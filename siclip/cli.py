@@ -24,7 +24,8 @@ def stage_commands() -> list:
     from siclip.training import eval_cli, export_cli
 
     return [
-        ("shards", shards, "stage 1: download a URL list into webdataset shards under a storage budget"),
+        ("shards", shards, "stage 1: download a URL list into webdataset shards under a storage budget (or "
+                   "--adopt shards made elsewhere)"),
         ("captions", captions, "stage 2: synthetic captions into Arrow sidecars, fanned out on dask"),
         ("teacher", teacher, "stage 2b: CLIP teacher embeddings into Arrow sidecars"),
         ("train", train, "stage 3: train a SiCLIP model with Accelerate"),

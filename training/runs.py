@@ -21,23 +21,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 from siclip.manifests.errors import SiclipError
-from siclip.manifests.io import atomic_write_bytes, fsync_dir
+from siclip.manifests.io import atomic_write_bytes, failpoint, fsync_dir
 from siclip.manifests.layout import DataRoot
 from siclip.manifests.manifest import StageManifest
 from siclip.manifests.storage import StorageBudget, format_size
 from siclip.teachers import CHECKPOINT, FINAL, STATE  # the run layout
 
-
-
-def failpoint(name: str) -> None:
-    """Tests kill the job at a named moment (SICLIP_FAILPOINT=name): a real SIGKILL, no cleanup, as a crash."""
-    if os.environ.get("SICLIP_FAILPOINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checkpoint_name(step: int) -> str:

@@ -73,6 +73,12 @@ def test_a_key_whose_members_are_not_together_is_a_corrupt_shard(tmp_path):
         next(got)
 
 
+def test_a_member_twice_in_a_row_is_a_corrupt_shard_not_a_silently_replaced_image(tmp_path):
+    tar = _tar(tmp_path / "00000.tar", [("a.jpg", b"1"), ("a.jpg", b"2"), ("a.txt", b"x")])
+    with pytest.raises(CorruptShardError, match=f"{tar}: member a.jpg appears twice"):
+        list(iter_shard(tar))
+
+
 def test_samples_joined_with_captions_by_key(tmp_path):
     root = DataRoot(tmp_path)
     _shard(root)
