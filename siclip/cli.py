@@ -30,7 +30,7 @@ def stage_commands() -> list:
         ("teacher", teacher, "stage 2b: CLIP teacher embeddings into Arrow sidecars"),
         ("train", train, "stage 3: train a SiCLIP model with Accelerate"),
         ("eval", eval_cli, "zero-shot classification and retrieval of a trained model"),
-        ("export", export_cli, "a trained pre-LN run as a transformers CLIPModel folder"),
+        ("export", export_cli, "a trained run as a Hugging Face folder that loads without siclip"),
     ]
 
 
