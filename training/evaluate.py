@@ -403,42 +403,48 @@ def class_embeddings(encoder, names: list[str], templates: list[str], where: str
     return weights
 
 
+def image_batches(paths: list[Path], batch_size: int, skipped: SkippedImages, where: str, label: str,
+                  progress: bool, log):
+    """The images at `paths`, decoded, as (their indices, PIL images) a batch at a time, with a progress line
+    (`eval: LABEL`) per batch when `progress`. A file that does not decode is left out and counted in `skipped`,
+    and `log` names the first at the end; a SiclipError naming `where` when none decodes."""
+    bar = Progress(f"eval: {label}", len(paths), unit="images") if progress else None
+    readable = 0
+    for start in range(0, len(paths), batch_size):
+        batch = [(i, img) for i in range(start, min(start + batch_size, len(paths)))
+                 if (img := skipped.decode(paths[i])) is not None]
+        if batch:
+            readable += len(batch)
+            yield [i for i, _ in batch], [img for _, img in batch]
+        if bar:
+            bar.update(min(start + batch_size, len(paths)), skipped_note(skipped), force=start + batch_size >= len(paths))
+    if bar:
+        bar.close()
+    if skipped.count:
+        log(f"eval: {where}: {skipped.summary(len(paths))}")
+    if not readable:
+        raise SiclipError(f"{where}: none of its {len(paths)} images is readable ({skipped.first})")
+
+
 @torch.no_grad()
 def zeroshot(encoder, task: ZeroShotSet, batch_size: int = 64, progress: bool = True,
              log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> dict[str, float]:
     """Zero-shot classification of a ZeroShotSet by an encoder: top-1, top-5 and mean per-class recall (also under
     CLIP_benchmark's keys acc1, acc5), with a progress line per batch on stderr when `progress`. A file that does
     not decode is left out: `unreadable` counts them, and `log` names the first."""
-    folder, items, n = task.folder, task.items, len(task.names)
-    where = f"zero-shot {folder}"
+    items, n = task.items, len(task.names)
+    where = f"zero-shot {task.folder}"
     weights = class_embeddings(encoder, task.names, task.templates, where, progress)
     correct1, correct5, labels = [], [], []
     skipped = SkippedImages()
-    bar = Progress(f"eval: {where}", len(items), unit="images") if progress else None
-    for start in range(0, len(items), batch_size):
-        images, y = [], []
-        for path, label in items[start:start + batch_size]:
-            img = skipped.decode(path)
-            if img is not None:
-                images.append(img)
-                y.append(label)
-        if images:
-            emb = encoder.images(images)
-            check_finite(emb, "image", where)
-            top = (emb @ weights.T).topk(min(5, n), dim=1).indices
-            y = torch.tensor(y)
-            correct1.append(top[:, 0] == y)
-            correct5.append((top == y[:, None]).any(dim=1))
-            labels.append(y)
-        if bar:
-            bar.update(min(start + batch_size, len(items)), skipped_note(skipped),
-                       force=start + batch_size >= len(items))
-    if bar:
-        bar.close()
-    if skipped.count:
-        log(f"eval: {where}: {skipped.summary(len(items))}")
-    if not labels:
-        raise SiclipError(f"{where}: none of its {len(items)} images is readable ({skipped.first})")
+    for index, images in image_batches([p for p, _ in items], batch_size, skipped, where, where, progress, log):
+        emb = encoder.images(images)
+        check_finite(emb, "image", where)
+        top = (emb @ weights.T).topk(min(5, n), dim=1).indices
+        y = torch.tensor([items[i][1] for i in index])
+        correct1.append(top[:, 0] == y)
+        correct5.append((top == y[:, None]).any(dim=1))
+        labels.append(y)
     c1, c5, y = torch.cat(correct1), torch.cat(correct5), torch.cat(labels)
     per_class = [float(c1[y == i].float().mean()) for i in range(n) if (y == i).any()]
     top1, top5 = float(c1.float().mean()), float(c5.float().mean())
@@ -510,28 +516,13 @@ def karpathy_retrieval(encoder, captions: CaptionSet, batch_size: int = 64, prog
     that does not decode is left out with its captions: `unreadable` counts them, and `log` names the first."""
     where = f"retrieval {captions.source.name} ({captions.split})"
     skipped = SkippedImages()
-    bar = Progress(f"eval: {where} images", len(captions.images), unit="images") if progress else None
     image_emb, texts, owner, kept = [], [], [], 0
-    for start in range(0, len(captions.images), batch_size):
-        batch = []
-        for i in range(start, min(start + batch_size, len(captions.images))):
-            img = skipped.decode(captions.images[i])
-            if img is not None:
-                batch.append(img)
-                owner += [kept] * len(captions.captions[i])  # the index of this image among those embedded
-                texts += captions.captions[i]
-                kept += 1
-        if batch:
-            image_emb.append(encoder.images(batch))
-        if bar:
-            bar.update(min(start + batch_size, len(captions.images)), skipped_note(skipped),
-                       force=start + batch_size >= len(captions.images))
-    if bar:
-        bar.close()
-    if skipped.count:
-        log(f"eval: {where}: {skipped.summary(len(captions.images))}")
-    if not image_emb:
-        raise SiclipError(f"{where}: none of its {len(captions.images)} images is readable ({skipped.first})")
+    for index, images in image_batches(captions.images, batch_size, skipped, where, f"{where} images", progress, log):
+        image_emb.append(encoder.images(images))
+        for i in index:  # owner: each caption's image, counted among the images embedded
+            owner += [kept] * len(captions.captions[i])
+            texts += captions.captions[i]
+            kept += 1
     bar = Progress(f"eval: {where} captions", len(texts), unit="captions") if progress else None
     text_emb = []
     for start in range(0, len(texts), batch_size):
