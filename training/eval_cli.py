@@ -37,8 +37,9 @@ def add_arguments(parser) -> None:
                              "'simple' (their 7-template subset), or a file, one per line with {} (default: each "
                              "folder's templates.txt, else photo prompts)")
     parser.add_argument("--retrieval", nargs="?", const="", metavar="DATA",
-                        help="retrieval on held-out shards of DATA (default: the run's data root and val_shards); "
-                             "the default when neither --imagefolder nor --retrieval-json is given")
+                        help="retrieval on held-out shards of DATA (default: the run's data root and val_shards; "
+                             "a baseline: every shard of DATA); the default when neither --imagefolder nor "
+                             "--retrieval-json is given")
     parser.add_argument("--retrieval-json", type=Path, metavar="FILE",
                         help="retrieval on COCO or Flickr30k in Karpathy's split form (dataset_coco.json, "
                              "dataset_flickr30k.json), images under --images")

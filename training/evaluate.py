@@ -275,8 +275,8 @@ def _read_text(path, what: str, missing: str = "no such file") -> str:
 
 
 def read_templates(path: str | Path | None, folder: Path | None = None) -> list[str]:
-    """The prompts: `path` (a file, or a shipped set: openai, simple), else the image folder's own templates.txt,
-    else photo prompts."""
+    """The prompts: `path` (a file, one per line with {} or {c} for the class name, or a shipped set: openai,
+    simple), else the image folder's own templates.txt, else photo prompts."""
     if path is None and folder is not None and (Path(folder) / TEMPLATES_FILE).is_file():
         path = Path(folder) / TEMPLATES_FILE
     if path is None:
@@ -284,7 +284,8 @@ def read_templates(path: str | Path | None, folder: Path | None = None) -> list[
     name = _shipped(path, TEMPLATE_SETS)
     text = _read_text(ASSETS / TEMPLATE_SETS[name] if name else path, "templates",
                       f"no such file, nor a shipped set ({', '.join(TEMPLATE_SETS)})")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    # CLIP_benchmark writes the class as {c}: its template sets serve as they are
+    lines = [ln.strip().replace("{c}", "{}") for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     bad = [ln for ln in lines if not fills_one_class(ln)]
     if not lines or bad:
         raise SiclipError(f"templates {path}: one prompt per line, each with {{}} for the class name and no other "

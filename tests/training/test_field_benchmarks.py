@@ -35,7 +35,7 @@ def image_classes(folder: Path, classes: dict[str, tuple], per_class: int = 2) -
 # ----------------------------------------------------------------------------- the shipped lists
 
 
-def test_the_shipped_lists_are_imagenets_1000_classes_and_openais_80_templates_and_a_wheel_carries_them():
+def test_the_shipped_lists_are_imagenets_1000_classes_and_openais_80_templates_and_a_wheel_carries_them(tmp_path):
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -49,6 +49,9 @@ def test_the_shipped_lists_are_imagenets_1000_classes_and_openais_80_templates_a
     openai = read_templates("openai")
     assert len(openai) == len(set(openai)) == 80 and openai[0] == "a bad photo of a {}."
     assert len(read_templates("simple")) == 7 and set(read_templates("simple")) < set(openai)
+    # a set from CLIP_benchmark's template file, one per line, as it writes them
+    (tmp_path / "cifar.txt").write_text("a photo of a {c}.\na blurry photo of a {c}.\n")
+    assert read_templates(tmp_path / "cifar.txt") == ["a photo of a {}.", "a blurry photo of a {}."]
     # pyproject's package-data puts every shipped list (and where it comes from) into the wheel
     patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["*"]
     for path in ASSETS.iterdir():
