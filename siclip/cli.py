@@ -29,7 +29,7 @@ def stage_commands() -> list:
         ("captions", captions, "stage 2: synthetic captions into Arrow sidecars, fanned out on dask"),
         ("teacher", teacher, "stage 2b: CLIP teacher embeddings into Arrow sidecars"),
         ("train", train, "stage 3: train a SiCLIP model with Accelerate"),
-        ("eval", eval_cli, "zero-shot classification and retrieval of a trained model"),
+        ("eval", eval_cli, "zero-shot classification and retrieval of a trained model or a baseline"),
         ("export", export_cli, "a trained run as a Hugging Face folder that loads without siclip"),
     ]
 

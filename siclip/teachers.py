@@ -14,6 +14,7 @@ A name is one of
     tiny                        a tiny random CLIP built in memory (tests and smoke runs of stage 2)
     a siclip run or checkpoint  a run's final model, else its latest checkpoint
     a transformers model        a local folder or a hub name with image and text features (CLIPModel, …)
+    hf:FOLDER, hf:ORG/NAME      the same, said explicitly: a name that is not a transformers model is refused
 A path may be given relative to the data root (`runs/teacher/clip`). A name that gives no weights is
 refused: open_clip would build random weights without a word. A name that is not there is a hub name only
 when it reads as one (NAME or ORG/NAME): a near miss of a kind (`sidcar`) or a path (`./runs/x`, `/a/b`,
@@ -35,8 +36,9 @@ from siclip.manifests.messages import first_line
 KEYWORDS = ("none", "sidecar")
 PREFIX = "open_clip:"
 TIMM = "timm:"
+HF = "hf:"
 TINY = "tiny"
-WORDS, PREFIXES = (*KEYWORDS, TINY), (PREFIX, TIMM)  # the kinds a name is checked against for a near miss
+WORDS, PREFIXES = (*KEYWORDS, TINY), (PREFIX, TIMM, HF)  # the kinds a name is checked against for a near miss
 KIND = re.compile(r"^[A-Za-z][\w.-]*:")  # `kind:` at the start of a name (a path's colon comes after a / or .)
 # a siclip model folder and a run's layout: config.json says format "siclip"; a run keeps final/ and checkpoints/
 MODEL_CONFIG = "config.json"
@@ -199,6 +201,14 @@ def parse_teacher(spec: str, root=None, what: str = "teacher") -> TeacherSpec:
         return TeacherSpec("open_clip", spec, given)
     if spec.startswith(TIMM):
         return TeacherSpec("timm", spec, given)
+    if spec.startswith(HF):
+        if not spec[len(HF):]:
+            raise SiclipError(f"{what} {given!r} names no model: use hf:FOLDER or hf:ORG/NAME")
+        named = parse_teacher(spec[len(HF):], root, what)
+        if named.kind != "transformers":
+            raise SiclipError(f"{what} {given!r}: {named.given!r} is a {named.kind} name, not a transformers model "
+                              f"(drop the {HF} prefix)")
+        return TeacherSpec("transformers", named.source, given)
     spec = in_data_root(spec, root)
     checkpoint = find_checkpoint(spec)
     if checkpoint is not None:

@@ -92,6 +92,10 @@ class TrainConfig:
     val_samples: int = 0  # held out, never trained on: the last shards by name (empty ones skipped) holding at least N samples
     val_shards: Any = 0  # held out instead of by val_samples: a count (the last N shards by name) or a list of names; set one of the two
     eval_every: int = 0  # retrieval on the held-out shards every N steps (and at the end); 0: at the end only
+    zeroshot_every: int = 0  # zero-shot on zeroshot_folders every N steps (and at the end), logged with the evals; 0: off
+    zeroshot_folders: list = field(default_factory=list)  # folders of class sub-folders, as siclip eval --imagefolder (a path may be relative to the data root)
+    zeroshot_classnames: str = ""  # their class names, as siclip eval --classnames: a file or imagenet; "": the folder names
+    zeroshot_templates: str = ""  # their prompts, as siclip eval --templates: a file, openai or simple; "": each folder's templates.txt, else photo prompts
     checkpoint_every: int = 100  # steps between checkpoints (and one at the last step)
     keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted (each counts against the budget)
     log_every: int = 1  # steps between lines of metrics.jsonl
@@ -109,9 +113,14 @@ class TrainConfig:
                      "shuffle_initial", "open_shards"):
             if getattr(self, name) < 1:
                 raise bad(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("micro_batch", "workers", "threads", "synthetic_captions", "eval_every", "pm_k", "val_samples"):
+        for name in ("micro_batch", "workers", "threads", "synthetic_captions", "eval_every", "pm_k", "val_samples",
+                     "zeroshot_every"):
             if getattr(self, name) < 0:
                 raise bad(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if bool(self.zeroshot_every) != bool(self.zeroshot_folders):
+            raise bad("zeroshot_every and zeroshot_folders go together: the steps between zero-shot evaluations and "
+                      f"the folders of class sub-folders they classify (got {self.zeroshot_every} and "
+                      f"{self.zeroshot_folders})")
         if self.precision not in PRECISIONS:
             raise bad(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if len(self.crop_scale) != 2 or not 0 < float(self.crop_scale[0]) <= float(self.crop_scale[1]) <= 1:

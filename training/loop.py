@@ -40,17 +40,18 @@ from siclip.manifests.manifest import StageManifest, stage_lock
 from siclip.manifests.progress import Progress, format_duration
 from siclip.manifests.storage import format_size
 from siclip.training.config import StageConfig, TrainConfig, match_globs, to_toml
-from siclip.training.data import (SampleSettings, check_shards_intact, check_sidecars, plan_epoch, split_shards,
-                           train_loader)
+from siclip.training.data import (SampleSettings, check_shards_intact, check_sidecars, plan_epoch, shared_tokenizer,
+                           split_shards, train_loader)
 from siclip.images import Preprocess
-from siclip.training.evaluate import retrieval, to_input
-from siclip.teachers import parse_teacher
+from siclip.training.evaluate import ModelEncoder, retrieval, to_input, zeroshot_results, zeroshot_set
+from siclip.teachers import in_data_root, parse_teacher
 from siclip.training.objective import Features, Objective, load_teacher, stage_objectives
 from siclip.training.runs import FINAL, STATE, Run, checkpoint_name, failpoint, folder_bytes, write_plots
 from siclip.manifests.messages import log, first_line
 
 # keys a resumed run may change; the rest decide the data order or the numbers
-RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys", "threads"}
+RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys", "threads",
+                     "zeroshot_every", "zeroshot_folders", "zeroshot_classnames", "zeroshot_templates"}
 HELD_OUT_KEYS = {"val_samples", "val_shards"}  # two ways to name the held-out shards: compared by the shards
 EXIT_BUDGET = 3
 
@@ -322,6 +323,8 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                 raise SiclipError(f"--resume with a config that holds out {[s.name for s in val_shards]}, but the run "
                                   f"held out {before_held} (see {run.path / 'data.json'}); choose the same shards")
         check_shards_intact(train_shards + val_shards)
+        zeroshot_sets = [zeroshot_set(in_data_root(str(f), root), cfg.zeroshot_classnames or None,
+                                      cfg.zeroshot_templates or None, "zeroshot_folders") for f in cfg.zeroshot_folders]
         use_captions = cfg.synthetic_captions > 0 and any(s.loss.clip_synthetic > 0 for s in cfg.stages)
         if use_captions:
             check_sidecars(root, "captions", train_shards, "clip_synthetic > 0")
@@ -520,8 +523,11 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                         progress.update(step - start_step, f"{span.cfg.name} | loss {last['loss']:.3f} | lr {lr:.2e} | "
                                         f"{(step - start_step) * cfg.batch_size / (time.monotonic() - started):,.1f} "
                                         f"samples/s", force=step == stop)
-                    if val_shards and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
-                        _evaluate(run, model, root, val_shards, preprocess, model_config, device, step, accelerator)
+                    due = val_shards and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total)
+                    zeroshot_due = zeroshot_sets and (step % cfg.zeroshot_every == 0 or step == total)
+                    if due or zeroshot_due:
+                        _evaluate(run, model, root, val_shards if due else [], preprocess, model_config, device, step,
+                                  accelerator, zeroshot_sets if zeroshot_due else [])
                         frozen_batchnorm_to_eval(model)  # evaluation put the whole model back in train mode
                     if step % cfg.checkpoint_every == 0 or step == stop:
                         if not _checkpoint(run, cfg, step, epoch, span, model, objectives, preprocess, accelerator):
@@ -550,7 +556,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                                   step, total, elapsed, cfg.batch_size)
             last_eval = summary["eval"]
             ev = (f"; held-out retrieval i2t R@1 {last_eval['i2t_r1']:.3f}, t2i R@1 {last_eval['t2i_r1']:.3f} "
-                  f"(chance {last_eval['chance_r1']:.3f})") if last_eval else ""
+                  f"(chance {last_eval['chance_r1']:.3f})") if last_eval and "i2t_r1" in last_eval else ""
             where = run.path / FINAL if step == total else run.latest()[1] if run.latest() else run.path
             how = ("stopped at the budget after" if status else "done:" if step == total
                    else f"stopped at --max-steps {stop} (--resume goes on) after")
@@ -562,12 +568,16 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         return TrainResult(status, summary)
 
 
-def _evaluate(run: Run, model, root, val_shards, preprocess, model_config, device, step, accelerator) -> None:
+def _evaluate(run: Run, model, root, val_shards, preprocess, model_config, device, step, accelerator,
+              zeroshot_sets=()) -> None:
     problem = None
     if accelerator.is_main_process:
         try:
             metrics = retrieval(model, root, val_shards, preprocess, model_config.text.context_length, device,
-                                where=f"{run.path} at step {step}")
+                                where=f"{run.path} at step {step}") if val_shards else {}
+            if zeroshot_sets:  # in the shape `siclip eval --json` gives, which the plots read
+                encoder = ModelEncoder(model, shared_tokenizer(), preprocess, device)
+                metrics["zeroshot"] = zeroshot_results(encoder, zeroshot_sets, progress=False, log=log)
             run.append_metrics({"step": step, "eval": metrics})
             write_plots(run)
         except SiclipError as e:  # a diverged model: every process stops, none waits for the main one

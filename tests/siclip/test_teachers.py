@@ -63,6 +63,24 @@ def test_org_slash_name_is_a_folder_where_its_first_part_is_one_here_or_in_the_d
     assert "'weights.pt' is a file" in refusal("weights.pt")
 
 
+def test_hf_names_a_transformers_model_and_refuses_anything_else(tmp_path, monkeypatch):
+    from siclip.training.model import build_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text("{}")
+    spec = parse_teacher("hf:clip", what="--model")
+    assert (spec.kind, spec.source, spec.given) == ("transformers", str(tmp_path / "clip"), "hf:clip")
+    assert parse_teacher("hf:openai/clip-vit-base-patch32").source == "openai/clip-vit-base-patch32"  # the hub's
+    build_model("tiny").save_pretrained(tmp_path / "run" / "final")
+    assert refusal("hf:run", what="--model") == "--model 'hf:run': 'run' is a siclip name, not a transformers model " \
+                                                "(drop the hf: prefix)"
+    assert refusal("hf:sidecar") == "teacher 'hf:sidecar': 'sidecar' is a sidecar name, not a transformers model " \
+                                    "(drop the hf: prefix)"
+    assert refusal("hf:") == "teacher 'hf:' names no model: use hf:FOLDER or hf:ORG/NAME"
+    assert refusal("hf:./nope").startswith("teacher './nope': no such folder: ")
+
+
 def test_the_configs_and_inheritance_name_the_key(tmp_path, monkeypatch):
     from siclip.training.config import load_train_config
     from siclip.training.inherit import inherit_weights

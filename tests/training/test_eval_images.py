@@ -80,7 +80,7 @@ def test_a_transparent_png_reads_the_same_from_disk_in_eval_as_from_its_shard(tm
 
 def test_zero_shot_skips_a_file_that_is_no_image_counts_it_and_still_gives_a_result(tmp_path, tokenizer, capsys):
     from siclip.images import OPENAI_MEAN, OPENAI_STD
-    from siclip.training.evaluate import zeroshot
+    from siclip.training.evaluate import ModelEncoder, zeroshot, zeroshot_set
     from siclip.training.model import build_model
 
     folder = tmp_path / "classes"
@@ -94,7 +94,7 @@ def test_zero_shot_skips_a_file_that_is_no_image_counts_it_and_still_gives_a_res
     torch.manual_seed(0)
     model = build_model("tiny").eval()
     preprocess = Preprocess(model.config.image.image_size, list(OPENAI_MEAN), list(OPENAI_STD))
-    out = zeroshot(model, tokenizer, preprocess, folder, ["a {}."])
+    out = zeroshot(ModelEncoder(model, tokenizer, preprocess), zeroshot_set(folder, templates=["a {}."]))
     assert out["images"] == 4 and out["unreadable"] == 1 and out["classes"] == 2
     assert 0 <= out["top1"] <= out["top5"] == 1.0
     err = capsys.readouterr().err

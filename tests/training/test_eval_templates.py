@@ -19,7 +19,7 @@ def test_a_missing_templates_file_is_one_line_naming_it_and_exit_2(tmp_path):
     missing = tmp_path / "missing.txt"
     res = siclip("eval", "--run", tmp_path / "run", "--imagefolder", folder, "--templates", missing, check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1] == f"siclip eval: error: templates {missing}: no such file"
+    assert res.stderr.strip().splitlines()[-1] == f"siclip eval: error: templates {missing}: no such file, nor a shipped set (openai, simple)"
 
 
 @pytest.mark.parametrize("content, says", [

@@ -85,7 +85,7 @@ def test_a_diverged_model_stops_zero_shot_with_one_line_naming_the_folder(tmp_pa
     from PIL import Image
 
     from siclip.training.data import shared_tokenizer
-    from siclip.training.evaluate import zeroshot
+    from siclip.training.evaluate import ModelEncoder, zeroshot, zeroshot_set
     from siclip.training.model import build_model, load_config
 
     folder = tmp_path / "classes"
@@ -96,7 +96,8 @@ def test_a_diverged_model_stops_zero_shot_with_one_line_naming_the_folder(tmp_pa
     with torch.no_grad():
         next(p for n, p in model.named_parameters() if n.startswith("visual.")).fill_(float("nan"))
     with pytest.raises(SiclipError, match=rf"^zero-shot {folder}: 2 of 2 image embeddings are not finite"):
-        zeroshot(model, shared_tokenizer(), Preprocess(16, [0.5] * 3, [0.25] * 3), folder, ["a {}."])
+        zeroshot(ModelEncoder(model, shared_tokenizer(), Preprocess(16, [0.5] * 3, [0.25] * 3)),
+                 zeroshot_set(folder, templates=["a {}."]))
 
 
 def break_image(root, shard: int, i: int, data: bytes = b"not a JPEG, whatever its name says") -> str:
