@@ -76,7 +76,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute each block in the backward pass (less memory, more compute)
     workers: int = 2  # loader processes per training process (0: load in the training process)
     threads: int = 0  # torch threads of the training process; 0: torch's default (1 is fastest for tiny models on a busy CPU)
-    precision: str = "auto"  # no | bf16 | fp16 | auto (bf16 on a GPU that has it, fp16 on one without, fp32 on CPU)
+    precision: str = "auto"  # no | bf16 | fp16 | auto: Accelerate's when it has one (accelerate launch --mixed_precision, accelerate config), else bf16 on a GPU that has it, fp16 on one without, fp32 on CPU
     weight_decay: float = 0.1  # AdamW's, on weights only (not on gains, biases, norms or logit_scale)
     betas: list = field(default_factory=lambda: [0.9, 0.98])  # AdamW's β1, β2
     eps: float = 1e-6  # AdamW's ε

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import resource
 import time
 from contextlib import ExitStack, contextmanager
@@ -66,6 +67,18 @@ def resolve_precision(precision: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
+
+
+def choose_precision(precision: str) -> tuple[str | None, str]:
+    """What to ask Accelerator for, and why: a precision the config names wins; "auto" leaves the choice to
+    Accelerate when it has one (ACCELERATE_MIXED_PRECISION, which `accelerate launch` sets from its
+    --mixed_precision flag or `accelerate config`'s file), else takes siclip's choice for the device."""
+    if precision != "auto":
+        return precision, f"precision = {precision!r} in the config"
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None, (f"Accelerate's: ACCELERATE_MIXED_PRECISION={os.environ['ACCELERATE_MIXED_PRECISION']}, as "
+                      f"accelerate launch sets it from --mixed_precision or accelerate config")
+    return resolve_precision("auto"), "siclip's for this device (precision = \"auto\" and none from Accelerate)"
 
 
 def chunks(n: int, size: int) -> list[slice]:
@@ -274,16 +287,17 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
     from siclip.training.model import build_model, load_config
 
     # -- prepare: the processes, the run folder, the config ---------------------------------------------
-    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.precision))
+    root = DataRoot(data)
+    if not root.manifest_path("shards").is_file():
+        raise SiclipError(f"{root.manifest_path('shards')} does not exist: run 'siclip shards --data {root.root}' first")
+    run = Run.at(root, out or config_name)
+    precision, chosen_by = choose_precision(cfg.precision)
+    accelerator = Accelerator(mixed_precision=precision)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     main, rank, world, device = (accelerator.is_main_process, accelerator.process_index,
                                  accelerator.num_processes, accelerator.device)
     say = log if main else (lambda msg: None)
-    root = DataRoot(data)
-    if not root.manifest_path("shards").is_file():
-        raise SiclipError(f"{root.manifest_path('shards')} does not exist: run 'siclip shards --data {root.root}' first")
-    run = Run.at(root, out or config_name)
     if cfg.batch_size % world:
         raise SiclipError(f"batch_size {cfg.batch_size} does not split evenly over {world} processes")
     local_batch = cfg.batch_size // world
@@ -313,6 +327,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                 raise SiclipError(f"--resume with a config that differs from the run's in {', '.join(changed)} "
                                   f"(see {run.path / 'config.toml'}); these decide the data order or the numbers")
         say(f"# siclip train: resolved config ({run.path / 'config.toml'})\n{to_toml(cfg)}")
+        say(f"train: mixed precision {accelerator.mixed_precision}, {chosen_by}")
 
         # -- data ---------------------------------------------------------------------------------------
         train_shards, val_shards = split_shards(root, cfg.val_shards, cfg.val_samples)
@@ -415,7 +430,8 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                 "data_root": str(root.root), "train_shards": [s.name for s in train_shards], "val_shards": [s.name for s in val_shards],
                 "train_samples": sum(s.samples for s in train_shards), "val_samples": held_samples,
                 "steps_per_epoch": steps_per_epoch,
-                "global_batch": cfg.batch_size, "processes": world, "loader_workers": len(plan0.workers),
+                "global_batch": cfg.batch_size, "processes": world, "precision": accelerator.mixed_precision,
+                "loader_workers": len(plan0.workers),
                 "samples_per_epoch_used": steps_per_epoch * cfg.batch_size, "total_steps": total,
                 "stages": [{"name": sp.cfg.name, "start": sp.start, "end": sp.end} for sp in spans]}, indent=1) + "\n")
         accelerator.wait_for_everyone()  # the others read the run folder only once it is in order

@@ -118,3 +118,17 @@ def assert_same_end(a: Path, b: Path) -> None:
     ka = (a / "keys-rank0.jsonl").read_text().splitlines()
     kb = (b / "keys-rank0.jsonl").read_text().splitlines()
     assert ka == kb, "the resumed run trained on other samples, or repeated or skipped some"
+
+
+# a small SiCLIP (16 px images, two blocks per tower sharing attention) for runs whose point is the bookkeeping
+SMALL_MODEL = ['image.image_size=16', 'image.patch_size=8', 'image.width=32', 'image.depth=2', 'image.heads=2',
+               'image.share_attention=[[1, 2]]', 'text.width=32', 'text.depth=2', 'text.heads=2',
+               'text.share_attention=[[1, 2]]', 'text.context_length=16', 'embed_dim=16']
+
+
+def small_config(path: Path, body: str = "", steps: int = 2) -> Path:
+    """A one-stage config of SMALL_MODEL on web captions, batches of 8, no loader workers; `body`: more keys."""
+    path.write_text(f"model_set = {json.dumps(SMALL_MODEL)}\nbatch_size = 8\nworkers = 0\nsynthetic_captions = 0\n"
+                    f"{body}\n[[stages]]\nname = 'one'\nsteps = {steps}\nlr = 1e-3\n"
+                    f"[stages.loss]\nclip_web = 1.0\nclip_synthetic = 0.0\n")
+    return path
