@@ -99,6 +99,8 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between checkpoints (and one at the last step)
     keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted (each counts against the budget)
     log_every: int = 1  # steps between lines of metrics.jsonl
+    report_to: Any = field(default_factory=list)  # trackers that get metrics.jsonl's records too, through Accelerate: ["tensorboard"] (into RUN/tracking/), "wandb", "mlflow", … (a list, or names split by commas)
+    tracking_project: str = "siclip"  # the project the trackers file the run under (wandb's project; TensorBoard's RUN/tracking/PROJECT/); the run is named after its folder
     pm_k: int = 8  # hardest in-batch negatives per row and column of the pair-matching loss; 0: all
     record_keys: bool = False  # write the sample keys of every step to keys-rank<N>.jsonl (for audits and tests)
     stages: list = field(default_factory=list)  # [[stages]]: list of StageConfig
@@ -131,6 +133,9 @@ class TrainConfig:
             raise bad(f"val_shards must be a count or a list of shard names, got {self.val_shards!r}")
         if isinstance(self.val_shards, list):
             self.val_shards = [str(s) for s in self.val_shards]
+        self.report_to = tracker_names(self.report_to, where)
+        if not self.tracking_project.strip():
+            raise bad("tracking_project must name a project (default 'siclip')")
         if self.val_samples and self.val_shards:
             raise bad(f"val_samples = {self.val_samples} and val_shards = {self.val_shards!r} both choose the held-out "
                       f"shards; keep one (--set val_samples=0 or --set val_shards=0)")
@@ -176,6 +181,15 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+def tracker_names(value: Any, where: str) -> list[str]:
+    """`report_to` as a list of names: a list, one name, or names split by commas ("tensorboard,wandb")."""
+    names = [n for n in value.split(",") if n.strip()] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise SiclipError(f"{where}: report_to must be a list of tracker names (e.g. [\"tensorboard\", \"wandb\"]), "
+                          f"got {value!r}")
+    return list(dict.fromkeys(n.strip() for n in names))  # in order, each once
 
 
 def _set_path(data: dict, dotted: str, raw: str, where: str) -> None:

@@ -48,11 +48,13 @@ from siclip.training.evaluate import ModelEncoder, retrieval, to_input, zeroshot
 from siclip.teachers import in_data_root, parse_teacher
 from siclip.training.objective import Features, Objective, load_teacher, stage_objectives
 from siclip.training.runs import FINAL, STATE, Run, checkpoint_name, failpoint, folder_bytes, write_plots
+from siclip.training.tracking import check_trackers, start_tracking, tracker_settings
 from siclip.manifests.messages import log, first_line
 
 # keys a resumed run may change; the rest decide the data order or the numbers
 RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys", "threads",
-                     "zeroshot_every", "zeroshot_folders", "zeroshot_classnames", "zeroshot_templates"}
+                     "zeroshot_every", "zeroshot_folders", "zeroshot_classnames", "zeroshot_templates", "report_to",
+                     "tracking_project"}
 HELD_OUT_KEYS = {"val_samples", "val_shards"}  # two ways to name the held-out shards: compared by the shards
 EXIT_BUDGET = 3
 
@@ -291,8 +293,9 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
     if not root.manifest_path("shards").is_file():
         raise SiclipError(f"{root.manifest_path('shards')} does not exist: run 'siclip shards --data {root.root}' first")
     run = Run.at(root, out or config_name)
+    check_trackers(cfg.report_to)
     precision, chosen_by = choose_precision(cfg.precision)
-    accelerator = Accelerator(mixed_precision=precision)
+    accelerator = Accelerator(mixed_precision=precision, **tracker_settings(cfg.report_to, run.path))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     main, rank, world, device = (accelerator.is_main_process, accelerator.process_index,
@@ -474,6 +477,8 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         if (run.path / FINAL / "state.json").is_file() and step >= total:
             say(f"train: {run.name} already finished all {total} steps; final model in {run.path / FINAL}")
             return TrainResult(0, run_summary(run, "finished", step, step, total, 0.0, cfg.batch_size) if main else {})
+        start_tracking(accelerator, run, cfg.tracking_project,
+                       {**cfg.to_dict(), "processes": world, "mixed_precision": accelerator.mixed_precision}, step)
 
         # -- the loop --------------------------------------------------------------------------------------
         progress = Progress("train", stop, unit="steps") if main else None
@@ -581,6 +586,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                 f"{(step - start_step) * cfg.batch_size / max(elapsed, 1e-9):,.1f} samples/s; "
                 f"loss {last.get('loss', float('nan')):.4f}{ev}; model: {where}; plots: {run.path / 'plots'}")
         accelerator.wait_for_everyone()
+        accelerator.end_training()  # the trackers' last records out; the processes' group closed
         return TrainResult(status, summary)
 
 

@@ -7,6 +7,7 @@ DATA/runs/<name>/
   data.json                      training and held-out shards, the epoch plan
   inherit_report.json            what inherit_weights copied, sliced or left fresh
   metrics.jsonl                  one line per logged step (loss terms, lr, temperature, samples/s, memory) and per eval
+  tracking/                      with report_to: TensorBoard's event files, the run's wandb id (training/tracking.py)
   plots/*.png                    weighted loss terms, learning rate and temperature, recall (training/plots.py)
   checkpoints/step-000100/       model (config.json, model.safetensors), preprocess.json, objective.safetensors,
                                  accelerate/ (optimizer, RNG, scaler), state.json (written last)
@@ -23,6 +24,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from siclip.manifests.errors import SiclipError
 from siclip.manifests.io import atomic_write_bytes, failpoint, fsync_dir
@@ -68,6 +70,7 @@ class Run:
 
     root: DataRoot
     path: Path
+    on_record: Callable[[dict], None] | None = None  # also called with each record metrics.jsonl gets (the trackers)
 
     @classmethod
     def at(cls, root: DataRoot, out: str | Path) -> "Run":
@@ -207,6 +210,8 @@ class Run:
     def append_metrics(self, record: dict) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.on_record is not None:
+            self.on_record(record)
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.is_file():

@@ -1,11 +1,17 @@
-"""How `siclip train` chooses its mixed precision: precision = "auto" takes the one Accelerate was given, a named one
-wins. Real `siclip train` runs on small real shards."""
+"""A run tracked as the field tracks runs: the records of metrics.jsonl go to TensorBoard and wandb through
+Accelerate's trackers (a resumed run goes on in the same tracker run), and precision = "auto" takes the mixed
+precision Accelerate was given. Real `siclip train` runs on small real shards."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import signal
+import struct
 from pathlib import Path
+
+import pytest
 
 from siclip_testing import siclip
 from train_helpers import make_root, small_config
@@ -13,6 +19,123 @@ from train_helpers import make_root, small_config
 
 def train(root, cfg: Path, out: str, *extra, check=True, env=None):
     return siclip("train", "--data", root.root, "--config", cfg, "--out", out, *extra, check=check, env=env)
+
+
+def records(run: Path) -> tuple[dict, dict]:
+    """metrics.jsonl's step records and eval records, by step."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in lines if "loss" in r}, {r["step"]: r["eval"] for r in lines if "eval" in r}
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard would show from the event files in `folder`: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def assert_tracked(scalars: dict, run: Path) -> None:
+    """Each step's loss, loss term and held-out recall in the event files, once per step, equal metrics.jsonl's."""
+    logged, evals = records(run)
+    assert [s for s, _ in scalars["loss"]] == sorted(logged), "a step missing, or logged twice"
+    for tag, value in (("loss", lambda r: r["loss"]), ("terms/clip_web", lambda r: r["terms"]["clip_web"]),
+                       ("lr", lambda r: r["lr"])):
+        assert [v for _, v in scalars[tag]] == pytest.approx([value(logged[s]) for s in sorted(logged)], rel=1e-6)
+    assert [s for s, _ in scalars["eval/i2t_r1"]] == sorted(evals)
+    assert [v for _, v in scalars["eval/i2t_r1"]] == pytest.approx([evals[s]["i2t_r1"] for s in sorted(evals)])
+
+
+def test_tensorboard_gets_every_record_of_metrics_jsonl_and_a_resumed_run_goes_on_in_the_same_folder(tmp_path):
+    root = make_root(tmp_path / "data", [16, 16, 16])
+    cfg = small_config(tmp_path / "c.toml", 'val_shards = 1\neval_every = 3\ncheckpoint_every = 3\n'
+                                            'report_to = ["tensorboard"]', steps=6)
+    # killed in step 5: steps 4 went to metrics.jsonl and to TensorBoard after the checkpoint of step 3
+    killed = train(root, cfg, "run", check=False, env={**os.environ, "SICLIP_FAILPOINT": "step:5"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert "resuming from step-000003" in train(root, cfg, "run", "--resume").stderr
+    run = root.runs / "run"
+    assert sorted(records(run)[0]) == [1, 2, 3, 4, 5, 6]
+    scalars = tensorboard_scalars(run / "tracking" / "siclip")
+    assert_tracked(scalars, run)  # step 4 once: the killed run's later events are purged as its metrics lines are
+    assert {"temperature", "grad_norm", "samples_per_s", "eval/t2i_r1"} <= set(scalars)
+
+
+def wandb_records(path: Path):
+    """The records of a wandb run file (`run-ID.wandb`): LevelDB's log format (32 KiB blocks of chunks, each
+    checksum, length, type) after a 7-byte header, each record a protobuf `Record`."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, chunk = path.read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (length == 0 and kind == 0):  # a block's zero padding
+            pos += left
+            continue
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            chunk = b""
+            yield record
+
+
+def test_wandb_offline_gets_every_record_and_a_resumed_run_keeps_its_run_id(tmp_path):
+    root = make_root(tmp_path / "data", [16, 16, 16])
+    cfg = small_config(tmp_path / "c.toml", 'val_shards = 1\nreport_to = "wandb"\ntracking_project = "tiny-clip"',
+                       steps=3)
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"), "WANDB_SILENT": "true"}
+    train(root, cfg, "run", "--max-steps", "2", env=env)
+    res = train(root, cfg, "run", "--resume", "--json", env=env)
+    assert json.loads(res.stdout)["status"] == "done", "wandb wrote to stdout, where --json's one line goes"
+    run = root.runs / "run"
+    run_id = (run / "tracking" / "wandb-run-id").read_text().strip()
+    files = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2, "the resumed run is not the same wandb run"
+    runs, history, config = [], {}, {}
+    for record in (r for f in files for r in wandb_records(f)):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            runs.append((record.run.run_id, record.run.project, record.run.display_name))
+        elif kind == "history":
+            history[record.history.step.num] = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                                                for i in record.history.item}
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in record.config.update})
+    assert runs == [(run_id, "tiny-clip", "runs/run")] * 2
+    logged, evals = records(run)
+    assert sorted(history) == sorted(logged) == [1, 2, 3]
+    for step, r in logged.items():
+        assert history[step]["loss"] == r["loss"] and history[step]["terms/clip_web"] == r["terms"]["clip_web"]
+        assert history[step]["lr"] == r["lr"] and history[step]["grad_norm"] == r["grad_norm"]
+    assert {k: history[3][f"eval/{k}"] for k in evals[3]} == evals[3]
+    assert config["batch_size"] == 8 and config["stages.0.steps"] == 3 and config["mixed_precision"] == "no"
+
+
+def missing_tracker() -> str:
+    """A tracker Accelerate knows whose package this environment lacks."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    names = [n for n in sorted(LOGGER_TYPE_TO_CLASS) if importlib.util.find_spec(n) is None]
+    assert names, "every tracker's package is installed here"
+    return names[0]
+
+
+def test_a_tracker_that_is_unknown_or_not_installed_stops_the_start_in_one_line(tmp_path):
+    root = make_root(tmp_path / "data", [16, 16])
+    missing = missing_tracker()
+    for value, says in (("tensorbord", "report_to 'tensorbord' is not a tracker Accelerate knows; one of aim, "),
+                        (f"tensorboard,{missing}", f"report_to {missing!r} needs the {missing} package, which is not "
+                                                    f"installed: pip install "),
+                        ("[1]", "report_to must be a list of tracker names")):
+        res = train(root, small_config(tmp_path / "c.toml"), "run", "--set", f"report_to={value}", check=False)
+        assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("siclip train: error: ")
+        assert says in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
+        assert not (root.runs / "run").exists()
 
 
 def test_precision_auto_takes_the_mixed_precision_accelerate_was_given_and_a_named_one_wins(tmp_path):
