@@ -2,13 +2,52 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import textwrap
+
+# the multi-GPU command: Accelerate's launcher starts one `python -m siclip` process per GPU
+LAUNCH = "accelerate launch --multi_gpu --num_processes 2 -m siclip train --data DATA --config paper --out RUN"
+
+
+def config_keys() -> list[str]:
+    """Every key `--set` reaches, as it spells them, from the config classes (so --help cannot drift from them)."""
+    from siclip.training.config import LossWeights, StageConfig, TrainConfig
+
+    def names(cls, prefix: str, nested: tuple[str, ...]) -> list[str]:
+        return [prefix + f.name for f in dataclasses.fields(cls) if f.name not in nested]
+
+    return (names(TrainConfig, "", ("stages",)) + names(StageConfig, "stages.N.", ("loss",))
+            + names(LossWeights, "stages.N.loss.", ()))
+
+
+def epilog(width: int = 100) -> str:
+    def para(text: str) -> str:
+        return textwrap.fill(" ".join(text.split()), width)
+
+    return "\n\n".join([
+        para("several GPUs: Accelerate's launcher starts one process per GPU; batch_size stays the global batch, "
+             "and every contrastive term sees all of it:"),
+        "  " + LAUNCH,
+        para("precision = \"auto\" (the default) takes Accelerate's choice when it has one (accelerate launch "
+             "--mixed_precision bf16, or the file `accelerate config` writes; accelerate launch without either "
+             "chooses 'no'), else bf16 on a GPU that has it, fp16 on one without, fp32 on a CPU; the start line "
+             "and RUN/data.json say which ran. A precision the config names wins."),
+        para("tracking: --set report_to=tensorboard (event files in RUN/tracking/), wandb, mlflow, … (several: "
+             "report_to=tensorboard,wandb) get the records of RUN/metrics.jsonl through Accelerate's trackers."),
+        para("config keys (--set KEY=VALUE, or the TOML file; each explained in docs/config.md): "
+             + ", ".join(config_keys())),
+    ])
 
 
 def add_arguments(parser) -> None:
-    parser.description = ("Train a SiCLIP model on a data root's shards (with their caption and teacher sidecars), "
-                          "in the stages of a training config. Checkpoints count against the storage budget; "
-                          "--resume continues a run at the exact next sample.")
+    parser.description = textwrap.fill(
+        "Train a SiCLIP model on a data root's shards (with their caption and teacher sidecars), in the stages of a "
+        "training config. Checkpoints count against the storage budget; --resume continues a run at the exact next "
+        "sample.", 100)
+    parser.epilog = epilog()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps the command on one line
     parser.add_argument("--data", required=True, metavar="DATA", help="data root (holds shards/ and manifests/)")
     parser.add_argument("--config", default="tiny", metavar="FILE|NAME",
                         help="training config: a TOML file or a name in training/configs/ (default: tiny)")

@@ -1,19 +1,24 @@
 """A run tracked as the field tracks runs: the records of metrics.jsonl go to TensorBoard and wandb through
-Accelerate's trackers (a resumed run goes on in the same tracker run), and precision = "auto" takes the mixed
-precision Accelerate was given. Real `siclip train` runs on small real shards."""
+Accelerate's trackers (a resumed run goes on in the same tracker run), precision = "auto" takes the mixed precision
+Accelerate was given, and `siclip train --help` names the multi-GPU command, which runs, and every config key.
+Real `siclip train` runs on small real shards."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from siclip_testing import siclip
+from siclip_testing import REPO, siclip
 from train_helpers import make_root, small_config
 
 
@@ -150,3 +155,36 @@ def test_precision_auto_takes_the_mixed_precision_accelerate_was_given_and_a_nam
         res = train(root, cfg, out, *sets, env=env)
         assert f"train: mixed precision {precision}, {why}" in res.stderr
         assert json.loads((root.runs / out / "data.json").read_text())["precision"] == precision
+
+
+def test_train_help_names_the_multi_gpu_command_and_every_config_key():
+    from siclip.training.config import LossWeights, StageConfig, TrainConfig
+
+    text = " ".join(siclip("train", "--help").stdout.split())
+    assert "accelerate launch --multi_gpu --num_processes 2 -m siclip train --data DATA --config paper" in text
+    keys = ([f.name for f in dataclasses.fields(TrainConfig) if f.name != "stages"]
+            + [f"stages.N.{f.name}" for f in dataclasses.fields(StageConfig) if f.name != "loss"]
+            + [f"stages.N.loss.{f.name}" for f in dataclasses.fields(LossWeights)])
+    listed = text.split("each explained in docs/config.md): ")[1].split(", ")
+    assert listed == keys and "report_to" in listed and "precision" in listed
+
+
+def test_the_multi_gpu_command_of_the_help_runs_two_processes_with_the_launchers_precision_and_tracking(tmp_path):
+    root = make_root(tmp_path / "data", [16, 16, 16])
+    cfg = small_config(tmp_path / "c.toml", "val_shards = 1", steps=2)
+    line = next(ln.strip() for ln in siclip("train", "--help").stdout.splitlines() if ln.strip().startswith(
+        "accelerate launch"))
+    words = [{"DATA": str(root.root), "paper": str(cfg), "RUN": "two"}.get(w, w) for w in shlex.split(line)]
+    # the command as the help gives it, with the launcher's precision flag, on this machine's CPU
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--mixed_precision", "bf16",
+           *words[2:], "--set", "report_to=tensorboard"]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+           "HF_HOME": str(tmp_path / "hf")}  # no accelerate config file of this machine's
+    env.pop("ACCELERATE_MIXED_PRECISION", None)
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = root.runs / "two"
+    data = json.loads((run / "data.json").read_text())
+    assert data["processes"] == 2 and data["precision"] == "bf16"
+    assert_tracked(tensorboard_scalars(run / "tracking" / "siclip"), run)
