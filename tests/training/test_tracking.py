@@ -67,6 +67,17 @@ def test_tensorboard_gets_every_record_of_metrics_jsonl_and_a_resumed_run_goes_o
     assert {"temperature", "grad_norm", "samples_per_s", "eval/t2i_r1"} <= set(scalars)
 
 
+def test_a_record_reaches_the_trackers_as_numbers_under_flat_names():
+    from siclip.training.tracking import tracked_values
+
+    record = {"step": 4, "epoch": 0.5, "stage": "one", "loss": 2.0, "terms": {"clip_web": 1.5, "pm": 0.5},
+              "grad_norm": None, "no_synthetic": 0,
+              "eval": {"i2t_r1": 0.25, "zeroshot": {"shapes": {"top1": 0.5, "classes": 2}, "imagenet": {"acc1": 0.1}}}}
+    assert tracked_values(record) == {
+        "epoch": 0.5, "loss": 2.0, "terms/clip_web": 1.5, "terms/pm": 0.5, "no_synthetic": 0, "eval/i2t_r1": 0.25,
+        "eval/zeroshot/shapes/top1": 0.5, "eval/zeroshot/shapes/classes": 2, "eval/zeroshot/imagenet/acc1": 0.1}
+
+
 def wandb_records(path: Path):
     """The records of a wandb run file (`run-ID.wandb`): LevelDB's log format (32 KiB blocks of chunks, each
     checksum, length, type) after a 7-byte header, each record a protobuf `Record`."""
