@@ -1,10 +1,12 @@
-"""Helpers the suites share: writing a URL list and running the real `siclip` CLI in a subprocess."""
+"""Helpers the suites share: writing a URL list or a tar by hand, and running the real `siclip` CLI in a subprocess."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,6 +18,24 @@ def write_list(path: Path, rows) -> Path:
 
     pq.write_table(pa.table({"url": pa.array([r[0] for r in rows], pa.string()),
                              "caption": pa.array([r[1] for r in rows], pa.string())}), path)
+    return path
+
+
+# The tiny SAS-P shapes (16 px, 2 layers sharing attention, width 32) the training tests run in seconds, as a
+# train config's line
+TINY_MODEL_SET = (
+    'model_set = ["image.image_size=16", "image.patch_size=8", "image.width=32", "image.depth=2", "image.heads=2",\n'
+    '             "image.share_attention=[[1, 2]]", "text.width=32", "text.depth=2", "text.heads=2",\n'
+    '             "text.share_attention=[[1, 2]]", "text.context_length=16", "embed_dim=16"]')
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar with these (name, bytes) members, in this order (a shard as another tool, or a fault, would leave it)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     return path
 
 

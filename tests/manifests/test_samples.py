@@ -15,6 +15,7 @@ from siclip.manifests.manifest import StageManifest
 from siclip.manifests.samples import (CorruptShardError, SidecarMismatchError, embeddings, finished_shards,
                                iter_samples, iter_shard, read_sidecar)
 from siclip.manifests.errors import SiclipError
+from siclip_testing import write_tar
 
 KEYS = ["000000000", "000000001", "000000003"]
 
@@ -56,17 +57,8 @@ def test_iter_shard_groups_members_by_key(tmp_path):
     assert [s.name for s in finished_shards(root)] == ["00000"]
 
 
-def _tar(path, members):
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
-
-
 def test_a_key_whose_members_are_not_together_is_a_corrupt_shard(tmp_path):
-    tar = _tar(tmp_path / "00000.tar", [("a.jpg", b"1"), ("a.txt", b"x"), ("b.jpg", b"2"), ("a.json", b"{}")])
+    tar = write_tar(tmp_path / "00000.tar", [("a.jpg", b"1"), ("a.txt", b"x"), ("b.jpg", b"2"), ("a.json", b"{}")])
     got = iter_shard(tar)
     assert next(got)["__key__"] == "a" and next(got)["__key__"] == "b"
     with pytest.raises(CorruptShardError, match=f"{tar}: key a appears twice"):
@@ -74,7 +66,7 @@ def test_a_key_whose_members_are_not_together_is_a_corrupt_shard(tmp_path):
 
 
 def test_a_member_twice_in_a_row_is_a_corrupt_shard_not_a_silently_replaced_image(tmp_path):
-    tar = _tar(tmp_path / "00000.tar", [("a.jpg", b"1"), ("a.jpg", b"2"), ("a.txt", b"x")])
+    tar = write_tar(tmp_path / "00000.tar", [("a.jpg", b"1"), ("a.jpg", b"2"), ("a.txt", b"x")])
     with pytest.raises(CorruptShardError, match=f"{tar}: member a.jpg appears twice"):
         list(iter_shard(tar))
 

@@ -4,7 +4,6 @@ and 3 unchanged; every bad or foreign tar refused in one line that names it, not
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from siclip.manifests.io import sha256_file
 from siclip.manifests.layout import DataRoot
 from siclip.manifests.manifest import StageManifest
 from siclip.manifests.storage import format_size
-from siclip_testing import siclip, write_list
+from siclip_testing import TINY_MODEL_SET, siclip, write_list, write_tar
 
 PER_TAR, TARS = 8, 3  # the 24 good pictures of the shared loopback server
 
@@ -68,24 +67,12 @@ def verify(data: Path) -> None:
     assert json.loads(res.stdout)["stages"]["shards"]["files"] == len(entries(data))
 
 
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
 def members_of(tar: Path) -> list[tuple[str, bytes]]:
     with tarfile.open(tar) as t:
         return [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
 
 
-TINY_TRAIN = """
-model_set = ["image.image_size=16", "image.patch_size=8", "image.width=32", "image.depth=2", "image.heads=2",
-             "image.share_attention=[[1, 2]]", "text.width=32", "text.depth=2", "text.heads=2",
-             "text.share_attention=[[1, 2]]", "text.context_length=16", "embed_dim=16"]
+TINY_TRAIN = TINY_MODEL_SET + """
 batch_size = 8
 workers = 0
 val_shards = 1

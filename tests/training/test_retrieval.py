@@ -55,14 +55,11 @@ def test_a_diverged_model_stops_retrieval_on_real_shards(tmp_path):
 
 
 def test_a_run_that_diverges_stops_at_its_evaluation_with_one_line_naming_it(tmp_path):
-    from siclip_testing import siclip
+    from siclip_testing import TINY_MODEL_SET, siclip
 
     root = make_root(tmp_path / "data", [16, 16, 16])
     cfg = tmp_path / "diverge.toml"
-    cfg.write_text("""
-model_set = ["image.image_size=16", "image.patch_size=8", "image.width=32", "image.depth=2", "image.heads=2",
-             "image.share_attention=[[1, 2]]", "text.width=32", "text.depth=2", "text.heads=2",
-             "text.share_attention=[[1, 2]]", "text.context_length=16", "embed_dim=16"]
+    cfg.write_text(TINY_MODEL_SET + """
 batch_size = 8
 workers = 0
 val_shards = 1
