@@ -23,14 +23,17 @@ RECALL = re.compile(r"(i2t|t2i)_r(\d+)$")
 
 
 def step_axis(ax, stages: list[dict], steps: list[int]) -> None:
-    """The x axis in whole steps, a dotted line where each stage after the first begins, and each stage's name
-    at the top from where the plotted steps reach it (stages the run has not reached are left out)."""
+    """The x axis in whole steps from 0 (so a few evaluations late in a run sit where they happened), a dotted
+    line where each stage after the first begins, and each stage's name at the top where it begins (stages the
+    run has not reached are left out)."""
     ax.set_xlabel("step")
     ax.xaxis.get_major_locator().set_params(integer=True)
+    if steps:
+        ax.set_xlim(0, max(steps) * 1.03 + 1)
     for s in [s for s in stages if steps and s["start"] < max(steps)]:
         if s["start"] > 0:
             ax.axvline(s["start"], color="grey", linestyle=":", linewidth=1)
-        ax.text(max(s["start"], min(steps)), 0.99, f" {s['name']}", transform=ax.get_xaxis_transform(), va="top",
+        ax.text(s["start"], 0.99, f" {s['name']}", transform=ax.get_xaxis_transform(), va="top",
                 fontsize=8, color="dimgrey")
 
 
