@@ -546,13 +546,15 @@ def train_loader(root: DataRoot, plan: EpochPlan, settings: SampleSettings, loca
     return Batches(loader, plan.per_batch)
 
 
-def eval_batches(root: DataRoot, shards: list[Shard], settings: SampleSettings, batch_size: int):
-    """Batches of the held-out shards in order: center crop, web captions (evaluation)."""
+def eval_batches(root: DataRoot, shards: list[Shard], settings: SampleSettings, batch_size: int, samples=None):
+    """Batches of the held-out shards in order: center crop, web captions (evaluation). `samples`: a stage over
+    the shards' raw samples before they are made (eval's: decode each image once, leaving out unreadable ones)."""
     import webdataset as wds
 
     tokenizer = shared_tokenizer()
     maker = SampleMaker(settings, 0)
-    pipe = wds.DataPipeline(lambda: iter([s.source() for s in shards]), shard_samples, wds.map(maker),
+    pipe = wds.DataPipeline(lambda: iter([s.source() for s in shards]), shard_samples, *([samples] if samples else []),
+                            wds.map(maker),
                             wds.batched(batch_size, collation_fn=lambda xs: collate(xs, settings, tokenizer),
                                         partial=True))
     yield from pipe

@@ -207,12 +207,9 @@ def retrieval(model, root, shards, preprocess: Preprocess, context_length: int, 
 
 
 def readable_batches(root, shards, settings, batch_size: int, skipped: SkippedImages, progress: Progress | None = None):
-    """Evaluation batches of `shards` in order, as `training.data.eval_batches` makes them, less the samples whose
+    """Evaluation batches of `shards` in order (`training.data.eval_batches`), less the samples whose
     image does not decode (counted in `skipped`); `progress`, if given, advances per batch."""
-    import webdataset as wds
-
-    from siclip.manifests.samples import shard_samples
-    from siclip.training.data import SampleMaker, collate, shared_tokenizer
+    from siclip.training.data import eval_batches
 
     def decoded(samples):
         for sample in samples:
@@ -224,13 +221,8 @@ def readable_batches(root, shards, settings, batch_size: int, skipped: SkippedIm
             if img is not None:  # the maker takes the decoded image as it is: one decode per sample
                 yield {**sample, ext: img}
 
-    tokenizer = shared_tokenizer()
-    pipe = wds.DataPipeline(lambda: iter([s.source() for s in shards]), shard_samples, decoded,
-                            wds.map(SampleMaker(settings, 0)),
-                            wds.batched(batch_size, collation_fn=lambda xs: collate(xs, settings, tokenizer),
-                                        partial=True))
     done = 0
-    for batch in pipe:
+    for batch in eval_batches(root, shards, settings, batch_size, decoded):
         yield batch
         done += len(batch["keys"])
         if progress:
