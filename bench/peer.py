@@ -33,6 +33,7 @@ change to the code trains anew.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -197,15 +198,21 @@ def siclip_run(data: Path, cfg, seed: int, schedule: Schedule, retrain: bool = F
     return {"tool": "siclip", "seed": seed, "run": name, "path": str(run)}
 
 
-def recipe_run(data: Path, cfg, seed: int, schedule: Schedule, retrain: bool = False) -> dict:
-    """`siclip train` with the recipe: its first stage one epoch, its second the rest of the plain run's epochs,
-    inheriting from and distilling the set's teacher (made by `prepare_recipe` first)."""
-    if schedule.epochs < 2:
+def recipe_run(data: Path, cfg, seed: int, schedule: Schedule, retrain: bool = False, config: Path = RECIPE) -> dict:
+    """`siclip train` with the recipe (or a variant of it, `--recipe-config`), inheriting from and distilling the
+    set's teacher (made by `prepare_recipe` first). With two stages the first gets one epoch and the second the rest
+    of the plain run's epochs; with one stage it gets them all."""
+    stages = len(load_config(config, []).stages)
+    if stages == 2 and schedule.epochs < 2:
         sys.exit("bench-peer: --recipe needs 2 or more epochs (one for the new blocks alone, then the rest)")
-    sets = [f"seed={seed}", "stages.0.epochs=1", f"stages.1.epochs={schedule.epochs - 1}",
-            f"inherit_from=runs/{teacher_name(schedule)}/clip"]
-    name = f"recipe-e{schedule.epochs}-s{seed}-{digest(RECIPE, *sets, *siclip_code())}"
-    run = siclip_train(data, RECIPE, sets, name, retrain)
+    if stages not in (1, 2):
+        sys.exit(f"bench-peer: {config} has {stages} stages; a recipe has one, or two (the new blocks, then all)")
+    epochs = ["stages.0.epochs=1", f"stages.1.epochs={schedule.epochs - 1}"] if stages == 2 else [
+        f"stages.0.epochs={schedule.epochs}"]
+    sets = [f"seed={seed}", *epochs, f"inherit_from=runs/{teacher_name(schedule)}/clip"]
+    prefix = "recipe" if config == RECIPE else f"recipe-{config.stem}"
+    name = f"{prefix}-e{schedule.epochs}-s{seed}-{digest(config, *sets, *siclip_code())}"
+    run = siclip_train(data, config, sets, name, retrain)
     return {"tool": "recipe", "seed": seed, "run": name, "path": str(run)}
 
 
@@ -658,7 +665,8 @@ def bench(args) -> dict:
             # seed by seed, both tools close in time on the same CPU; which goes first alternates, so that a load
             # that rises or falls over the benchmark does not favour one tool's samples/s
             for tool in (tools if seed % 2 == 0 else tools[::-1]) + (["recipe"] if recipe else []):
-                run = {"open_clip": open_clip_run, "siclip": siclip_run, "recipe": recipe_run}[tool](
+                run = {"open_clip": open_clip_run, "siclip": siclip_run,
+                       "recipe": functools.partial(recipe_run, config=args.recipe_config)}[tool](
                     data, cfg, seed, schedule, args.retrain)
                 path = Path(run["path"])
                 curve = open_clip_curve(path) if tool == "open_clip" else siclip_curve(path)
@@ -693,11 +701,14 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=TOOLS, help="run one tool (ratios need open_clip's runs too)")
     p.add_argument("--recipe", action="store_true",
                    help="also the SiCLIP recipe (bench/configs/peer_recipe.toml), after its teacher and captions")
+    p.add_argument("--recipe-config", type=Path, default=RECIPE,
+                   help="a variant of the recipe's config for an ablation (one stage, or two as the recipe's)")
     p.add_argument("--sets", nargs="+", choices=sorted(SETS), default=list(SETS))
     p.add_argument("--retrain", action="store_true",
                    help="train the finished runs again too (samples/s measured anew, e.g. on quiet cores)")
     args = p.parse_args(argv)
     args.data, args.inputs = (REPO / args.data).absolute(), (REPO / args.inputs).absolute()
+    args.recipe_config = (REPO / args.recipe_config).absolute()
     print(json.dumps(bench(args)), flush=True)
     return 0
 
