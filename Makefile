@@ -77,29 +77,30 @@ eval: install
 manifests: install
 	$(SICLIP) manifest $(DATA) $(ARGS)
 
+# The quick benchmarks (bench/__main__.py), each against its baseline measured in the same run: one record each
 bench: install
-	$(SICLIP) bench all $(ARGS)
+	$(PY) -m bench all $(ARGS)
 
 # The whole pipeline on real images (Debian's emoji font, installed when missing): about 15-20 minutes on 2 cores;
 # writes data/bench-real and data/bench-real-inputs; ends with one JSON line.
 bench-real: install
-	$(PY) bench/real.py
+	$(PY) -m bench real --json
 
 # siclip against open_clip_train (bench/peer.py) on the same real shards: bench-real's emoji set and a variant of
 # transparent PNGs listed by group; both tools at the same shape, batch, schedule and epochs, 3 seeds each; one
 # eval path for both and each tool's own; about 35 minutes on 2 quiet cores; a table, then one JSON line of
 # siclip/open_clip ratios. ARGS="--quick" (1 seed, 3 epochs), "--only siclip", "--sets transparent".
 bench-peer: install-mobileclip
-	$(MC_PY) bench/peer.py $(ARGS)
+	$(MC_PY) -m bench peer --json $(ARGS)
 
 # The ablation table on bench-real's data (prepared first if missing): 5 rows x 3 seeds, about 30 minutes more.
 ablations: install
-	$(PY) bench/real.py --ablations
+	$(PY) -m bench ablations
 
 # How fast each model shape fits the same generated pairs, in one process with one optimizer, beside open_clip's
 # CLIP of tiny_preln's shape (the mobileclip environment has open_clip): about 20 minutes on 2 cores.
 bench-fit: install-mobileclip
-	$(MC_PY) bench/fit.py $(ARGS)
+	$(MC_PY) -m bench fit --json $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
@@ -120,15 +121,15 @@ mutation: install
 	$(PY) -m pip install -q mutmut==3.8.1
 	$(PY) tests/mutation/run.py $(ARGS)
 
-# The whole method on a CPU, on generated scenes (pipeline/scenes.py): inputs (clean pairs, zero-shot folders)
+# The whole method on a CPU, on generated scenes (demo/scenes.py): inputs (clean pairs, zero-shot folders)
 # outside the data root; the web part served on 127.0.0.1 and downloaded into shards; a tiny captioner fitted
 # on the clean pairs captions the shards; a pre-LN teacher trained, exported as a CLIPModel, its embeddings
 # stored; the tiny SiCLIP student inherits from it and distils it; eval; the storage table. A rerun skips
 # what is done.
 DEMO_ZEROSHOT = $(foreach a,colour shape size,--imagefolder $(INPUTS)/zeroshot/$(a))
 demo: install
-	$(PY) -m siclip.pipeline.demo --data $(DATA) --inputs $(INPUTS)
-	$(PY) -m siclip.captioning.fit --pairs $(INPUTS)/clean --out $(INPUTS)/captioner --steps 800
+	$(PY) -m demo --data $(DATA) --inputs $(INPUTS)
+	$(PY) -m demo.fit --pairs $(INPUTS)/clean --out $(INPUTS)/captioner --steps 800
 	$(SICLIP) captions --data $(DATA) --model $(INPUTS)/captioner --workers 1 --batch-size 64
 	$(SICLIP) train --data $(DATA) --config demo_teacher --out demo-teacher --resume
 	$(SICLIP) export --data $(DATA) --run demo-teacher

@@ -1,6 +1,6 @@
 """`make bench-fit`: how fast each model shape fits the same pairs, beside open_clip's CLIP of the same shape.
 
-Every model sees the same batches of generated scenes (pipeline/scenes.py: noisy web captions, 64 px),
+Every model sees the same batches of generated scenes (demo/scenes.py: noisy web captions, 64 px),
 with one optimizer and schedule (AdamW lr 1e-3, wd 0.1 on matrices, betas 0.9/0.98, 50 warm-up steps
 then cosine, gradient clipping 1, logit_scale clamped at 100), in one process, so what differs is the
 model alone: its blocks and its initialisation. Reported per model: the first step whose CLIP loss is
@@ -8,9 +8,9 @@ below 0.9·ln(batch) (how long it sits on the starting plateau), the loss at 25/
 and image->text R@1 on 500 held-out scenes. `open_clip` (when importable: the mobileclip environment)
 is open_clip.CLIP with tiny_preln's shape, the peer the pre-LN preset must fit as fast as.
 
-    python bench/fit.py                          tiny_preln, tiny and open_clip; 300 steps of 64; seed 0
-    python bench/fit.py --models tiny --seeds 0,1,2 --steps 200
-    python bench/fit.py --models "tiny:image.depth=6"     a preset with dotted overrides (JSON values)
+    python -m bench fit                          tiny_preln, tiny and open_clip; 300 steps of 64; seed 0
+    python -m bench fit --models tiny --seeds 0,1,2 --steps 200
+    python -m bench fit --models "tiny:image.depth=6"     a preset with dotted overrides (JSON values)
 Ends with one JSON line: per model, the mean over seeds, and the ratios of each loss to open_clip's.
 """
 
@@ -37,7 +37,7 @@ WARMUP, LR = 50, 1e-3
 
 def scenes(n: int, size: int = 64):
     """n + HELD_OUT generated scenes: normalised pixels and tokenised web captions (the same on every run)."""
-    from siclip.pipeline.scenes import make_scene, web_caption
+    from demo.scenes import make_scene, web_caption
     from siclip.images import OPENAI_MEAN, OPENAI_STD, decode_image
     from siclip.training.tokenizer import ClipTokenizer
 

@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import sys, torch, timm, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)"
 for bench in ${@:-train captions blocks}; do
   start=$(date +%s)
-  timeout 400 python3 -m siclip.cli bench "$bench" --device cuda --json > "$OUT/$bench.json" 2> "$OUT/$bench.log"
+  timeout 400 python3 -m bench "$bench" --device cuda --json > "$OUT/$bench.json" 2> "$OUT/$bench.log"
   echo "== $bench: exit $? in $(( $(date +%s) - start )) s"
   grep -v "^[a-z_]* = \|^\[\|^$\|^#" "$OUT/$bench.log" | tail -8
   cat "$OUT/$bench.json"; echo

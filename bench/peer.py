@@ -22,9 +22,9 @@ Each model is evaluated twice:
 The training loss at 25/50/100% of the steps (mean over the last 5% of steps up to there) and samples/s
 (the wall time from the first step to the last, loader included) come from each tool's own log.
 
-    python bench/peer.py                     3 seeds, both sets, both tools; a table on stderr, one JSON line
-    python bench/peer.py --quick             1 seed, 3 epochs
-    python bench/peer.py --only siclip --sets transparent --seeds 0
+    python -m bench peer                     3 seeds, both sets, both tools; a table on stderr, one JSON line
+    python -m bench peer --quick             1 seed, 3 epochs
+    python -m bench peer --only siclip --sets transparent --seeds 0
 A rerun skips the runs that finished (--retrain: trains them again, to measure samples/s anew). A run's name
 carries a digest of what it depends on (for siclip, the code of training/ and manifests/ and the config), so a
 change to the code trains anew.
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import real
+from bench import real
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "bench" / "configs" / "peer_tiny_preln.toml"
@@ -74,7 +74,7 @@ class EmojiSet:
     by_group: bool
 
     def renderer(self):
-        from siclip.pipeline import emoji
+        from bench import emoji
 
         return getattr(emoji, self.render)
 
@@ -251,7 +251,7 @@ def prepare_recipe(s: EmojiSet, data: Path, inputs: Path, schedule: Schedule) ->
     captioner = inputs / "captioner"
     if not (captioner / "fitted.json").is_file():
         log(f"{s.name}: fitting the captioner on {real.CLEAN} clean pairs")
-        minutes["captioner"] = run_command([sys.executable, "-m", "siclip.captioning.fit", "--pairs", write_clean(s, inputs),
+        minutes["captioner"] = run_command([sys.executable, "-m", "demo.fit", "--pairs", write_clean(s, inputs),
                                             "--out", captioner, "--minutes", 1]) / 60
         (captioner / "fitted.json").write_text(json.dumps({"minutes": round(minutes["captioner"], 2)}) + "\n")
     started = time.monotonic()
@@ -408,7 +408,7 @@ def siclip_encoders(run: Path) -> Encoders:
 def load_open_clip(checkpoint: str):
     """(model, preprocess_val, tokenizer) as open_clip loads a checkpoint of its own trainer."""
     import open_clip
-    from open_clip_peer import register_models
+    from bench.open_clip_peer import register_models
 
     register_models()
     model, _, preprocess = open_clip.create_model_and_transforms(OPEN_CLIP_MODEL, pretrained=checkpoint)
@@ -543,7 +543,7 @@ def tokenizers_agree(inputs: Path, pairs) -> float:
     """The fraction of the eval's texts (prompts and held-out captions) that open_clip's tokenizer turns into the
     same ids as siclip's: the shared path uses siclip's, each own path its own."""
     import open_clip
-    from open_clip_peer import register_models
+    from bench.open_clip_peer import register_models
 
     from siclip.training.tokenizer import ClipTokenizer
 

@@ -2,7 +2,7 @@
 on generated shards, the tiny preset with gradient caching (batch 64 in micro-batches of 16). For a GPU, where
 fp16 is the path of cards without bf16; prints one JSON line per precision and a summary:
 
-    PYTHONPATH=. python3 bench/precision.py [--steps 60] [--precisions fp16,bf16,no]
+    python -m bench precision [--steps 60] [--precisions fp16,bf16,no]
 
 Per precision: the mean loss of the first and last 5 steps, the steps whose gradient norm was not finite (the
 scaler skips those: a few at its first calibration is expected, more is a fault), samples/s and peak memory.
@@ -21,9 +21,11 @@ from pathlib import Path
 import torch
 
 from siclip.manifests.layout import DataRoot
-from siclip.training.bench_train import make_bench_root
+from bench.train import make_bench_root
 from siclip.training.config import load_train_config
 from siclip.training.loop import train
+
+REPO = Path(__file__).resolve().parents[1]  # `-m bench.precision` runs from the checkout's root
 
 
 def run(root: DataRoot, precision: str, steps: int) -> dict:
@@ -57,8 +59,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="siclip-precision-") as tmp:
         root = make_bench_root(Path(tmp) / "data", shards=4, per_shard=(args.steps + 8) * 64 // 4)
         for precision in args.precisions.split(","):
-            res = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--one", precision,
-                                  str(root.root)], stdout=subprocess.PIPE, text=True, check=True)
+            res = subprocess.run([sys.executable, "-m", "bench.precision", "--steps", str(args.steps), "--one",
+                                  precision, str(root.root)], stdout=subprocess.PIPE, text=True, check=True, cwd=REPO)
             results.append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

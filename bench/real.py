@@ -1,6 +1,6 @@
 """`make bench-real` and `make ablations`: the whole pipeline on images nobody here drew.
 
-The emoji of Debian's Noto Color Emoji font (pipeline/emoji.py), rendered at a few sizes and positions
+The emoji of Debian's Noto Color Emoji font (bench/emoji.py), rendered at a few sizes and positions
 on varied backgrounds, captioned with their Unicode names and CLDR keywords, are served on 127.0.0.1
 and go through the real stages: shards -> a tiny captioner fitted on a clean part of the training
 split -> captions -> a pre-LN teacher trained, exported, its sidecars -> the student -> eval.
@@ -8,8 +8,8 @@ The split is by emoji: the last shard holds one rendering of each of HELD_OUT em
 the zero-shot folders hold another rendering of the same held-out emoji, by Unicode group and subgroup
 (every group and subgroup is a class, so chance is one over all of them).
 
-    python bench/real.py               the benchmark; ends with one JSON line
-    python bench/real.py --ablations   the ablation table (bench/configs/abl_*.toml, 3 seeds each)
+    python -m bench real               the benchmark; ends with one JSON line
+    python -m bench ablations          the ablation table (bench/configs/abl_*.toml, 3 seeds each)
 A rerun skips what is done (inputs, shards, captions, sidecars, finished runs).
 """
 
@@ -61,7 +61,7 @@ def siclip(*args: str) -> str:
 
 def ensure_sources() -> None:
     """Install the font and the Unicode data when missing (Debian, as root), else say what is needed."""
-    from siclip.pipeline.emoji import PACKAGES, missing_sources
+    from bench.emoji import PACKAGES, missing_sources
 
     if not missing_sources():
         return
@@ -76,7 +76,7 @@ def split():
     """(training emoji, held-out emoji): the HELD_OUT emoji whose name hashes lowest are held out."""
     import hashlib
 
-    from siclip.pipeline.emoji import emoji_list
+    from bench.emoji import emoji_list
 
     ranked = sorted(emoji_list(), key=lambda e: hashlib.sha256(e.name.encode()).digest())
     held = set(e.name for e in ranked[:HELD_OUT])
@@ -85,7 +85,7 @@ def split():
 
 def write_inputs(inputs: Path) -> None:
     """Clean pairs (training emoji) and zero-shot folders (held-out emoji) by group and subgroup."""
-    from siclip.pipeline.emoji import render
+    from bench.emoji import render
 
     record = inputs / "inputs.json"
     params = {"held_out": HELD_OUT, "clean": CLEAN, "version": 1}
@@ -105,8 +105,8 @@ def write_inputs(inputs: Path) -> None:
 def write_zeroshot(root: Path, render=None, ext: str = "jpg") -> None:
     """root/group and root/subgroup: one rendering of each held-out emoji in its label's folder, every label a
     class (so chance is one over all of them), and the folder's prompts in templates.txt."""
-    from siclip.pipeline.emoji import emoji_list, folder_name
-    from siclip.pipeline.emoji import render as default_render
+    from bench.emoji import emoji_list, folder_name
+    from bench.emoji import render as default_render
 
     render = render or default_render
     _, held = split()
@@ -126,7 +126,7 @@ def web_rows(render=None, ext: str = "jpg", by_group: bool = False):
     The training rows come in emoji-test.txt's order, twice over (each emoji's first rendering, then its
     second); `by_group` keeps an emoji's renderings together in Unicode group order instead, as a list sorted
     by category is, so each shard holds one or two groups."""
-    from siclip.pipeline.emoji import render as default_render
+    from bench.emoji import render as default_render
 
     render = render or default_render
     train, held = split()
@@ -147,7 +147,7 @@ def download(data: Path, files_rows=None, settings=SHARDS) -> None:
     """`siclip shards` of the web rows (default: `web_rows()`), served on 127.0.0.1, into `data`."""
     from siclip.manifests.config import resolve
     from siclip.pipeline.config import DEFAULT_CONFIG, ShardsConfig
-    from siclip.pipeline.loopback import ImageServer, write_url_list
+    from demo.loopback import ImageServer, write_url_list
     from siclip.pipeline.stage import run_shards
 
     files, rows = files_rows or web_rows()
@@ -168,7 +168,7 @@ def prepare(data: Path, inputs: Path) -> None:
     ensure_sources()
     write_inputs(inputs)
     download(data)
-    sh(sys.executable, "-m", "siclip.captioning.fit", "--pairs", inputs / "clean", "--out", inputs / "captioner",
+    sh(sys.executable, "-m", "demo.fit", "--pairs", inputs / "clean", "--out", inputs / "captioner",
        "--minutes", "1")
     siclip("captions", "--data", data, "--model", inputs / "captioner", "--workers", "1", "--batch-size", "64")
     siclip("train", "--data", data, "--config", CONFIGS / "real_teacher.toml", "--out", "real-teacher", "--resume")

@@ -63,7 +63,7 @@ def _tiny_tokenizer(words=()):
 def build_tiny_captioner(seed: int = 0, words=(), image_size: int = 32, width: int = 32, layers: int = 2):
     """(model, processor) of a tiny random BLIP captioner; the same arguments give the same weights.
 
-    `words` extend the vocabulary, `image_size`/`width`/`layers` the model: `captioning.fit` trains a
+    `words` extend the vocabulary, `image_size`/`width`/`layers` the model: `demo.fit` (the demo's captioner) trains a
     larger one on a data set's words; the defaults are the `tiny` model of the tests and benches."""
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
@@ -103,24 +103,6 @@ def build_tiny_clip(seed: int = 0):
         model = CLIPModel(cfg).eval()
     ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return model, (ip, tok)
-
-
-def save_tiny(kind: str, path: Path, seed: int = 0) -> Path:
-    """Save a tiny captioner ('captioner') or CLIP teacher ('clip') with save_pretrained into `path`."""
-    _quiet_transformers()
-    path = Path(path)
-    if kind == "captioner":
-        model, processor = build_tiny_captioner(seed)
-        model.save_pretrained(path)
-        processor.save_pretrained(path)
-    elif kind == "clip":
-        model, (ip, tok) = build_tiny_clip(seed)
-        model.save_pretrained(path)
-        ip.save_pretrained(path)
-        tok.save_pretrained(path)
-    else:
-        raise ValueError(kind)
-    return path
 
 
 def _hub_or_path(name: str) -> str:

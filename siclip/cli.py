@@ -7,7 +7,6 @@ at the top, so building the parser stays light; the work (torch, img2dataset, da
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -34,32 +33,8 @@ def stage_commands() -> list:
     ]
 
 
-BENCHES = {  # name -> one-line help; `bench_function` imports each
-    "shards": "siclip shards against raw img2dataset.download",
-    "captions": "siclip captions against a transformers pipeline",
-    "coca": "siclip captions with the seed's CoCa ViT-L/14 (random weights): images/s for 3 captions (extra "
-            "siclip[mobileclip])",
-    "blocks": "SAS-P blocks with sharing against pre-LN blocks",
-    "train": "siclip train against a plain PyTorch loop; the loader; gradient caching's memory; --device cuda: the "
-             "paper preset",
-}
-
-
-def bench_function(name: str):
-    """The function that runs bench `name` (imported only when that bench runs)."""
-    if name == "shards":
-        from siclip.pipeline.bench import bench_shards as bench
-    elif name == "captions":
-        from siclip.captioning.bench import bench_captions as bench
-    elif name == "coca":
-        from siclip.captioning.bench import bench_coca as bench
-    elif name == "blocks":
-        from siclip.training.bench import bench_blocks as bench
-    elif name == "train":
-        from siclip.training.bench_train import bench_train as bench
-    else:
-        raise SiclipError(f"bench {name!r}: no such bench (one of {', '.join(BENCHES)})")
-    return bench
+# The benchmarks live in the checkout's bench/, which nothing installed imports (docs/design.md)
+MOVED_BENCH = "benchmarks run from a source checkout: python -m bench NAME (python -m bench --help lists them)"
 
 
 def version(checkout: Path = Path(__file__).resolve().parents[1]) -> str:
@@ -101,13 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "stage's rerun redoes it; exit 0 once what is left is whole")
     p.set_defaults(handler=_run_manifest)
 
-    p = sub.add_parser("bench", help="benchmarks against a named baseline, measured in the same run",
-                       description="Benchmarks: " + "; ".join(f"{k}: {v}" for k, v in BENCHES.items()))
-    p.add_argument("name", choices=sorted(BENCHES) + ["all"])
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--quick", action="store_true", help="a smaller run (for smoke tests)")
-    p.add_argument("--device", default="cpu", help="where benches that can run on a GPU run (cpu or cuda)")
-    p.set_defaults(handler=_run_bench)
+    p = sub.add_parser("bench", help=MOVED_BENCH, description=MOVED_BENCH, add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=_moved_bench)
     return parser
 
 
@@ -138,16 +109,8 @@ def _run_manifest(args) -> int:
     return 0
 
 
-def _run_bench(args) -> int:
-    names = sorted(BENCHES) if args.name == "all" else [args.name]
-    results = {}
-    for name in names:
-        bench = bench_function(name)
-        kwargs = {"device": args.device} if "device" in inspect.signature(bench).parameters else {}
-        results[name] = bench(quick=args.quick, **kwargs)
-    out = results[names[0]] if len(names) == 1 else results
-    print(json.dumps(out) if args.json else json.dumps(out, indent=1))
-    return 0
+def _moved_bench(args) -> int:
+    raise SiclipError(MOVED_BENCH)
 
 
 def main(argv: list[str] | None = None) -> int:

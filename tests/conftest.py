@@ -9,7 +9,7 @@ import shutil
 import subprocess
 
 import pytest
-from siclip_testing import SMALL, fault_rows, siclip, write_list
+from siclip_testing import SMALL, fault_rows, refusing_port, siclip, write_list
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -46,7 +46,7 @@ def pytest_collection_modifyitems(config, items):
 def _bad_files() -> dict[str, bytes]:
     from PIL import Image
 
-    from siclip.pipeline.loopback import make_image
+    from demo.loopback import make_image
 
     jpeg = make_image(0)[0]
     one = io.BytesIO()
@@ -60,7 +60,7 @@ def _bad_files() -> dict[str, bytes]:
 @pytest.fixture(scope="session")
 def image_server():
     """Serves GOOD_IMAGES generated pictures plus the bad files; stops at the end of the session."""
-    from siclip.pipeline.loopback import ImageServer, generate
+    from demo.loopback import ImageServer, generate
 
     files, rows = generate(GOOD_IMAGES, seed=1)
     files.update(_bad_files())
@@ -78,8 +78,6 @@ def good_rows(image_server):
 @pytest.fixture(scope="session")
 def refused_url():
     """A loopback URL whose connections are refused, its port held for the whole run."""
-    from siclip.pipeline.loopback import refusing_port
-
     with refusing_port() as port:
         yield f"http://127.0.0.1:{port}/refused.jpg"
 

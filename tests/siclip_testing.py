@@ -1,12 +1,15 @@
-"""Helpers the suites share: writing a URL list or a tar by hand, and running the real `siclip` CLI in a subprocess."""
+"""Helpers the suites share: writing a URL list or a tar by hand, running the real `siclip` CLI in a subprocess, a
+port that refuses connections, tiny models saved as a hub folder."""
 
 from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +79,37 @@ def fault_rows(base: str, refused: str) -> list[tuple]:
         ("file:///etc/hostname", "local file", "scheme_file"),
         (None, "no url", "no_url"),
     ]
+
+
+@contextmanager
+def refusing_port():
+    """A loopback port that refuses connections, for as long as the block runs: bound but never
+    listening, so no other program can start listening on it meanwhile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+def save_tiny(kind: str, path: Path, seed: int = 0) -> Path:
+    """Save siclip's tiny captioner ('captioner') or CLIP teacher ('clip') with save_pretrained into `path`: a model
+    that loads by folder as a downloaded one does, with nothing downloaded."""
+    from siclip.captioning.models import build_tiny_captioner, build_tiny_clip
+    from siclip.teachers import quiet_transformers
+
+    quiet_transformers()
+    path = Path(path)
+    if kind == "captioner":
+        model, processor = build_tiny_captioner(seed)
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+    elif kind == "clip":
+        model, (ip, tok) = build_tiny_clip(seed)
+        model.save_pretrained(path)
+        ip.save_pretrained(path)
+        tok.save_pretrained(path)
+    else:
+        raise ValueError(kind)
+    return path
 
 
 def save_open_clip(name: str, folder: Path, seed: int = 0, preprocess: dict | None = None) -> Path:

@@ -3,9 +3,6 @@ copy of the tiny_preln shape, open_clip_train reading siclip's shards, and its l
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,14 +10,12 @@ from siclip.training.model import build_model, count_parameters
 
 pytestmark = pytest.mark.mobileclip
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))
 
 
 def test_the_open_clip_config_is_tiny_preln_tensor_for_tensor_in_count():
     import open_clip
-    from open_clip_peer import register_models
-    from peer import OPEN_CLIP_MODEL
+    from bench.open_clip_peer import register_models
+    from bench.peer import OPEN_CLIP_MODEL
 
     register_models()
     theirs, ours = open_clip.create_model(OPEN_CLIP_MODEL), build_model("tiny_preln")
@@ -34,7 +29,7 @@ def test_the_open_clip_config_is_tiny_preln_tensor_for_tensor_in_count():
 
 def test_open_clip_train_reads_siclip_shards_once_the_end_of_shard_marker_is_left_out(shards_data, monkeypatch):
     import open_clip_train.data as data
-    from open_clip_peer import shard_ends_unmarked
+    from bench.open_clip_peer import shard_ends_unmarked
 
     from siclip.manifests.layout import DataRoot
     from siclip.manifests.samples import finished_shards

@@ -6,7 +6,6 @@ import json
 import shutil
 
 
-from siclip.captioning.models import save_tiny
 from siclip.cli import main
 from siclip.manifests.io import sha256_file
 from siclip.manifests.layout import DataRoot
@@ -14,6 +13,7 @@ from siclip.manifests.manifest import StageManifest
 from siclip.manifests.samples import read_sidecar
 from siclip.manifests.storage import write_storage
 
+from siclip_testing import save_tiny
 from captions_helpers import all_sidecars, captions, sidecar_rows, tar_keys
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from siclip.captioning.config import TeacherConfig
 from siclip.captioning.embed import build_teachers
 from siclip.images import apply_view
-from siclip.captioning.models import build_tiny_clip, save_tiny
+from siclip.captioning.models import build_tiny_clip
 from siclip.captioning.sidecar import storage_array
 from siclip.captioning.teacher_cli import sidecar_size
 from siclip.cli import main
@@ -21,6 +21,7 @@ from siclip.manifests.manifest import StageManifest
 from siclip.manifests.samples import embeddings, iter_samples, read_sidecar
 from siclip.manifests.storage import format_size
 
+from siclip_testing import save_tiny
 from captions_helpers import captions, teacher as _teacher, text_embeddings as _text_embeddings
 
 

@@ -56,7 +56,7 @@ def row_outcomes(data: Path) -> dict[str, tuple[str, str | None]]:
 def servers(image_server):
     """The hostile routes on 127.0.0.1, and two more servers that redirects point at, on 127.0.0.2 and
     ::1: loopback addresses, so that even a fetch that failed to refuse them would stay on the machine."""
-    from siclip.pipeline.loopback import ImageServer
+    from demo.loopback import ImageServer
 
     with ImageServer(dict(image_server.files)) as near, ImageServer(dict(image_server.files), host="127.0.0.2") as far, \
             ImageServer(dict(image_server.files), host="::1") as far6:
@@ -123,7 +123,7 @@ def test_hostile_rows_fail_with_their_reason_within_the_deadline_and_the_cap(tmp
 
 
 def test_a_loopback_list_is_refused_row_by_row_without_the_flag(tmp_path, image_server):
-    from siclip.pipeline.loopback import ImageServer
+    from demo.loopback import ImageServer
 
     with ImageServer(dict(image_server.files)) as server:
         rows = [(f"{server.base}/{p}", c) for p, c in image_server.good_rows[:10]]

@@ -93,7 +93,7 @@ def test_failures_by_reason_from_the_stats(tmp_path):
 def test_reencoding_at_a_lower_quality_or_size_shrinks_the_images(tmp_path):
     from PIL import Image
 
-    from siclip.pipeline.loopback import make_image
+    from demo.loopback import make_image
 
     tar_path = tmp_path / "00000.tar"
     with tarfile.open(tar_path, "w") as tar:

@@ -301,7 +301,7 @@ def test_rerun_repairs_a_damaged_shard(shards_root, good_rows, tmp_path):
 
 
 def test_retry_failed_downloads_only_retryable_failures(tmp_path, image_server, refused_url):
-    from siclip.pipeline.loopback import ImageServer
+    from demo.loopback import ImageServer
 
     with ImageServer(dict(image_server.files)) as server:  # its own server: this test makes it "recover"
         good = [(f"{server.base}/{p}", c) for p, c in image_server.good_rows[:4]]

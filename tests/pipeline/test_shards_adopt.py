@@ -27,7 +27,7 @@ PER_TAR, TARS = 8, 3  # the 24 good pictures of the shared loopback server
 def made_elsewhere(tmp_path_factory, good_rows):
     """An img2dataset output folder (00000.tar, .parquet, _stats.json, ...), written by img2dataset.download
     itself in a process of its own, as a user's earlier download would have been (it spawns its workers)."""
-    from siclip.pipeline.bench import RAW_SCRIPT
+    from bench.shards import RAW_SCRIPT
 
     d = tmp_path_factory.mktemp("img2dataset")
     urls = write_list(d / "urls.parquet", good_rows)

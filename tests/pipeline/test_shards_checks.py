@@ -13,7 +13,7 @@ from siclip_testing import SMALL, siclip, write_list
 
 from siclip.manifests.layout import DataRoot
 from siclip.manifests.manifest import StageManifest
-from siclip.pipeline.loopback import ImageServer
+from demo.loopback import ImageServer
 from siclip.pipeline.urls import browser_url, read_url_list
 
 

@@ -27,7 +27,7 @@ def tar_urls(data) -> list[str]:
 
 
 def test_a_disk_that_fills_up_mid_run_stops_the_job_in_one_line_and_the_rerun_finishes(tmpfs, image_server, tmp_path):
-    from siclip.pipeline.loopback import ImageServer
+    from demo.loopback import ImageServer
 
     disk = tmpfs("4m")
     data = disk / "data"
@@ -63,7 +63,7 @@ def test_a_disk_that_fills_up_mid_run_stops_the_job_in_one_line_and_the_rerun_fi
 def test_a_shard_whose_worst_case_exceeds_the_free_disk_is_never_started(tmpfs, image_server, tmp_path):
     """The disk fills up during the pilot, leaving room for what the bulk really needs but not for a
     shard's worst case: the bulk does not start (exit 3), and a rerun once there is room finishes."""
-    from siclip.pipeline.loopback import ImageServer
+    from demo.loopback import ImageServer
 
     disk = tmpfs("4m")
     data = disk / "data"

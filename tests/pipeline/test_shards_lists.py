@@ -29,7 +29,7 @@ def samples(data: Path) -> list[dict]:
 
 
 def test_a_folder_of_parquet_files_keeps_its_extra_columns_in_each_sample(tmp_path, image_server):
-    from siclip.pipeline.loopback import ImageServer
+    from demo.loopback import ImageServer
 
     with ImageServer(dict(image_server.files)) as server:  # its own server: this test makes a URL recover
         rows = [(f"{server.base}/{p}", c) for p, c in image_server.good_rows[:8]]

@@ -102,10 +102,11 @@ def test_loading_or_writing_a_model_leaves_the_hubs_download_bars_on(tmp_path, m
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging
 
-    from siclip.captioning.models import clip_embedding_width, save_tiny
+    from siclip.captioning.models import clip_embedding_width
     from siclip.images import Preprocess
     from siclip.training.export import export_model
     from siclip.training.model import build_model, load_config
+    from siclip_testing import save_tiny
 
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
     if are_progress_bars_disabled():  # set at import from the environment: nothing to test then

@@ -45,7 +45,7 @@ def test_a_transparent_png_reads_the_same_from_disk_in_eval_as_from_its_shard(tm
     """The issue's check: eval's preprocessing of the file and the shard's sample after `siclip shards`
     (real img2dataset over loopback) agree within JPEG error; transparent areas are white in both."""
     from siclip.manifests.layout import DataRoot
-    from siclip.pipeline.loopback import ImageServer
+    from demo.loopback import ImageServer
     from siclip.images import OPENAI_MEAN, OPENAI_STD
     from siclip.training.data import SampleSettings, all_shards, eval_batches
 

@@ -218,7 +218,7 @@ def test_the_tokenizer_gives_open_clips_ids(tokenizer):
 def paper_data(tmp_path_factory, teacher_dir):
     """A data root made by the real stages: 3 shards of generated pictures (stage 1, img2dataset on loopback),
     3 synthetic captions each (the tiny captioner) and teacher sidecars from the open_clip teacher folder."""
-    from siclip.pipeline.loopback import serve_generated
+    from demo.loopback import serve_generated
 
     d = tmp_path_factory.mktemp("paper_data")
     with serve_generated(48, seed=7) as (server, rows):
@@ -299,7 +299,7 @@ def test_paper_toml_trains_s0_from_an_open_clip_teacher_with_every_term_and_resu
 def test_the_bench_measures_s0s_image_tower_against_timms_mci0():
     import timm
 
-    from siclip.training.bench import build_towers, replaced_blocks
+    from bench.blocks import build_towers, replaced_blocks
 
     towers = build_towers("s0_image")
     plain = timm.create_model("fastvit_mci0", pretrained=False, num_classes=512)

@@ -72,7 +72,7 @@ def test_crd_compares_with_the_teachers_own_logit_scale_where_it_is_known(tmp_pa
     import torch.nn.functional as F
     from transformers import CLIPModel
 
-    from siclip.captioning.models import save_tiny
+    from siclip_testing import save_tiny
     from siclip.training.config import load_train_config
     from siclip.training.objective import Features, load_teacher, stage_objectives
 

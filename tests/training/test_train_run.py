@@ -31,7 +31,7 @@ SMALL_MODEL = ('model_set = ["image.image_size=16", "image.patch_size=8", "image
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A data root: five shards of generated pictures, their synthetic captions and tiny-teacher embeddings."""
-    from siclip.pipeline.loopback import serve_generated
+    from demo.loopback import serve_generated
 
     d = tmp_path_factory.mktemp("train_data")
     with serve_generated(IMAGES, seed=5) as (server, rows):
@@ -267,7 +267,7 @@ clip_synthetic = 0.0
 
 
 def test_inheritance_and_distillation_from_sidecars_a_siclip_run_and_a_transformers_clip(root, tmp_path):
-    from siclip.captioning.models import save_tiny
+    from siclip_testing import save_tiny
 
     siclip(*run_args(root, config(tmp_path / "t.toml", BOOKKEEPING), "teacher_run"))
     clip_dir = save_tiny("clip", tmp_path / "tiny_clip")

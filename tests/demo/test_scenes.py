@@ -7,7 +7,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from siclip.pipeline.scenes import COLOURS, RELATIONS, SHAPES, SIZES, WebNoise, make_scene, web_caption, write_inputs
+from demo.scenes import COLOURS, RELATIONS, SHAPES, SIZES, WebNoise, make_scene, web_caption, write_inputs
 
 OBJECT = rf"an? (?P<size>{'|'.join(SIZES)}) (?P<colour>{'|'.join(COLOURS)}) (?P<shape>{'|'.join(SHAPES)})"
 

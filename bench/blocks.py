@@ -1,4 +1,4 @@
-"""`siclip bench blocks`: the presets' own towers with SAS-P blocks against the same towers of standard blocks.
+"""`python -m bench blocks`: the presets' own towers with SAS-P blocks against the same towers of standard blocks.
 
 Each case is a tower built from its preset (training/presets/*.toml), measured against its baseline in the
 same run: the same config with every layer a standard pre-LN block and no attention sharing (for MCi0,
@@ -192,12 +192,3 @@ def bench_blocks(quick: bool = False, threads: int | None = None, device: str = 
     return {"cases": results, "threads": used_threads, "load_average": load, "device": where, "clock": clock_name,
             "skipped": skipped}
 
-
-if __name__ == "__main__":
-    import json
-
-    flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
-    result = bench_blocks(quick="--quick" in sys.argv, threads=int(flags["threads"]) if "threads" in flags else None,
-                          device=flags.get("device", "cpu"), batch=int(flags["batch"]) if "batch" in flags else None,
-                          cases=tuple(flags["cases"].split(",")) if "cases" in flags else None)
-    print(json.dumps(result, indent=2))

@@ -1,4 +1,4 @@
-"""`siclip bench train`: the training loop against named baselines measured in the same run.
+"""`python -m bench train`: the training loop against named baselines measured in the same run.
 
 CPU (default), on generated shards with caption sidecars, the `tiny` preset:
 - `ratio`: samples/s of `siclip train` (loader, objective, AdamW, logging, checkpoints at the end) over

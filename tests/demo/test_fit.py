@@ -1,21 +1,23 @@
-"""`python -m captioning.fit`: the tiny captioner, fitted on clean pairs, learns to name what it sees; it loads
+"""`python -m demo.fit`: the tiny captioner, fitted on clean pairs, learns to name what it sees; it loads
 through the stage's own captioner path; a rerun skips; bad input is one clear error."""
 
 import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from siclip.captioning.fit import fit
+from demo.fit import fit
 from siclip.manifests.errors import SiclipError
 
+REPO = Path(__file__).resolve().parents[2]  # `python -m demo.fit` runs from a checkout's root
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 
 
 def write_pairs(folder, seed, n):
-    from siclip.pipeline.scenes import make_scene
+    from demo.scenes import make_scene
 
     folder.mkdir(parents=True)
     scenes = []
@@ -67,8 +69,8 @@ def test_pairs_without_captions_are_one_clear_error(tmp_path):
     (tmp_path / "pairs" / "a.jpg").write_bytes(b"x")
     with pytest.raises(SiclipError, match=r"--pairs .*pairs: needs two or more images with a caption"):
         fit(tmp_path / "pairs", tmp_path / "out", steps=1)
-    res = subprocess.run([sys.executable, "-m", "siclip.captioning.fit", "--pairs", str(tmp_path / "nothing"), "--out",
-                          str(tmp_path / "out"), "--steps", "1"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "demo.fit", "--pairs", str(tmp_path / "nothing"), "--out",
+                          str(tmp_path / "out"), "--steps", "1"], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("fit: error: --pairs")
 
 

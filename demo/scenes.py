@@ -9,7 +9,7 @@ the way CC3M's are while the clean ones stand in for MSCOCO.
 
 `write_inputs` writes the demo's inputs, outside the data root: the clean pairs (image + .txt, the
 captioner's training set) and held-out zero-shot folders (one class sub-folder per attribute value,
-with a `templates.txt` of prompts). The web part is served on 127.0.0.1 by `pipeline.demo`.
+with a `templates.txt` of prompts). The web part is served on 127.0.0.1 by `python -m demo`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`siclip bench captions`: siclip captions against transformers' image-to-text pipeline, one image at
+"""`python -m bench captions`: siclip captions against transformers' image-to-text pipeline, one image at
 a time as a user would write it, on the same images with the same model and generation settings.
 
 Two models: the tiny captioner, and a base-size BLIP built from its default config with random
@@ -84,6 +84,16 @@ def _base_blip(path: Path) -> Path:
         model = BlipForConditionalGeneration(cfg).eval()
     model.save_pretrained(path)
     BlipProcessor(BlipImageProcessorPil(size={"height": 384, "width": 384}), tok).save_pretrained(path)
+    return path
+
+
+def _tiny_blip(path: Path) -> Path:
+    """siclip's `tiny` captioner (random weights, seed 0), saved to `path` as a hub folder: the pipeline loads it."""
+    from siclip.captioning.models import build_tiny_captioner
+
+    model, processor = build_tiny_captioner(0)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
     return path
 
 
@@ -179,9 +189,9 @@ def bench_captions(quick: bool = False, work_dir: str | Path | None = None, devi
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from siclip.captioning.models import _quiet_transformers, save_tiny
+    from siclip.teachers import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     place = contextlib.nullcontext(str(work_dir)) if work_dir else tempfile.TemporaryDirectory(prefix="siclip-bench-")
     with place as tmp:
         work = Path(tmp)
@@ -190,7 +200,7 @@ def bench_captions(quick: bool = False, work_dir: str | Path | None = None, devi
                         device=device)
             return {"ratio": base["ratio"], "images_per_s": base["images_per_s"], "model": "blip-base(random)",
                     "device": device, "base": base}
-        tiny = _one("tiny", save_tiny("captioner", work / "tiny-model"), 24 if quick else 128, work, 2, 16,
+        tiny = _one("tiny", _tiny_blip(work / "tiny-model"), 24 if quick else 128, work, 2, 16,
                     time_cap=4 if quick else 20)
         result = {"ratio": tiny["ratio"], "images_per_s": tiny["images_per_s"],
                   "bytes_per_caption": tiny["bytes_per_caption"], "model": "tiny", "tiny": tiny}

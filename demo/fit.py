@@ -1,7 +1,7 @@
 """Fit the tiny BLIP captioner on a folder of clean image-caption pairs, so that its synthetic captions
 mean something (a random captioner's do not). The demo's stand-in for a captioner fine-tuned on MSCOCO.
 
-    python -m captioning.fit --pairs DIR --out DIR [--minutes 1.5 | --steps N]
+    python -m demo.fit --pairs DIR --out DIR [--minutes 1.5 | --steps N]
 
 DIR holds pairs: an image (jpg/png/webp/...) and a .txt of the same stem with its caption; images are decoded
 as stage 1 decodes the shards' (siclip.images: transparency onto white), one that does not decode is skipped
@@ -75,7 +75,8 @@ def fit(pairs_dir: str | Path, out: str | Path, minutes: float = 1.5, steps: int
     """Train the captioner for `steps` steps (or `minutes` when steps is 0), save it into `out`; its summary."""
     import torch
 
-    from siclip.captioning.models import _quiet_transformers, build_tiny_captioner
+    from siclip.captioning.models import build_tiny_captioner
+    from siclip.teachers import quiet_transformers
 
     out = Path(out)
     params = {"pairs": str(Path(pairs_dir).absolute()), "minutes": minutes, "steps": steps, "batch_size": batch_size,
@@ -87,7 +88,7 @@ def fit(pairs_dir: str | Path, out: str | Path, minutes: float = 1.5, steps: int
         return {**summary, "skipped": True}
     if threads:  # tiny models: one thread is fastest, and on a busy machine by far
         torch.set_num_threads(threads)
-    _quiet_transformers()
+    quiet_transformers()
     images, captions, unreadable = decode_pairs(read_pairs(pairs_dir), log)
     model, processor = build_tiny_captioner(seed, words=caption_words(captions), image_size=image_size,
                                             width=width, layers=layers)
@@ -139,7 +140,7 @@ def fit(pairs_dir: str | Path, out: str | Path, minutes: float = 1.5, steps: int
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m captioning.fit", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m demo.fit", description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", required=True, metavar="DIR", help="images with a .txt caption of the same stem")
     p.add_argument("--out", required=True, metavar="DIR", help="where the fitted captioner is saved")
     p.add_argument("--minutes", type=float, default=1.5, help="training time (default 1.5)")

@@ -1,5 +1,5 @@
-"""Generated images served on 127.0.0.1: the demo's default data, the benchmark's URL list and the
-tests' fixture. Nothing here reaches beyond the loopback interface."""
+"""Generated images served on 127.0.0.1: the demo's web part, the benchmarks' URL lists and the tests' web.
+Nothing here reaches beyond the loopback interface."""
 
 from __future__ import annotations
 
@@ -47,15 +47,6 @@ def make_image(index: int, seed: int = 0, min_side: int = 48, max_side: int = 40
     img.save(buf, fmt, **({"quality": 90} if fmt in ("JPEG", "WEBP") else {}))
     ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
     return buf.getvalue(), ext, f"a {fg} {shape} on a {bg} background"
-
-
-@contextmanager
-def refusing_port():
-    """A loopback port that refuses connections, for as long as the block runs: bound but never
-    listening, so no other program can start listening on it meanwhile."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield s.getsockname()[1]
 
 
 class _QuietServer(ThreadingHTTPServer):

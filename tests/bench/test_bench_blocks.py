@@ -1,11 +1,11 @@
-"""`siclip bench blocks`: it measures the presets' own towers against the same towers of pre-LN blocks, and the ratios
+"""`python -m bench blocks`: it measures the presets' own towers against the same towers of pre-LN blocks, and the ratios
 it reports are those of its own raw timings and of parameter counts taken here on towers built independently."""
 
 import json
 
 import pytest
 
-from siclip.training.bench import CASES, build_towers, bench_blocks
+from bench.blocks import CASES, build_towers, bench_blocks
 from siclip.training.model import (Block, SASPBlock, TextTransformer, VisionTransformer, count_parameters, load_config)
 
 

@@ -1,8 +1,8 @@
-"""The demo's data: compositional scenes (pipeline.scenes). The clean pairs and the zero-shot folders
+"""The demo's data: compositional scenes (demo/scenes.py). The clean pairs and the zero-shot folders
 go to an inputs folder outside the data root; the web part, with noisy alt-text captions, is served
 on 127.0.0.1 while `siclip shards` downloads it into DATA/shards, as a web URL list would be.
 
-    python -m pipeline.demo --data data/demo --inputs data/demo-inputs     (what `make demo` runs first)
+    python -m demo --data data/demo --inputs data/demo-inputs     (what `make demo` runs first)
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 from siclip.manifests.config import resolve
 from siclip.manifests.errors import SiclipError
 from siclip.pipeline.config import DEFAULT_CONFIG, ShardsConfig
-from siclip.pipeline.loopback import ImageServer, write_url_list
-from siclip.pipeline.scenes import web_part, write_inputs
+from demo.loopback import ImageServer, write_url_list
+from demo.scenes import web_part, write_inputs
 
 DEMO_PORT = 18765  # a fixed port keeps the URL list identical across reruns, so a rerun resumes
 # the scenes are served on 127.0.0.1, an address stage 1 refuses unless allowed
@@ -25,7 +25,8 @@ DEMO_SETTINGS = ["image_size=96", "samples_per_shard=200", "budget=2GB", "reserv
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Write the demo's inputs and download its web part into DATA/shards.")
+    p = argparse.ArgumentParser(prog="python -m demo",
+                                description="Write the demo's inputs and download its web part into DATA/shards.")
     p.add_argument("--data", default="data/demo", help="data root (the pipeline's outputs)")
     p.add_argument("--inputs", default="data/demo-inputs", help="clean pairs and zero-shot folders (not outputs)")
     p.add_argument("--images", type=int, default=2000, help="web-part scenes to serve and download")

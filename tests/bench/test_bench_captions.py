@@ -1,14 +1,13 @@
-"""siclip bench captions --quick: its figures are those of the sidecars and timings it produced."""
+"""`python -m bench captions --quick`: its figures are those of the sidecars and timings it produced."""
 
 from __future__ import annotations
 
 import pytest
 
-from siclip.captioning.bench import GEN, bench_captions
+from bench.captions import GEN, bench_captions
 from siclip.manifests.layout import DataRoot
 from siclip.manifests.manifest import StageManifest
-
-from captions_helpers import sidecar_rows
+from siclip.manifests.samples import read_sidecar
 
 
 def test_quick_bench_figures_are_those_of_the_sidecars_it_wrote(tmp_path):
@@ -19,7 +18,7 @@ def test_quick_bench_figures_are_those_of_the_sidecars_it_wrote(tmp_path):
     # bytes per caption: the files on disk over the captions they hold, counted by reading them
     root = DataRoot(tmp_path / "tiny" / "data")
     sidecars = sorted(root.captions.glob("*.arrow"))
-    rows = [row for p in sidecars for row in sidecar_rows(p).values()]
+    rows = [(r["captions"], r["status"]) for p in sidecars for r in read_sidecar(p)[0].to_pylist()]
     assert len(rows) == tiny["images"] and all(status == "ok" for _, status in rows)
     n_captions = sum(len(caps) for caps, _ in rows)
     assert n_captions == tiny["images"] * GEN["num_captions"]

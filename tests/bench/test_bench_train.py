@@ -1,10 +1,10 @@
-"""`siclip bench train`: its memory measure is exact on graphs of known size, and gradient caching holds flat."""
+"""`python -m bench train`: its memory measure is exact on graphs of known size, and gradient caching holds flat."""
 
 from __future__ import annotations
 
 import torch
 
-from siclip.training.bench_train import SavedActivations, _activation_memory, _loader_rate, make_bench_root
+from bench.train import SavedActivations, _activation_memory, _loader_rate, make_bench_root
 
 
 def test_saved_activations_counts_what_autograd_holds_and_frees():

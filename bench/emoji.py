@@ -7,7 +7,7 @@ Sources (Debian packages; `bench/real.py` installs them when missing):
   unicode-cldr-core       /usr/share/unicode/cldr/common/annotations{,Derived}/en.xml   (keywords)
 Skin-tone variants and the Component group are left out: they repeat an emoji with another tone.
 
-Each emoji is rendered at a few sizes and positions on varied backgrounds (`pipeline.scenes`' own), or, for
+Each emoji is rendered at a few sizes and positions on varied backgrounds (`demo.scenes`' own), or, for
 `make bench-peer`'s second set, on a transparent background as an RGBA PNG. The held-out split is by emoji, not by rendering: no held-out emoji is ever seen in training.
 """
 
@@ -124,7 +124,7 @@ def _position(side: int, g, rng: random.Random) -> tuple[int, int]:
 
 def render(emoji: Emoji, rng: random.Random, side: int = 128, quality: int = 90) -> bytes:
     """One rendering: the emoji at a random size (45–90% of the picture) and position, on a random background."""
-    from siclip.pipeline.scenes import background
+    from demo.scenes import background
 
     g = _sized_glyph(emoji, rng, side)
     img = background(rng, side)

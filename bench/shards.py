@@ -1,4 +1,4 @@
-"""`siclip bench shards`: raw `img2dataset.download` against `siclip shards`, same loopback URL
+"""`python -m bench shards`: raw `img2dataset.download` against `siclip shards`, same loopback URL
 list, same settings, interleaved runs, each in a fresh process; ratio = siclip time / raw time."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from siclip.pipeline.loopback import ImageServer, generate, write_url_list
+from demo.loopback import ImageServer, generate, write_url_list
 
 RAW_SCRIPT = """
 import sys
