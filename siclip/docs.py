@@ -81,8 +81,8 @@ def render() -> str:
            "Every key each stage reads from its TOML file or from `--set key=value`: its type, its default and "
            "what it does. Each meaning is the comment beside the key in the code, so this page changes with it. "
            "Unknown keys are an error that names the valid ones; each command prints its resolved config when it "
-           "starts and stores it beside what it writes. `siclip eval`, `siclip export`, `siclip manifest` and "
-           "`siclip bench` take flags only (see their `--help`).", ""]
+           "starts and stores it beside what it writes. `siclip eval`, `siclip export` and `siclip manifest` "
+           "take flags only (see their `--help`).", ""]
     for section in sections():
         out += [f"## {section.title}", ""]
         if section.intro:
