@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from siclip.manifests.config import resolve, to_toml
+from siclip.config import resolve, to_toml
 from siclip.manifests.errors import SiclipError
 from siclip.manifests.storage import format_size, parse_reserve, parse_size
 from siclip.pipeline.config import ShardsConfig
@@ -32,7 +32,7 @@ def test_unknown_key_lists_the_valid_ones(tmp_path):
 @pytest.mark.parametrize("item, fragment", [
     ("quality=high", "quality = 'high' is not a valid int"),
     ("quality", "expected key=value"),
-    ("resize_mode=squash", "resize_mode 'squash': choose one of center_crop"),
+    ("resize_mode=squash", "resize_mode 'squash' is not one of center_crop, border"),
     ("quality=0", "quality must be within 1..100"),
     ("processes=-1", "processes must be 0 (one per core) or more, got -1"),
     ("timeout=-1", "timeout must be more than 0 seconds, got -1.0"),
