@@ -16,7 +16,6 @@ import io
 import sys
 import textwrap
 import tokenize
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,12 +128,6 @@ def declared(cls) -> list[Declared]:
     """The fields of a config class (siclip.config), as the page shows them."""
     from siclip.config import choices, default, fields, notes, type_name
 
-    if not hasattr(cls, "__pydantic_fields__"):  # a plain dataclass, until every stage's config is declared
-        hints = typing.get_type_hints(cls)
-        return [Declared(f.name, type_name(hints[f.name]),
-                         f.default_factory() if f.default is dataclasses.MISSING else f.default,
-                         f.metadata.get("help", ""), bool(f.metadata.get("flag")), f.metadata.get("choices"))
-                for f in dataclasses.fields(cls)]
     return [Declared(name, type_name(info.annotation), default(info), info.description or "",
                      bool(notes(info).get("flag")), choices(info.annotation))
             for name, info in fields(cls).items()]

@@ -15,7 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from siclip.config import FractionRange, bounded, config, from_text, resolve
+from siclip.config import FractionRange, Text, bounded, config, resolve
 from siclip.images import OPENAI_MEAN, OPENAI_STD
 from siclip.manifests.errors import SiclipError
 from siclip.teachers import check_spelling
@@ -148,14 +148,14 @@ class TrainConfig:
             raise ValueError(f"{at}: train lists no parameter globs; use ['*'] for everything")
 
     def model_overrides(self) -> dict:
-        """`model_set` as the dotted overrides `training.model.load_config` takes, each value the TOML value it
-        spells."""
+        """`model_set` as the dotted overrides `training.model.load_config` takes, each value text that the model's
+        config types."""
         out = {}
         for item in self.model_set:
             key, sep, value = str(item).partition("=")
             if not sep:
                 raise SiclipError(f"model_set entry {item!r}: expected key=value (e.g. image.image_size=32)")
-            out[key.strip()] = from_text(value.strip(), Any)
+            out[key.strip()] = Text(value.strip())
         return out
 
     @property
