@@ -145,7 +145,7 @@ def web_rows(render=None, ext: str = "jpg", by_group: bool = False):
 
 def download(data: Path, files_rows=None, settings=SHARDS) -> None:
     """`siclip shards` of the web rows (default: `web_rows()`), served on 127.0.0.1, into `data`."""
-    from siclip.manifests.config import resolve
+    from siclip.config import resolve
     from siclip.pipeline.config import DEFAULT_CONFIG, ShardsConfig
     from demo.loopback import ImageServer, write_url_list
     from siclip.pipeline.stage import run_shards

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from siclip.manifests.config import add_config_arguments, config_from_args
+from siclip.config import add_config_arguments, config_from_args
 
 from siclip.captioning.config import CAPTIONS_TOML, CaptionsConfig
 

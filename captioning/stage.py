@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from siclip.manifests.config import print_config, to_toml
+from siclip.config import print_config, to_toml
 from siclip.manifests.errors import DiskError, SiclipError
 from siclip.manifests.io import atomic_write_bytes, remove_stale_temps
 from siclip.manifests.layout import DataRoot, open_data_root

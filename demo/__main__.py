@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from siclip.manifests.config import resolve
+from siclip.config import resolve
 from siclip.manifests.errors import SiclipError
 from siclip.pipeline.config import DEFAULT_CONFIG, ShardsConfig
 from demo.loopback import ImageServer, write_url_list

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from siclip.images import IMAGE_EXTS, image_member
-from siclip.manifests.config import to_toml
+from siclip.config import to_toml
 from siclip.manifests.errors import SiclipError
 from siclip.manifests.io import atomic_write_bytes, failpoint, fsync_dir, remove_stale_temps, writing
 from siclip.manifests.layout import DataRoot, shard_name

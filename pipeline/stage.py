@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from siclip.manifests.config import print_config, to_toml
+from siclip.config import print_config, to_toml
 from siclip.manifests.errors import SiclipError
 from siclip.manifests.io import atomic_write_bytes
 from siclip.manifests.layout import DataRoot, open_data_root, shard_name

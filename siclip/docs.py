@@ -93,52 +93,61 @@ def render() -> str:
 
 def table(section: Section) -> list[str]:
     """One markdown row per field of the section's class."""
-    from siclip.manifests.config import toml_value
+    from siclip.config import toml_value
 
     overrides = _toml(section.defaults_file) if section.defaults_file else {}
     head = ["key", "type", "default"] + (["flag"] if section.flags else []) + ["meaning"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     meanings = field_meanings(section.cls, section.skip)
-    types = annotations(section.cls)
-    for f in dataclasses.fields(section.cls):
+    for f in declared(section.cls):
         if f.name in section.skip:
             continue
-        default = overrides.get(f.name, _default(f))
-        cells = [f"`{section.prefix}{f.name}`", _code(types[f.name]),
+        default = overrides.get(f.name, f.default)
+        cells = [f"`{section.prefix}{f.name}`", _code(f.type),
                  "(unset)" if default is None else _code(toml_value(default))]
         if section.flags:
-            cells.append(f"`--{f.name.replace('_', '-')}`" if f.metadata.get("flag") else "")
-        choices = f.metadata.get("choices")
-        cells.append(meanings[f.name] + (f" (one of: {', '.join(choices)})" if choices else ""))
+            cells.append(f"`--{f.name.replace('_', '-')}`" if f.flag else "")
+        cells.append(meanings[f.name] + (f" (one of: {', '.join(f.choices)})" if f.choices else ""))
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return rows + [""]
 
 
+@dataclass
+class Declared:
+    """What the page shows of one field."""
+
+    name: str
+    type: str
+    default: object
+    help: str
+    flag: bool
+    choices: list[str] | None
+
+
+def declared(cls) -> list[Declared]:
+    """The fields of a config class (siclip.config), as the page shows them."""
+    from siclip.config import choices, default, fields, notes, type_name
+
+    return [Declared(name, type_name(info.annotation), default(info), info.description or "",
+                     bool(notes(info).get("flag")), choices(info.annotation))
+            for name, info in fields(cls).items()]
+
+
 def field_meanings(cls, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """Each field's meaning (but `skip`'s): its `help` metadata, else the comment on its line, else the comment
-    lines above it."""
+    """Each field's meaning (but `skip`'s): its `help`, else the comment on its line, else the comment lines
+    above it."""
     comments = {}
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
         comments.update(_source_comments(klass))
     out = {}
-    for f in dataclasses.fields(cls):
+    for f in declared(cls):
         if f.name in skip:
             continue
-        meaning = f.metadata.get("help") or comments.get(f.name)
+        meaning = f.help or comments.get(f.name)
         if not meaning:
             raise SiclipError(f"{cls.__name__}.{f.name} has no meaning to document: add a '# ...' comment on its "
                               f"line in {_shown(Path(inspect.getsourcefile(cls)))}")
         out[f.name] = " ".join(meaning.split())
-    return out
-
-
-def annotations(cls) -> dict[str, str]:
-    """Each field's type as the source spells it (`str | None`, `list[str]`)."""
-    out = {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        for node in _class_node(klass).body:
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                out[node.target.id] = "any" if ast.unparse(node.annotation) == "Any" else ast.unparse(node.annotation)
     return out
 
 
@@ -170,16 +179,12 @@ def _class_node(klass, source: str | None = None) -> ast.ClassDef:
     return next(n for n in tree.body if isinstance(n, ast.ClassDef))
 
 
-def _default(f: dataclasses.Field):
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
 def _code(text: str) -> str:
     return f"`{text}`" if text else ""
 
 
 def _toml(path: Path) -> dict:
-    from siclip.manifests.config import tomllib
+    from siclip.config import tomllib
 
     return tomllib.loads(path.read_text())
 

@@ -40,7 +40,8 @@ from siclip.manifests.layout import DataRoot
 from siclip.manifests.manifest import StageManifest, stage_lock
 from siclip.manifests.progress import Progress, format_duration
 from siclip.manifests.storage import format_size
-from siclip.training.config import StageConfig, TrainConfig, match_globs, to_toml
+from siclip.config import to_toml
+from siclip.training.config import StageConfig, TrainConfig, match_globs
 from siclip.training.data import (SampleSettings, check_shards_intact, check_sidecars, plan_epoch, shared_tokenizer,
                            split_shards, train_loader)
 from siclip.images import Preprocess

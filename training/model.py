@@ -15,20 +15,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from siclip.teachers import is_siclip_checkpoint  # noqa: F401 (callers import it from here too)
+from pydantic import Field, model_validator
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
+from siclip.config import bounded, build, config, load_toml
+from siclip.teachers import is_siclip_checkpoint  # noqa: F401 (callers import it from here too)
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -38,36 +35,41 @@ BLOCK_TYPES = ("preln", "sasp")
 # ----------------------------------------------------------------------------- configs
 
 
-@dataclass
+@config
 class ImageTowerConfig:
-    kind: str = "vit"  # "vit", or "mci0": timm's fastvit_mci0 (MobileCLIP-S0), extra siclip[mobileclip]
-    image_size: int = 224  # input side in pixels
-    patch_size: int = 16  # vit only
-    width: int = 768  # the blocks' width (mci0: 512, fixed by its last stage)
-    depth: int = 12  # mci0: the number of attention blocks in the last stage (2)
-    heads: int = 12  # attention heads per block
-    mlp_ratio: float = 4.0  # MLP hidden width over the block's width
-    act: str = "gelu"  # "gelu" or "quick_gelu" (OpenAI CLIP)
+    kind: Literal["vit", "mci0"] = "vit"  # "vit", or "mci0": timm's fastvit_mci0 (MobileCLIP-S0), extra siclip[mobileclip]
+    image_size: int = bounded(224, ge=1)  # input side in pixels
+    patch_size: int = bounded(16, ge=1)  # vit only
+    width: int = bounded(768, ge=1)  # the blocks' width (mci0: 512, fixed by its last stage)
+    depth: int = bounded(12, ge=0)  # mci0: the number of attention blocks in the last stage (2)
+    heads: int = bounded(12, ge=1)  # attention heads per block
+    mlp_ratio: float = bounded(4.0, gt=0)  # MLP hidden width over the block's width
+    act: Literal["gelu", "quick_gelu"] = "gelu"  # "gelu" or "quick_gelu" (OpenAI CLIP)
     block: str | list[str] = "preln"  # "preln" or "sasp" for all layers, or a list of one per layer
-    share_attention: list[list[int]] = field(default_factory=list)  # groups of layers (from 1) sharing one attention
-    ln_eps: float = 1e-5  # LayerNorm's ε
-    gain_mlp_init: float = 0.1  # SAS-P g_m at init: He & Hofmann's skipless-parallel value, O(1/sqrt(depth))
+    share_attention: list[list[int]] = Field(default_factory=list)  # groups of layers (from 1) sharing one attention
+    ln_eps: float = bounded(1e-5, gt=0)  # LayerNorm's ε
+    gain_mlp_init: float = Field(default=0.1, allow_inf_nan=False)  # SAS-P g_m at init: He & Hofmann's skipless-parallel value, O(1/sqrt(depth))
     first_layer_value: bool = True  # a SAS-P layer 1 keeps a value projection, as the authors' first layer does
 
+    @model_validator(mode="after")
+    def _blocks_and_sharing(self):
+        sharing_sources(self)  # fail at load time, not at build time
+        return self
 
-@dataclass
+
+@config
 class TextTowerConfig:
-    vocab_size: int = 49408  # token embeddings (CLIP's BPE vocabulary)
-    context_length: int = 77  # tokens per text with its start and end tokens; a longer text is cut, keeping its end token
-    width: int = 512  # the blocks' width
-    depth: int = 12  # transformer layers
-    heads: int = 8  # attention heads per block
-    mlp_ratio: float = 4.0  # MLP hidden width over the block's width
-    act: str = "gelu"  # as the image tower's
+    vocab_size: int = bounded(49408, ge=1)  # token embeddings (CLIP's BPE vocabulary)
+    context_length: int = bounded(77, ge=2)  # tokens per text with its start and end tokens; a longer text is cut, keeping its end token
+    width: int = bounded(512, ge=1)  # the blocks' width
+    depth: int = bounded(12, ge=0)  # transformer layers
+    heads: int = bounded(8, ge=1)  # attention heads per block
+    mlp_ratio: float = bounded(4.0, gt=0)  # MLP hidden width over the block's width
+    act: Literal["gelu", "quick_gelu"] = "gelu"  # as the image tower's
     block: str | list[str] = "preln"  # as the image tower's
-    share_attention: list[list[int]] = field(default_factory=list)  # as the image tower's
-    ln_eps: float = 1e-5  # LayerNorm's ε
-    gain_mlp_init: float = 0.1  # as the image tower's
+    share_attention: list[list[int]] = Field(default_factory=list)  # as the image tower's
+    ln_eps: float = bounded(1e-5, gt=0)  # LayerNorm's ε
+    gain_mlp_init: float = Field(default=0.1, allow_inf_nan=False)  # as the image tower's
     first_layer_value: bool = True  # as the image tower's
     causal: bool = True  # causal attention, as CLIP's text tower; false: bidirectional
     # Bidirectional only: attention ignores the padding after the end token. open_clip's non-causal
@@ -75,15 +77,20 @@ class TextTowerConfig:
     mask_padding: bool = True
     eot_token_id: int = 49407  # the text embedding is read at the first end token
 
+    @model_validator(mode="after")
+    def _blocks_and_sharing(self):
+        sharing_sources(self)
+        return self
 
-@dataclass
+
+@config
 class SiCLIPConfig:
     name: str = "custom"  # the preset's name, stored with the model
-    embed_dim: int = 512  # width of the joint embedding both towers project to
+    embed_dim: int = bounded(512, ge=1)  # width of the joint embedding both towers project to
     init_logit_scale: float = math.log(1 / 0.07)  # log of the inverse temperature at init (CLIP's 1/0.07)
-    max_logit_scale: float = 100.0  # cap of the inverse temperature exp(logit_scale)
-    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
-    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    max_logit_scale: float = bounded(100.0, gt=0)  # cap of the inverse temperature exp(logit_scale)
+    image: ImageTowerConfig = Field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = Field(default_factory=TextTowerConfig)
 
 
 def block_types(cfg: ImageTowerConfig | TextTowerConfig) -> list[str]:
@@ -521,36 +528,10 @@ def count_parameters(module: nn.Module) -> int:
 # ----------------------------------------------------------------------------- configs from files
 
 
-def _from_dict(cls, data: dict[str, Any], where: str):
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys: {valid}")
-    return cls(**data)
-
-
-def config_from_dict(data: dict[str, Any], where: str = "model config") -> SiCLIPConfig:
-    """A SiCLIPConfig from nested dicts; unknown keys are an error that lists the valid ones."""
-    data = dict(data)
-    image = _from_dict(ImageTowerConfig, data.pop("image", {}), f"[image] of {where}")
-    text = _from_dict(TextTowerConfig, data.pop("text", {}), f"[text] of {where}")
-    config = _from_dict(SiCLIPConfig, {**data, "image": image, "text": text}, where)
-    for name, tower in (("image", config.image), ("text", config.text)):  # fail at load time, not at build time
-        try:
-            sharing_sources(tower)
-            _check_switches(tower)
-        except ValueError as e:
-            raise ValueError(f"[{name}] of {where}: {e}") from None
-    return config
-
-
-def _check_switches(tower: ImageTowerConfig | TextTowerConfig) -> None:
-    for key in ("first_layer_value", "causal", "mask_padding"):
-        if not isinstance(getattr(tower, key, False), bool):
-            raise ValueError(f"{key} must be true or false, got {getattr(tower, key)!r}")
-    if isinstance(tower.gain_mlp_init, bool) or not isinstance(tower.gain_mlp_init, (int, float)) \
-            or not math.isfinite(tower.gain_mlp_init):
-        raise ValueError(f"gain_mlp_init must be a finite number, got {tower.gain_mlp_init!r}")
+def config_from_dict(data: dict[str, Any], where: str = "model config", sources: dict | None = None) -> SiCLIPConfig:
+    """A SiCLIPConfig from nested dicts (a preset, a checkpoint's config.json); one SiclipError line otherwise."""
+    data = {k: v for k, v in data.items() if k != "format"}
+    return build(SiCLIPConfig, data, where, {(): where, **(sources or {})})
 
 
 def list_presets() -> list[str]:
@@ -558,21 +539,23 @@ def list_presets() -> list[str]:
 
 
 def load_config(source: str | Path, overrides: dict[str, Any] | None = None) -> SiCLIPConfig:
-    """A preset by name (`tiny`) or a TOML/JSON file path, with optional dotted overrides ({"text.depth": 6})."""
+    """A preset by name (`tiny`) or a TOML/JSON file path, with optional dotted overrides ({"text.depth": 6}; a
+    value may be text, typed by its key)."""
     path = Path(source)
     if not path.is_file():
         path = PRESETS_DIR / f"{source}.toml"
         if not path.is_file():
             raise FileNotFoundError(f"no model config file or preset {str(source)!r}; presets: {list_presets()}")
-    data = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
-    data.pop("format", None)
+    data = json.loads(path.read_text()) if path.suffix == ".json" else load_toml(path)
+    sources = {}
     for key, value in (overrides or {}).items():
         *parents, leaf = key.split(".")
         node = data
         for parent in parents:
             node = node.setdefault(parent, {})
         node[leaf] = value
-    return config_from_dict(data, where=str(path))
+        sources[tuple(key.split("."))] = f"model override {key}={value}"
+    return config_from_dict(data, str(path), sources)
 
 
 def build_model(config: SiCLIPConfig | dict | str | Path) -> SiCLIP:

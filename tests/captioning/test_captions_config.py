@@ -6,7 +6,7 @@ import pytest
 
 from siclip.captioning.config import CAPTIONS_TOML, TEACHER_TOML, CaptionsConfig, TeacherConfig
 from siclip.cli import main
-from siclip.manifests.config import resolve
+from siclip.config import resolve
 from siclip.manifests.errors import SiclipError
 
 COMMON = [

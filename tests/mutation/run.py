@@ -52,7 +52,7 @@ def run_mutmut(modules: list[str], tests: list[str], work: Path, children: int) 
         f.write("\n[tool.mutmut]\n"
                 'source_paths = ["siclip"]\n'  # all of siclip: the tests import across it
                 'also_copy = ["demo", "bench"]\n'  # not siclip, but the tests import them (pyproject: pythonpath)
-                f"only_mutate = {toml_list('siclip/' + m for m in modules)}\n"
+                f"only_mutate = {toml_list(m if m.startswith('siclip/') else 'siclip/' + m for m in modules)}\n"
                 f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
                 'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]\n')
     mutmut = [sys.executable, "-m", "mutmut"]

@@ -278,10 +278,10 @@ def test_a_txt_list_has_no_columns_to_keep(tmp_path):
 @pytest.mark.parametrize("sets, error", [
     (["save_additional_columns=['status']"], r"save_additional_columns: 'status' is a key img2dataset writes"),
     (["save_additional_columns=['uid', 'uid']"], r"save_additional_columns names a column twice"),
-    (["input_format=xlsx"], r"input_format 'xlsx': choose one of auto, parquet, csv"),
+    (["input_format=xlsx"], r"input_format 'xlsx' is not one of auto, parquet, csv"),
 ])
 def test_config_refuses_what_would_not_reach_the_json(sets, error):
-    from siclip.manifests.config import resolve
+    from siclip.config import resolve
     from siclip.pipeline.config import ShardsConfig
 
     with pytest.raises(SiclipError, match=error):

@@ -1,12 +1,12 @@
 """docs/config.md is generated from the config classes (siclip/docs.py) and must match them: CI runs this."""
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from siclip import docs
+from siclip.config import Field, config
 from siclip.manifests.errors import SiclipError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,22 +43,22 @@ def test_the_shipped_defaults_and_comments_are_what_the_page_says():
     assert rows["`stages.N.teacher`"].count(" | ") == 3 and "none \\| sidecar" in rows["`stages.N.teacher`"]
 
 
-@dataclass
+@config
 class Base:
     a: int = 1  # the comment on a's line
 
 
-@dataclass
+@config
 class Example(Base):
     # the comment lines
     # just above b
     b: str = "x"
-    c: list = field(default_factory=lambda: [1, 2], metadata={"help": "c's --help text"})
+    c: list = Field(default_factory=lambda: [1, 2], description="c's --help text")
     d: float = 0.5  # d's comment,
     # not e's: a comment above is read only when the line has none
 
 
-@dataclass
+@config
 class Undocumented:
     documented: int = 0  # says what it is
     silent: int = 0

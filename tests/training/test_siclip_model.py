@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from siclip.manifests.errors import SiclipError
 from siclip.training.model import (
     Block,
     ImageTowerConfig,
@@ -176,17 +177,18 @@ def test_invalid_sharing_groups_are_refused(share, message):
 
 @pytest.mark.parametrize("group", [[2, 1], [1, 1]])
 def test_a_sharing_group_out_of_order_is_refused_when_the_config_loads(group, tmp_path):
-    with pytest.raises(ValueError, match=r"\[text\] of .*share_attention group .* distinct layers in increasing order"):
+    with pytest.raises(SiclipError, match=r"tiny.toml: text: share_attention group .* distinct layers in increasing "
+                                          r"order"):
         load_config("tiny", overrides={"text.share_attention": [group]})
     (tmp_path / "bad.toml").write_text(f'name = "bad"\n[image]\nblock = "sasp"\nshare_attention = [{group}]\n')
-    with pytest.raises(ValueError, match=r"\[image\] of .*bad.toml.*increasing order"):
+    with pytest.raises(SiclipError, match=r"bad.toml: image: .*increasing order"):
         load_config(tmp_path / "bad.toml")
 
 
 @pytest.mark.parametrize("key, value", [("first_layer_value", "yes"), ("mask_padding", 1), ("gain_mlp_init", "0.1"),
                                         ("gain_mlp_init", float("nan"))])
 def test_sasp_switches_of_the_wrong_type_are_refused(key, value):
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(SiclipError, match=rf"^model override text.{key}=.*: text.{key} = .* is not a valid"):
         load_config("tiny", overrides={f"text.{key}": value})
 
 
@@ -344,7 +346,7 @@ def test_s0_without_timm_names_the_extra(monkeypatch):
 
 def test_unknown_preset_keys_are_an_error_listing_the_valid_ones(tmp_path):
     (tmp_path / "bad.toml").write_text('name = "bad"\n[text]\nwidht = 64\n')
-    with pytest.raises(ValueError, match=r"widht.*valid keys.*width"):
+    with pytest.raises(SiclipError, match=r"bad.toml: text: unknown key 'widht' \(did you mean 'width'\?\); valid keys: "):
         load_config(tmp_path / "bad.toml")
     with pytest.raises(FileNotFoundError, match="tiny"):
         load_config("no_such_preset")
