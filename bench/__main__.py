@@ -10,6 +10,7 @@ line; without it, indented. ARGS after NAME go to the benchmark (`python -m benc
     python -m bench ablations      the ablation table on bench-real's data: `make ablations`
     python -m bench peer           siclip against open_clip_train: `make bench-peer`
     python -m bench fit            how fast each model shape fits, beside open_clip: `make bench-fit`
+    python -m bench days           FLOPs and loader CPU per training sample, for the days-to-train table
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ BENCHES = {
                  "how fast each model shape fits the same pairs (make bench-fit; ratio: final loss over "
                  "open_clip's, per model)", _per_model),
     "precision": Bench("precision", "main", None, "siclip train in fp16, bf16 and fp32 on one device", _none),
+    "days": Bench("days", "bench_days", None, "training FLOPs per sample (tiny, paper) and the loader's CPU ms "
+                  "per sample: the counts README's days-to-train table is built from", _none),
 }
 QUICK = ("shards", "captions", "coca", "blocks", "train")  # `all`, as `make bench` runs it
 
