@@ -54,7 +54,7 @@ def make_downloader(cfg, output_folder: Path):
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
 
-    from siclip.pipeline.fetch import GuardedDownloader  # imports img2dataset: after worker_env
+    from siclip.pipeline.downloader import GuardedDownloader  # imports img2dataset: after worker_env
 
     resizer = Resizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
                       upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=cfg.quality,
