@@ -1,5 +1,5 @@
-"""Driving img2dataset: one shard of work at a time through its Downloader, admitted only when its
-worst-case size fits the budget, written to a staging folder and moved into `shards/` once verified.
+"""Driving img2dataset: shards of work through its Downloader, in waves whose worst-case sizes fit
+the budget and the free disk, written to a staging folder and moved into `shards/` once verified.
 
 A shard is finished when its tar, parquet and stats are in `shards/` and listed in the manifest;
 anything else found there on start (a crash between the move and the manifest) is adopted when it
@@ -8,14 +8,12 @@ verifies and deleted when it does not, so a killed run, rerun, leaves every samp
 
 from __future__ import annotations
 
-import ctypes
-import multiprocessing
 import os
 import re
 import shutil
-import signal
 import sys
 import tarfile
+import threading
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -56,7 +54,7 @@ def make_downloader(cfg, output_folder: Path):
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
 
-    from siclip.pipeline.fetch import GuardedDownloader  # imports img2dataset: after worker_env
+    from siclip.pipeline.downloader import GuardedDownloader  # imports img2dataset: after worker_env
 
     resizer = Resizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
                       upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=cfg.quality,
@@ -72,99 +70,6 @@ def make_downloader(cfg, output_folder: Path):
                              user_agent_token=None,
                              disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"])
 
-
-# --- download processes ------------------------------------------------------------------------
-#
-# Each worker is a spawned process that takes shards from its own pipe, one at a time, for the
-# whole run. Workers are started and reaped only by the thread that runs ShardRunner.run, which
-# outlives them: Linux sends the parent-death signal that _die_with_parent asks for when the
-# *thread* that started a process ends, not its process. (A multiprocessing.Pool with
-# maxtasksperchild started replacement workers from its handler thread, and terminate() ended that
-# thread first: the kernel killed those workers, one while it held the task queue's lock, and
-# terminate() then waited for that lock for ever.)
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL this worker when the thread that started it ends, so a killed job leaves
-    no orphan still writing into the staging folder that the rerun cleans."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _worker_main(cfg, staging: str, parent_pid: int, conn) -> None:
-    """Download each (shard id, input file) received on `conn` and answer (shard id, ok, error or
-    None); None ends."""
-    _die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the runner stops us
-    # img2dataset's per-shard ThreadPool takes a multiprocessing lock. Under the "spawn" default this
-    # process inherits, that lock is registered with the job's resource tracker, and a worker killed
-    # mid-shard ends the job with a "leaked semaphore" warning after its summary. This process never
-    # starts another, so it can use "fork" locks, which are unlinked as soon as they are made.
-    multiprocessing.set_start_method("fork", force=True)
-    downloader = make_downloader(cfg, Path(staging))
-    try:
-        while (job := conn.recv()) is not None:
-            ok, _ = downloader(job)
-            conn.send((job[0], ok, downloader.last_error))
-    except EOFError:  # the runner closed the pipe without a word: nothing left to do
-        pass
-
-
-def exit_reason(exitcode: int | None) -> str:
-    """How a worker process ended, in words."""
-    if exitcode is not None and exitcode < 0:
-        name = signal.Signals(-exitcode).name
-        return f"killed by {name}" + (", as the out-of-memory killer does" if name == "SIGKILL" else "")
-    return f"exit status {exitcode}"
-
-
-class _Worker:
-    """One download process, the pipe it takes shards from, and the shard it runs (if any)."""
-
-    def __init__(self, ctx, cfg, staging: Path):
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(cfg, str(staging), os.getpid(), child), daemon=True)
-        self.process.start()
-        child.close()  # the worker holds the only other end: its death reads as end-of-file here
-        self.job: tuple[int, int] | None = None  # (shard id, worst-case bytes) while it runs a shard
-
-    def start(self, shard_id: int, bound: int, input_path: str) -> bool:
-        """Hand it a shard; False when it is already gone."""
-        try:
-            self.conn.send((shard_id, input_path))
-        except OSError:
-            return False
-        self.job = (shard_id, bound)
-        return True
-
-    def result(self) -> tuple[int, bool, str | None] | None:
-        """(shard id, ok, error) once it has answered; None while it works; EOFError (or a reset
-        pipe's OSError) when it died."""
-        if self.conn.poll():
-            answer = self.conn.recv()
-            self.job = None
-            return answer
-        if not self.process.is_alive():
-            raise EOFError
-        return None
-
-    def stop(self, wait_s: float) -> None:
-        try:
-            self.conn.send(None)
-        except OSError:
-            pass
-        self.process.join(wait_s)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.conn.close()
-
-
-# --- main side -----------------------------------------------------------------------------------
 
 def shard_files(folder: Path, shard_id: int) -> list[Path]:
     n = shard_name(shard_id)
@@ -264,7 +169,9 @@ def reconcile(root: DataRoot, manifest: StageManifest, encode_format: str, log=p
 
 
 class ShardRunner:
-    """Runs shards of input rows through img2dataset under a hard byte budget, and within the free disk."""
+    """Runs shards of input rows through img2dataset under a hard byte budget, and within the free disk:
+    the planner (`waves_of`) cuts the shards into waves that fit, and the distributor --distributor names
+    (pipeline.distribute) runs each wave while this process records every shard it finishes."""
 
     def __init__(self, root: DataRoot, cfg, manifest: StageManifest, budget_bytes: int, progress=None):
         self.root, self.cfg, self.manifest, self.budget_bytes = root, cfg, manifest, budget_bytes
@@ -274,12 +181,123 @@ class ShardRunner:
         self.failed: list[int] = []
         self.stopped_by_budget: tuple[int, int] | None = None  # (shard id, its worst case) that did not fit
         self.stopped_by_disk: str | None = None  # why no shard can start on this disk any more
-        self.waves = 0  # handed to pyspark or ray
+        self.waves = 0  # handed to the distributor
+        self._started: set[int] = set()  # shards handed to the distributor
+        self._handled: set[int] = set()  # shards recorded or failed
 
     def used_bytes(self) -> int:
         from siclip.manifests.storage import StorageBudget
 
         return StorageBudget.load(self.root).used_bytes
+
+    def run_in_process(self, shard_id: int, table: pa.Table, bound: int, extra: dict | None = None) -> bool:
+        """Download one shard in this process (the pilot); False when its worst case does not fit."""
+        self.run([(shard_id, table, bound)], extra, pilot=True)
+        return not self.stopped_by_budget
+
+    def run(self, jobs: list[tuple[int, pa.Table, int]], extra: dict | None = None, pilot: bool = False) -> None:
+        """Download `jobs` (shard id, rows, worst-case bytes), wave by wave, with the distributor
+        --distributor names (in this process for the pilot)."""
+        if not jobs:
+            return
+        from siclip.pipeline import distribute
+
+        self._started, self._handled = set(), set()  # a pilot redone by --fit is the same shard again
+        self.staging.mkdir(parents=True, exist_ok=True)
+        os.environ.update(worker_env(self.cfg))  # inherited by the download processes
+        name = "in-process" if pilot else self.cfg.distributor
+        engine = distribute.in_process if pilot else distribute.by_name(name)
+        downloader = make_downloader(self.cfg, self.staging)
+        with distribute.session(name, self.cfg.process_count):
+            for wave in self.waves_of(jobs):
+                if not pilot:
+                    self.waves += 1
+                    print(f"shards: wave {self.waves}: {len(wave)} shard(s) ({shard_name(wave[0][0])}.."
+                          f"{shard_name(wave[-1][0])}) to {name}", file=sys.stderr, flush=True)
+                with self._recording(wave, extra or {}):
+                    failed = engine(self.cfg.process_count, downloader, self._inputs(wave), 1000, 0) or {}
+                for sid, _, bound in wave:
+                    if sid in self._handled or sid not in self._started:
+                        continue
+                    if self._finished(sid):
+                        self._commit(sid, extra or {}, bound)
+                    else:
+                        self._fail(sid, failed.get(sid) or f"img2dataset's {name} distributor did not finish it", bound)
+
+    def waves_of(self, jobs: list):
+        """The planner: `jobs` in order, in waves of as many shards as fit together, each planned once
+        the one before has been recorded: the bytes in use plus the worst case of every shard of the
+        wave fit the budget, and their worst cases fit the free disk. It stops at a shard that fits
+        neither alone."""
+        queue = list(jobs)
+        while queue and not self.stopped_by_disk:
+            room, disk = self.budget_bytes - self.used_bytes(), disk_free_bytes(self.staging)
+            n = total = 0
+            for _, _, bound in queue:
+                if total + bound > room:
+                    break
+                if total + bound > disk:
+                    break
+                n, total = n + 1, total + bound
+            if n == 0:
+                sid, _, bound = queue[0]
+                if bound <= room:
+                    self.stopped_by_disk = (f"shard {shard_name(sid)} could take up to {format_size(bound)} but the "
+                                            f"disk holding {self.root.root} has {format_size(disk)} free")
+                else:
+                    self.stopped_by_budget = (sid, bound)
+                return
+            yield queue[:n]
+            queue = queue[n:]
+
+    def _inputs(self, wave: list):
+        """(shard id, input file) for the distributor, each written when it is asked for: a shard whose
+        worst case no longer fits the free disk (filled up under the wave) is not started, nor any after it."""
+        for sid, table, bound in wave:
+            if self.stopped_by_disk or self._disk_short(bound):
+                return
+            try:
+                path = self._write_input(sid, table)
+            except DiskError as e:
+                self.stopped_by_disk = str(e)
+                return
+            self._started.add(sid)
+            yield sid, path
+
+    @contextmanager
+    def _recording(self, wave: list, extra: dict):
+        """While a wave runs: record each shard as soon as it is finished (a killed job keeps it), and
+        report progress."""
+        stop, errors = threading.Event(), []
+
+        def watch() -> None:
+            try:
+                while not stop.wait(0.5):
+                    for sid, _, bound in wave:
+                        if sid not in self._handled and self._finished(sid):
+                            self._commit(sid, extra, bound)
+                    if self.progress:
+                        self.progress(self._staged_bytes())
+            except BaseException as e:  # noqa: BLE001 - raised again in the job's thread
+                errors.append(e)
+
+        watcher = threading.Thread(target=watch, name="siclip-shards-record", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()
+        if errors:
+            raise errors[0]
+
+    def _finished(self, shard_id: int) -> bool:
+        """img2dataset has written the shard's stats, last and whole."""
+        try:
+            load_stats(shard_files(self.staging, shard_id)[2])
+            return True
+        except SiclipError:
+            return False
 
     def _write_input(self, shard_id: int, table: pa.Table) -> str:
         self.inputs.mkdir(parents=True, exist_ok=True)
@@ -288,17 +306,24 @@ class ShardRunner:
             w.write_table(table)
         return str(path)
 
-    def _fail(self, shard_id: int, reason: str, bound: int = 0) -> None:
+    def _disk_short(self, bound: int) -> bool:
+        """True, and the job stops at the disk, when the free disk no longer holds a shard's worst case."""
+        free = disk_free_bytes(self.staging)
+        if free < bound and not self.stopped_by_disk:
+            self.stopped_by_disk = (f"the disk holding {self.root.root} has {format_size(free)} free, less than a "
+                                    f"shard's worst case ({format_size(bound)})")
+        return free < bound
+
+    def _fail(self, shard_id: int, reason: str, bound: int) -> None:
         print(f"shards: shard {shard_name(shard_id)} failed: {reason}", file=sys.stderr, flush=True)
         for p in shard_files(self.staging, shard_id):
             p.unlink(missing_ok=True)
+        self._handled.add(shard_id)
         self.failed.append(shard_id)
-        free = disk_free_bytes(self.staging)
-        if bound and free < bound and not self.stopped_by_disk:  # the disk filled up under it, most likely
-            self.stopped_by_disk = (f"the disk holding {self.root.root} has {format_size(free)} free, less than a "
-                                    f"shard's worst case ({format_size(bound)})")
+        self._disk_short(bound)  # the disk filled up under it, most likely
 
-    def _commit(self, shard_id: int, extra: dict, bound: int = 0) -> None:
+    def _commit(self, shard_id: int, extra: dict, bound: int) -> None:
+        self._handled.add(shard_id)
         try:
             commit_staged(self.root, self.staging, self.manifest, shard_id, self.cfg.encode_format, **extra)
         except DiskError as e:  # moved into shards/ but not recorded: the rerun adopts it (or redoes it)
@@ -307,208 +332,11 @@ class ShardRunner:
         except SiclipError as e:
             self._fail(shard_id, str(e), bound)
 
-    def _done(self, shard_id: int, ok: bool, extra: dict, error: str | None = None, bound: int = 0) -> None:
-        if ok:
-            self._commit(shard_id, extra, bound)
-        else:
-            self._fail(shard_id, f"img2dataset could not download it ({error or 'its error is above'})", bound)
-
-    def run_in_process(self, shard_id: int, table: pa.Table, bound: int, extra: dict | None = None) -> bool:
-        """Download one shard in this process (the pilot); False when its worst case does not fit."""
-        if self.used_bytes() + bound > self.budget_bytes:
-            self.stopped_by_budget = (shard_id, bound)
-            return False
-        self.staging.mkdir(parents=True, exist_ok=True)
-        downloader = make_downloader(self.cfg, self.staging)
-        ok, _ = downloader((shard_id, self._write_input(shard_id, table)))
-        self._done(shard_id, ok, extra or {}, downloader.last_error, bound)
-        return True
-
-    def run(self, jobs: list[tuple[int, pa.Table, int]], extra: dict | None = None) -> None:
-        """Download `jobs` (shard id, rows, worst-case bytes) in parallel; a shard starts only when the
-        bytes in use plus the worst case of every shard in flight, its own included, fit the budget,
-        and the worst case still to be written fits the free disk. A worker that dies fails its shard
-        by name and is replaced, until as many have died as run at once (at least 2): then the shards
-        not started yet fail too, rather than die the same way."""
-        if not jobs:
-            return
-        self.staging.mkdir(parents=True, exist_ok=True)
-        os.environ.update(worker_env(self.cfg))
-        if self.cfg.distributor != "multiprocessing":
-            return self._run_waves(jobs, extra or {})
-        from multiprocessing.connection import wait
-
-        ctx = multiprocessing.get_context("spawn")
-        slots = min(self.cfg.process_count, len(jobs))
-        queue = list(jobs)
-        workers: list[_Worker] = []
-        lost = 0
-        used = self.used_bytes()
-        try:
-            while True:
-                while queue and len(workers) < slots and lost < max(2, slots):
-                    workers.append(_Worker(ctx, self.cfg, self.staging))
-                dead = self._admit(queue, workers, used)
-                if dead:  # found when handing them a shard: replace them before going on
-                    lost += dead
-                    continue
-                busy = [w for w in workers if w.job]
-                if not busy:
-                    break
-                wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=0.5)
-                for w in busy:
-                    bound = w.job[1]
-                    try:
-                        answer = w.result()
-                    except (EOFError, OSError):
-                        workers.remove(w)
-                        lost += 1
-                        w.process.join()
-                        self._fail(w.job[0], f"its download process (pid {w.process.pid}) died "
-                                             f"({exit_reason(w.process.exitcode)})")
-                        continue
-                    if answer:
-                        sid, ok, error = answer
-                        self._done(sid, ok, extra or {}, error, bound)
-                        used = self.used_bytes()
-                if self.progress:
-                    self.progress(self._staged_bytes())
-        finally:
-            for w in workers:
-                w.stop(0 if w.job else 10)  # a worker still busy here means the run is being abandoned
-        if queue and not workers:
-            print(f"shards: {lost} download processes died; not starting the other {len(queue)} shard(s) "
-                  "(is the machine out of memory?)", file=sys.stderr, flush=True)
-            self.failed += [sid for sid, _, _ in queue]
-        elif queue and not self.stopped_by_disk:
-            self.stopped_by_budget = (queue[0][0], queue[0][2])
-
-    def _admit(self, queue: list, workers: list[_Worker], used: int) -> int:
-        """Hand queued shards to idle workers while `used` plus the worst case of every shard in
-        flight fits the budget, and what they may still write fits the free disk; return how many
-        workers were found dead (dropped; the shard stays queued)."""
-        in_flight = sum(w.job[1] for w in workers if w.job)
-        dead = 0
-        for w in [w for w in workers if not w.job]:
-            if not queue or self.stopped_by_disk or used + in_flight + queue[0][2] > self.budget_bytes:
-                break
-            sid, table, bound = queue[0]
-            if not self._disk_has_room(bound, in_flight):
-                if in_flight == 0:  # nothing running will free a reservation: it will never fit
-                    self.stopped_by_disk = self._disk_stop_message(sid, bound)
-                break
-            try:
-                path = self._write_input(sid, table)
-            except DiskError as e:
-                self.stopped_by_disk = str(e)
-                break
-            if not w.start(sid, bound, path):
-                workers.remove(w)
-                w.process.join()
-                dead += 1
-                continue
-            queue.pop(0)
-            in_flight += bound
-        return dead
-
-    def _disk_has_room(self, bound: int, in_flight: int) -> bool:
-        """The free disk holds this shard's worst case and what the shards in flight may still write
-        (their worst case less what they have written)."""
-        return bound + max(0, in_flight - self._staged_bytes()) <= disk_free_bytes(self.staging)
-
-    def _disk_stop_message(self, shard_id: int, bound: int) -> str:
-        return (f"shard {shard_name(shard_id)} could take up to {format_size(bound)} but the disk holding "
-                f"{self.root.root} has {format_size(disk_free_bytes(self.staging))} free")
-
-    def _run_waves(self, jobs, extra) -> None:
-        """pyspark/ray: img2dataset's own distributor, fed waves of shards that fit the budget (and the
-        free disk) together."""
-        from img2dataset import distributor as dist
-
-        fn = {"pyspark": "pyspark_distributor", "ray": "ray_distributor"}[self.cfg.distributor]
-        downloader = make_downloader(self.cfg, self.staging)
-        queue = list(jobs)
-        with distributor_session(self.cfg.distributor, self.cfg.process_count):
-            self._waves(queue, downloader, getattr(dist, fn), extra)
-
-    def _waves(self, queue: list, downloader, distribute, extra: dict) -> None:
-        while queue and not self.stopped_by_disk:
-            room = self.budget_bytes - self.used_bytes()
-            disk = disk_free_bytes(self.staging)
-            wave = []
-            while queue and room >= queue[0][2] and disk >= queue[0][2]:
-                sid, table, bound = queue.pop(0)
-                room, disk = room - bound, disk - bound
-                try:
-                    wave.append((sid, self._write_input(sid, table), bound))
-                except DiskError as e:
-                    self.stopped_by_disk = str(e)
-                    queue.insert(0, (sid, table, bound))
-                    break
-            if not wave:
-                if not self.stopped_by_disk and disk < queue[0][2] <= room:
-                    self.stopped_by_disk = self._disk_stop_message(queue[0][0], queue[0][2])
-                elif not self.stopped_by_disk:
-                    self.stopped_by_budget = (queue[0][0], queue[0][2])
-                return
-            self.waves += 1
-            print(f"shards: wave {self.waves}: {len(wave)} shard(s) ({shard_name(wave[0][0])}..{shard_name(wave[-1][0])}) "
-                  f"to {self.cfg.distributor}", file=sys.stderr, flush=True)
-            distribute(self.cfg.process_count, downloader, iter([w[:2] for w in wave]), 1000, 1)
-            for sid, _, bound in wave:
-                if shard_files(self.staging, sid)[2].exists():
-                    self._commit(sid, extra, bound)
-                else:
-                    self._fail(sid, f"img2dataset's {self.cfg.distributor} distributor did not finish it", bound)
-
     def _staged_bytes(self) -> int:
         try:
             return sum(p.stat().st_size for p in self.staging.iterdir())
         except OSError:
             return 0
-
-
-@contextmanager
-def distributor_session(name: str, processes: int):
-    """One Spark session or Ray runtime for the whole run (img2dataset's distributors start and stop
-    one per call, that is per wave): started here, local with `processes` CPUs and no web UI, unless
-    one is running already or the environment names a cluster (PYSPARK_SUBMIT_ARGS with --master;
-    RAY_ADDRESS), and stopped at the end."""
-    if name == "pyspark":
-        from pyspark.sql import SparkSession
-
-        if SparkSession.getActiveSession() is not None:
-            yield
-            return
-        # Spark starts its Python workers with PYSPARK_PYTHON, `python3` on the PATH by default: this one
-        # has the packages the downloader needs
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        builder = SparkSession.builder.appName("siclip-shards").config("spark.ui.enabled", "false") \
-            .config("spark.ui.showConsoleProgress", "false")  # our progress line is the one to read
-        if "--master" not in os.environ.get("PYSPARK_SUBMIT_ARGS", ""):
-            os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # local mode listens on loopback only
-            builder = builder.master(f"local[{processes}]")
-        spark = builder.getOrCreate()
-        spark.sparkContext.setLogLevel("ERROR")
-        try:
-            yield
-        finally:
-            spark.stop()
-    else:
-        import ray
-
-        if ray.is_initialized():
-            yield
-            return
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:  # img2dataset's distributor would start Ray with every core and its dashboard
-            ray.init(num_cpus=processes, include_dashboard=False, configure_logging=False, _node_ip_address="127.0.0.1")
-        try:
-            yield
-        finally:
-            ray.shutdown()
-
 
 def params_of(cfg) -> dict:
     d = asdict(cfg)

@@ -11,14 +11,11 @@
   changes after the check reaches loopback, private, link-local (cloud metadata), multicast or
   reserved addresses.
 
-`GuardedDownloader` is img2dataset's Downloader with this fetch in place of its own; its reader,
-resizer, writer and stats run unchanged.
+pipeline.downloader's `GuardedDownloader` fetches each row of a shard with `fetch_with_retries`.
 """
 
 from __future__ import annotations
 
-import functools
-import gc
 import heapq
 import http.client
 import io
@@ -26,20 +23,17 @@ import ipaddress
 import itertools
 import os
 import socket
-import sys
 import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-import img2dataset.downloader as i2d
+from img2dataset.downloader import is_disallowed
 
 from siclip.pipeline.config import ALLOW_PRIVATE_FLAG
 from siclip.pipeline.urls import browser_url
-from siclip.manifests.messages import one_line
 
 # img2dataset's browser-like User-Agent: some hosts refuse Python's own
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
@@ -309,8 +303,8 @@ def fetch(url: str, deadline_s: float, policy: FetchPolicy, user_agent_token: st
     try:
         request = urllib.request.Request(target, headers={"User-Agent": agent})
         with _OPENER.open(request, timeout=t.remaining()) as r:
-            if disallowed_header_directives and i2d.is_disallowed(r.headers, user_agent_token,
-                                                                  disallowed_header_directives):
+            if disallowed_header_directives and is_disallowed(r.headers, user_agent_token,
+                                                              disallowed_header_directives):
                 return None, "Use of image disallowed by X-Robots-Tag directive"
             return _read_body(r, t, policy.max_bytes), None
     except FetchRefused as e:
@@ -327,78 +321,11 @@ def fetch(url: str, deadline_s: float, policy: FetchPolicy, user_agent_token: st
 _NOT_RETRIED = ("too large", "private address", "malformed url")  # the same answer every time
 
 
-def fetch_row(row, timeout, retries, user_agent_token, disallowed_header_directives, policy: FetchPolicy):
-    """img2dataset's download_image_with_retry, by this module's fetch: (key, body or None, error)."""
-    key, url = row
+def fetch_with_retries(url: str, deadline_s: float, retries: int, policy: FetchPolicy, user_agent_token: str | None = None,
+                       disallowed_header_directives=None) -> tuple[io.BytesIO | None, str | None]:
+    """`fetch`, tried up to `retries` more times while it fails for a reason that may change."""
     for _ in range(retries + 1):
-        body, error = fetch(url, timeout, policy, user_agent_token, disallowed_header_directives)
+        body, error = fetch(url, deadline_s, policy, user_agent_token, disallowed_header_directives)
         if body is not None or error.startswith(_NOT_RETRIED):
             break
-    return key, body, error
-
-
-_swap = threading.Lock()
-
-
-class _OneLineTracebacks:
-    """Stands for the `traceback` module in img2dataset's downloader during one shard: a sample it
-    cannot write (the disk filled up, say) is reported in one line, each message once, not in a
-    traceback per sample."""
-
-    def __init__(self):
-        self.seen: set[str] = set()
-
-    def print_exc(self, *_args, **_kwargs) -> None:
-        msg = one_line(sys.exc_info()[1])
-        if msg not in self.seen:
-            self.seen.add(msg)
-            print(f"shards: img2dataset: {msg} (said once per shard)", file=sys.stderr, flush=True)
-
-
-def _unraisable_in_one_line(info) -> None:
-    """A file img2dataset left open that fails to flush when collected: one line, not a traceback."""
-    print(f"shards: img2dataset: {one_line(info.exc_value)} (while closing a file it left open)", file=sys.stderr,
-          flush=True)
-
-
-@contextmanager
-def fetching_with(policy: FetchPolicy):
-    """img2dataset fetches through `fetch_row` under `policy` inside the block. Its Downloader looks
-    the fetch up by name in its module on every row; one shard per process swaps it at a time."""
-    with _swap:
-        theirs = i2d.download_image_with_retry, i2d.traceback
-        i2d.download_image_with_retry = functools.partial(fetch_row, policy=policy)
-        i2d.traceback = _OneLineTracebacks()
-        try:
-            yield
-        finally:
-            i2d.download_image_with_retry, i2d.traceback = theirs
-
-
-class GuardedDownloader(i2d.Downloader):
-    """img2dataset's Downloader, fetching each row with `fetch` under `policy`; a shard that fails
-    leaves its reason in one line (`last_error`) instead of a traceback."""
-
-    def __init__(self, policy: FetchPolicy, **kwargs):
-        super().__init__(**kwargs)
-        self.policy = policy
-        self.last_error: str | None = None
-
-    def __call__(self, row):
-        self.last_error = None
-        theirs, sys.unraisablehook = sys.unraisablehook, _unraisable_in_one_line
-        try:
-            try:
-                self.download_shard(row)
-                return True, row
-            except Exception as e:  # noqa: BLE001 - the shard fails, by name, and the job goes on
-                self.last_error = one_line(e)
-                return False, row
-        finally:
-            if self.last_error:  # its half-written files are collected here, under the one-line hook
-                gc.collect()
-            sys.unraisablehook = theirs
-
-    def download_shard(self, row):
-        with fetching_with(self.policy):
-            return super().download_shard(row)
+    return body, error

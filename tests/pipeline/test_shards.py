@@ -194,6 +194,21 @@ def test_a_bulk_shard_whose_worst_case_does_not_fit_is_never_started(shards_data
     assert not list((tmp_path / "data" / "shards").glob("00001*"))
 
 
+def test_the_planner_cuts_waves_that_fit_the_budget_beside_the_bytes_in_use(shards_root):
+    """Every backend gets the same waves: in order, each as many shards as fit what the finished
+    shards leave of the budget, each planned after the one before; it stops at a shard that never fits."""
+    from siclip.pipeline.download import ShardRunner
+
+    manifest = StageManifest.load(shards_root, "shards")
+    used = manifest.total_bytes
+    assert used > 0
+    runner = ShardRunner(shards_root, ShardsConfig(urls="-", data=str(shards_root.root)), manifest, used + 100)
+    jobs = [(sid, None, bound) for sid, bound in [(3, 40), (4, 40), (5, 30), (6, 100), (7, 60), (8, 101), (9, 1)]]
+    waves = [[sid for sid, _, _ in wave] for wave in runner.waves_of(jobs)]
+    assert waves == [[3, 4], [5], [6], [7]]
+    assert runner.stopped_by_budget == (8, 101) and runner.stopped_by_disk is None
+
+
 def test_a_pilot_whose_worst_case_exceeds_the_budget_is_never_started(good_rows, tmp_path):
     urls = write_list(tmp_path / "urls.parquet", good_rows)
     budget = _bounds(urls)[0] - 1

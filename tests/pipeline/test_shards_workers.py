@@ -111,6 +111,31 @@ def test_sigkill_mid_bulk_leaves_no_worker_alive_or_writing(slow_job):
     assert_every_sample_once(sj.data, sj.rows)
 
 
+def test_a_finished_shard_is_recorded_while_its_wave_runs_and_a_kill_keeps_it(slow_job):
+    """The whole list fits the budget, so it is one wave: each shard is still recorded when it is
+    finished, not when the wave is, and a job killed mid-wave keeps it."""
+    sj = slow_job(8)
+    job = sj.start()
+
+    def recorded() -> set[str]:
+        try:
+            return set(StageManifest.load(DataRoot(sj.data), "shards").entries)
+        except Exception:  # noqa: BLE001 - not written yet
+            return set()
+    try:
+        # recorded, and afterwards a download process still writing a shard: the wave had not ended
+        kept = wait_for(lambda: r if len(r := recorded()) > 1 and workers_writing(job.pid, sj.staging) else None,
+                        job, sj.log, "a bulk shard was recorded while others were written")
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait()
+    finally:
+        kill_group(job)
+    assert "wave 1: 7 shard(s) (00001..00007)" in sj.log.read_text()
+    assert kept <= recorded()
+    siclip(*sj.args)
+    assert_every_sample_once(sj.data, sj.rows)
+
+
 def test_a_lost_worker_fails_its_shard_by_name_instead_of_hanging(slow_job):
     sj = slow_job(6)  # more shards than workers: a replacement has to carry on
     job = sj.start()
