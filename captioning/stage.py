@@ -198,14 +198,13 @@ def _adopt(root: DataRoot, manifest: StageManifest, job: StageJob, shard, path: 
     if rows is None or rows != shard.samples:
         return False
     table, info = read_sidecar(path)
-    if info.get("inputs", inputs.of(shard.name)) != inputs.of(shard.name):  # made from a shard since redone
+    if info.get("inputs") != inputs.of(shard.name):  # made from a shard since redone
         return False
-    statuses = table.column("status").to_pylist() if "status" in table.column_names else []
     failed: dict[str, int] = {}
-    for s in statuses:
+    for s in table.column("status").to_pylist():
         if s != "ok":
             failed[s] = failed.get(s, 0) + 1
-    model = info.get("model") or [t["id"] for t in info.get("teachers", [])]
+    model = info["model"] if job.stage == "captions" else [t["id"] for t in info["teachers"]]
     manifest.add(root, shard.name, [path], rows, params=job.params, model=model, revision=info.get("revision"),
                  failed=failed, inputs=inputs.of(shard.name))
     return True

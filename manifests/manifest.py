@@ -83,7 +83,7 @@ class SidecarEntry(Entry):
     model: str | list[str]  # the captioner, or the teachers
     revision: str | None = None
     failed: dict[str, int]  # samples without output, by reason
-    inputs: dict[str, str] = {}  # {relative path: sha256} of the shard (and captions) it was made from
+    inputs: dict[str, str]  # {relative path: sha256} of the shard (and captions) it was made from
     timing: Timing | None = None
     worker: Worker | None = None
 
@@ -136,6 +136,9 @@ class RetryRecord(Record):
 
     @model_validator(mode="after")
     def _whole(self) -> "RetryRecord":
+        unknown = next((u for u in self.harvested if u not in self.reasons), None)
+        if unknown is not None:
+            raise ValueError(f"harvested shard {unknown!r} has no recorded reasons")
         bad = next((name for name in self.shards if not SHARD_UNIT.match(name)), None)
         if bad is not None:
             raise ValueError(f"retry shard {bad!r} is not a shard name")
@@ -311,8 +314,7 @@ class Inputs:
         return out
 
     def changed(self, unit: str, entry: SidecarEntry) -> str | None:
-        """The first input `entry` recorded that is gone or different now, else None (entries made
-        before inputs were recorded say nothing, and count as unchanged)."""
+        """The first input `entry` recorded that is gone or different now, else None."""
         now = self.of(unit)
         return next((rel for rel, sha in entry.inputs.items() if now.get(rel) != sha), None)
 

@@ -138,9 +138,11 @@ def _run_locked(root: DataRoot, cfg) -> int:
 
 def _check_same_job(root: DataRoot, manifest: StageManifest, cfg, list_id: str) -> None:
     """A rerun must ask for the same shards as the run that made the existing ones."""
-    made = {**params_of(type(cfg)(urls="-")), **manifest.params}  # a key newer than the manifest: its default
-    now = params_of(cfg)
-    diff = [f"{k}={made.get(k)!r} (now {now[k]!r})" for k in now if made.get(k) != now[k]]
+    made, now = manifest.params, params_of(cfg)
+    if set(made) != set(now):
+        raise SiclipError(f"{root.manifest_path('shards')}: params {', '.join(sorted(set(made) ^ set(now)))} unknown "
+                          f"or missing; this siclip neither writes nor reads that: rerun into a new data root")
+    diff = [f"{k}={made[k]!r} (now {now[k]!r})" for k in now if made[k] != now[k]]
     if manifest.info.plan.list_sha256 != list_id:
         diff.insert(0, "a different URL list")
     if diff:
@@ -312,14 +314,13 @@ def net_outcome(manifest: StageManifest) -> tuple[int, int, dict[str, int], int]
     counted once: a row that --retry-failed downloaded again counts by its last try."""
     retry = manifest.info.retry or RetryRecord(harvested=[], reasons={}, shards={})
     retry_shards, harvested = retry.shards, set(retry.harvested)
-    retried = {unit: set(r) for unit, r in retry.reasons.items()}  # else RETRYABLE (older manifests)
     rows = samples = 0
     failures: dict[str, int] = {}
     for unit, e in manifest.entries.items():
         rows += 0 if unit in retry_shards else e.rows
         samples += e.samples
         for r, n in e.failures.items():
-            if not (unit in harvested and r in retried.get(unit, RETRYABLE)):  # tried again in a retry shard
+            if not (unit in harvested and r in retry.reasons[unit]):  # tried again in a retry shard
                 failures[r] = failures.get(r, 0) + n
     waiting = sum(n for name, n in retry_shards.items() if name not in manifest.entries)
     return rows, samples, failures, waiting

@@ -1,6 +1,6 @@
 """A manifest's entries are typed: what this release writes reads back into them and is written again byte
 for byte, and a field they do not know, one they need that is missing, or one of another type, is refused in
-one line naming the file and the entry."""
+one line naming the file and the entry. Nothing older than this release is read: no shim guesses at it."""
 
 from __future__ import annotations
 
@@ -73,6 +73,8 @@ def _refused(tmp_path, name: str, body: dict) -> str:
     ("shards.json", "00001", lambda e: e.pop("rows"), "field rows: missing"),
     ("shards.json", "00000", lambda e: e.update(retried=True), "field retried: unknown"),
     ("adopted-shards.json", "00002", lambda e: e.update(samples="4"), "field samples: Input should be a valid integer"),
+    # a sidecar entry without the sha256 of what it was made from: entries before inputs were recorded
+    ("captions.json", "00001", lambda e: e.pop("inputs"), "field inputs: missing"),
     ("teacher.json", "00000", lambda e: e["files"]["teacher/00000.arrow"].pop("sha256"),
      "field files['teacher/00000.arrow'].sha256: missing"),
     ("train.json", "runs/r/final", lambda e: e.update(kind="best"), "field kind: Input should be 'checkpoint', "),
@@ -87,6 +89,8 @@ def test_an_entry_with_a_field_unknown_missing_or_mistyped_is_refused_in_one_lin
 
 
 @pytest.mark.parametrize("change, says", [
+    # a retry record from before the reasons each harvested shard retried were recorded
+    (lambda d: d["info"]["retry"].pop("reasons"), "field info.retry: harvested shard '00000' has no recorded reasons"),
     (lambda d: d["info"]["retry"]["shards"].update({"../x": 3}), "field info.retry: retry shard '../x' is not a shard"),
     (lambda d: d["info"]["plan"].pop("list_sha256"), "field info.plan.list_sha256: missing"),
     (lambda d: d["info"]["plan"]["fitted"].update(threads=4), "field info.plan.fitted.threads: unknown"),
