@@ -60,7 +60,7 @@ def _data_root(path: Path, jpegs: list[bytes], shards: int):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(payload)
                     tf.addfile(info, io.BytesIO(payload))
-        m.add(root, shard_name(s), [tar], len(part))
+        m.add(root, shard_name(s), [tar], len(part), rows=len(part), failures={})
     m.save(root)
     return root
 
@@ -157,8 +157,8 @@ def _siclip_rate(model_path: Path, jpegs: list[bytes], work: Path, workers: int,
     if rc != 0:
         raise RuntimeError(f"siclip captions exited {rc}")
     m = StageManifest.load(DataRoot(root.root), "captions")
-    timings = [e["timing"] for e in m.entries.values()]
-    steady = max(t["finished"] for t in timings) - min(t["started"] for t in timings)
+    timings = [e.timing for e in m.entries.values()]
+    steady = max(t.finished for t in timings) - min(t.started for t in timings)
     captions = m.total_samples * GEN["num_captions"]
     return {"images_per_s": len(jpegs) / steady, "end_to_end_images_per_s": len(jpegs) / wall,
             "bytes_per_caption": m.total_bytes / captions, "sidecar_bytes": m.total_bytes}
@@ -254,8 +254,8 @@ def bench_coca(quick: bool = False, arch: str | None = None, images: int | None 
         if run_config(cfg) != 0:
             raise RuntimeError("siclip captions exited non-zero")
         wall = time.perf_counter() - t0
-        timing = next(iter(StageManifest.load(DataRoot(root.root), "captions").entries.values()))["timing"]
-    rate = images / timing["seconds"]
+        timing = next(iter(StageManifest.load(DataRoot(root.root), "captions").entries.values())).timing
+    rate = images / timing.seconds
     hours = 1e6 / rate / 3600
     _log(f"coca: {arch} ({params / 1e6:.0f}M parameters, random weights) on {device}: {rate:.3f} images/s for "
          f"{gen['num_captions']} captions of {gen['max_new_tokens']} tokens each ({images} images; end to end with "

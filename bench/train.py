@@ -55,13 +55,13 @@ def make_bench_root(folder: Path, shards: int, per_shard: int, size: int = 160, 
                     info = tarfile.TarInfo(f"{k}.{ext}")
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
-        shards_m.add(root, name, [tar], per_shard)
+        shards_m.add(root, name, [tar], per_shard, rows=per_shard, failures={})
         table = pa.table({"key": keys, "captions": [[f"synthetic {j} of {k}" for j in range(3)] for k in keys],
                           "status": ["ok"] * per_shard})
         path = root.captions / f"{name}.arrow"
         with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as w:
             w.write_table(table)
-        captions_m.add(root, name, [path], per_shard)
+        captions_m.add(root, name, [path], per_shard, params={}, model="bench", failed={}, inputs={})
     shards_m.save(root)
     captions_m.save(root)
     write_storage(root, budget_bytes=10**12, reserve_bytes=0)

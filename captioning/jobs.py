@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from siclip.manifests.errors import SiclipError
+from siclip.manifests.manifest import FileRecord
 from siclip.manifests.samples import CorruptShardError, iter_samples, iter_shard
 from siclip.images import UnreadableImage, apply_view, decode_image, draw_view, image_member
 from siclip.captioning.models import seed_for
@@ -37,7 +38,7 @@ class ShardTask:
     params: dict  # the stage's parameters, which decide the sidecar's content
     batch_size: int
     expected_samples: int | None = None  # the shards manifest's count, checked against the tar
-    tar_record: dict | None = None  # the shard's manifest record (size, sha256), checked before reading
+    tar_record: FileRecord | None = None  # the shard's manifest record, checked before reading
     inputs: dict = field(default_factory=dict)  # the input files' records, written into the sidecar
 
 def _decode_image(sample: dict):

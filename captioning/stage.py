@@ -76,18 +76,18 @@ def run_stage(job: StageJob) -> int:
         todo, done, adopted = [], 0, 0
         for s in shards:
             entry = manifest.entries.get(s.name)
-            if entry is not None and entry.get("params") != job.params and not cfg.overwrite:
+            if entry is not None and entry.params != job.params and not cfg.overwrite:
                 raise SiclipError(
-                    f"{stage} sidecar of shard {s.name} was made with other parameters ({_diff(entry.get('params'), job.params)}); "
+                    f"{stage} sidecar of shard {s.name} was made with other parameters ({_diff(entry.params, job.params)}); "
                     f"pass --overwrite to replace the {stage} sidecars, or keep the old parameters")
-            if entry is not None and entry.get("params") == job.params and manifest.entry_ok(root, s.name) \
+            if entry is not None and entry.params == job.params and manifest.entry_ok(root, s.name) \
                     and not inputs.changed(s.name, entry):
                 done += 1
                 continue
             path = sidecar_path(root, stage, s.name)
             # a sidecar on disk that its entry does not list: a run killed, or a disk full, between the sidecar's
             # rename and the manifest save (over an old entry too, when that run replaced it)
-            unlisted = entry is None or entry.get("params") != job.params or not manifest.entry_ok(root, s.name)
+            unlisted = entry is None or entry.params != job.params or not manifest.entry_ok(root, s.name)
             if unlisted and path.exists() and _adopt(root, manifest, job, s, path, inputs):
                 adopted += 1
                 continue
@@ -184,8 +184,7 @@ def run_stage(job: StageJob) -> int:
         return 1 if skipped or unrecorded else 0
 
 
-def _diff(old: dict | None, new: dict) -> str:
-    old = old or {}
+def _diff(old: dict, new: dict) -> str:
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4]) or "unknown"
 
@@ -199,14 +198,13 @@ def _adopt(root: DataRoot, manifest: StageManifest, job: StageJob, shard, path: 
     if rows is None or rows != shard.samples:
         return False
     table, info = read_sidecar(path)
-    if info.get("inputs", inputs.of(shard.name)) != inputs.of(shard.name):  # made from a shard since redone
+    if info.get("inputs") != inputs.of(shard.name):  # made from a shard since redone
         return False
-    statuses = table.column("status").to_pylist() if "status" in table.column_names else []
     failed: dict[str, int] = {}
-    for s in statuses:
+    for s in table.column("status").to_pylist():
         if s != "ok":
             failed[s] = failed.get(s, 0) + 1
-    model = info.get("model") or [t["id"] for t in info.get("teachers", [])]
+    model = info["model"] if job.stage == "captions" else [t["id"] for t in info["teachers"]]
     manifest.add(root, shard.name, [path], rows, params=job.params, model=model, revision=info.get("revision"),
                  failed=failed, inputs=inputs.of(shard.name))
     return True

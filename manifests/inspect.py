@@ -45,7 +45,7 @@ def damaged(root: DataRoot, progress=None) -> list[tuple[str, str, str, str]]:
     for s in STAGES:
         m = StageManifest.load(root, s)
         for unit, entry in m.entries.items():
-            for rel, rec in entry["files"].items():
+            for rel, rec in entry.files.items():
                 bad = check_file(root, rel, rec, rehash=True)
                 if progress:
                     progress(rel)
@@ -91,7 +91,7 @@ def repair(root: DataRoot, damage: list[tuple[str, str, str, str]], log=print) -
                     gone = [unit + "/"]
                 else:
                     gone = []
-                    for rel in entry["files"]:
+                    for rel in entry.files:
                         p = root.abs(rel)
                         if p.exists():
                             p.unlink()

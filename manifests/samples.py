@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 from siclip.manifests.errors import SiclipError
 from siclip.manifests.io import sha256_file
 from siclip.manifests.layout import DataRoot
-from siclip.manifests.manifest import StageManifest
+from siclip.manifests.manifest import FileRecord, StageManifest
 
 SIDECAR_STAGES = ("captions", "teacher")
 REPAIR = "siclip manifest DATA --verify --repair drops it so that its stage's rerun redoes it"
@@ -39,7 +39,7 @@ class ShardRef:
     name: str
     tar: Path
     samples: int
-    tar_record: dict  # {"bytes", "sha256"} from the shards manifest
+    tar_record: FileRecord  # from the shards manifest
 
 
 def finished_shards(root: DataRoot | str | Path) -> list[ShardRef]:
@@ -48,10 +48,10 @@ def finished_shards(root: DataRoot | str | Path) -> list[ShardRef]:
     m = StageManifest.load(root, "shards")
     out = []
     for name, entry in sorted(m.entries.items()):
-        tars = [rel for rel in entry["files"] if rel.endswith(".tar")]
+        tars = [rel for rel in entry.files if rel.endswith(".tar")]
         if len(tars) != 1:
             raise SiclipError(f"{root.manifest_path('shards')}: entry {name!r} lists {len(tars)} tar files, expected 1")
-        out.append(ShardRef(name, root.abs(tars[0]), int(entry.get("samples", 0)), entry["files"][tars[0]]))
+        out.append(ShardRef(name, root.abs(tars[0]), entry.samples, entry.files[tars[0]]))
     return out
 
 
@@ -75,16 +75,16 @@ def stage_manifest(root: DataRoot, stage: str) -> StageManifest:
     return _manifest_as_of(root, stage, signature)
 
 
-def check_whole(path: Path, record: dict, what: str) -> None:
+def check_whole(path: Path, record: FileRecord, what: str) -> None:
     """Refuse a file that is not as its manifest recorded it: size, then sha256 (one read of the file;
     the reader's own read that follows finds it in the page cache)."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         raise CorruptShardError(f"{what} {path} is missing ({REPAIR})") from None
-    if size != record["bytes"]:
-        raise CorruptShardError(f"{what} {path} is {size} bytes, its manifest says {record['bytes']} ({REPAIR})")
-    if sha256_file(path) != record["sha256"]:
+    if size != record.bytes:
+        raise CorruptShardError(f"{what} {path} is {size} bytes, its manifest says {record.bytes} ({REPAIR})")
+    if sha256_file(path) != record.sha256:
         raise CorruptShardError(f"{what} {path} changed since its manifest recorded it (sha256 differs; {REPAIR})")
 
 
@@ -103,13 +103,13 @@ def _split_member(name: str) -> tuple[str, str] | None:
     return name[:dot], name[dot + 1:]
 
 
-def iter_shard(tar_path: Path | str, record: dict | None = None) -> Iterator[dict]:
+def iter_shard(tar_path: Path | str, record: FileRecord | None = None) -> Iterator[dict]:
     """Yield `{"__key__": key, "__url__": tar, ext: bytes, ...}` per sample of a webdataset tar, in tar order.
 
     The tar is read by webdataset's own member iterator (the one reader of the project: stage 2
     and the training loader both come through here). Raises CorruptShardError (naming the tar)
     when it cannot be read to its end or a key appears twice, and, given its manifest `record`
-    ({"bytes", "sha256"}), before the first sample when the tar is not the one recorded.
+    (size, sha256), before the first sample when the tar is not the one recorded.
     """
     from webdataset.tariterators import tar_file_iterator
 
@@ -221,7 +221,8 @@ class ShardSidecars:
                 raise SidecarMismatchError(f"shard {shard}: no {stage} sidecar at {path}")
             # read whole against its record: a sidecar is small beside its shard, and a changed byte in
             # an Arrow buffer reads as a different caption or embedding, with no error of its own
-            record = stage_manifest(root, stage).entries.get(shard, {"files": {}})["files"].get(root.rel(path))
+            entry = stage_manifest(root, stage).entries.get(shard)
+            record = entry.files.get(root.rel(path)) if entry else None
             if record is None:
                 raise SidecarMismatchError(f"shard {shard}: {stage} sidecar {path} is not listed in "
                                            f"{root.manifest_path(stage)} (run 'siclip {stage}' to finish it)")
@@ -269,11 +270,11 @@ def iter_samples(root: DataRoot | str | Path, shard: str, sidecars: tuple[str, .
     root = _data_root(root)
     tar_path = Path(tar_path) if tar_path else root.shards / f"{shard}.tar"
     entry = stage_manifest(root, "shards").entries.get(shard)
-    if entry is None or root.rel(tar_path) not in entry["files"]:
+    if entry is None or root.rel(tar_path) not in entry.files:
         raise CorruptShardError(f"shard {shard}: {tar_path} is not a finished shard of {root.manifest_path('shards')}")
     lookup = ShardSidecars(root, shard, tuple(sidecars))
     used: set[str] = set()
-    for sample in iter_shard(tar_path, entry["files"][root.rel(tar_path)]):
+    for sample in iter_shard(tar_path, entry.files[root.rel(tar_path)]):
         key = sample["__key__"]
         for stage in sidecars:
             sample[stage] = lookup.values(stage, key)

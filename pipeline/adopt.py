@@ -18,7 +18,7 @@ from siclip.config import to_toml
 from siclip.manifests.errors import SiclipError
 from siclip.manifests.io import atomic_write_bytes, failpoint, fsync_dir, remove_stale_temps, writing
 from siclip.manifests.layout import DataRoot, shard_name
-from siclip.manifests.manifest import StageManifest
+from siclip.manifests.manifest import AdoptRecord, StageManifest
 from siclip.manifests.messages import log
 from siclip.manifests.progress import Progress
 from siclip.manifests.samples import CorruptShardError, iter_shard
@@ -144,7 +144,7 @@ def _clean(root: DataRoot, manifest: StageManifest) -> bool:
 def adopt_locked(root: DataRoot, cfg) -> int:
     """Adopt the tars of `cfg.adopt` into `root` (the shards lock held); returns the exit status."""
     manifest = StageManifest.load(root, "shards")
-    if manifest.info.get("plan"):
+    if manifest.info.plan:
         raise SiclipError(f"the shards under {root.root} were downloaded from a URL list by 'siclip shards --urls'; "
                           f"adopt into another --data (one data root holds downloaded or adopted shards)")
     tars = source_tars(cfg.adopt)
@@ -157,8 +157,8 @@ def adopt_locked(root: DataRoot, cfg) -> int:
         manifest.save(root)
 
     # a tar counts as adopted by its path, so a rerun (or the same tars named another way) adds nothing
-    info = manifest.info.setdefault("adopt", {"sources": [], "same_as": {}})  # same_as: {source: shard of its bytes}
-    adopted = {e.get("source") for e in manifest.entries.values()} | set(info["same_as"])
+    info = manifest.info.adopt = manifest.info.adopt or AdoptRecord(sources=[], same_as={})
+    adopted = {e.source for e in manifest.entries.values()} | set(info.same_as)
     todo = [t for t in tars if str(t) not in adopted]
     new_bytes = sum(t.stat().st_size for t in todo)
     budget = parse_size(cfg.budget)
@@ -175,13 +175,13 @@ def adopt_locked(root: DataRoot, cfg) -> int:
                           f"{root.root} has {format_size(free)} free; free space, or adopt without --copy (hard links)")
     write_storage(root, budget_bytes=budget, reserve_bytes=reserve)
     atomic_write_bytes(root.shards / "_config.toml", to_toml(cfg).encode())
-    if cfg.adopt not in info["sources"]:
-        info["sources"].append(cfg.adopt)
+    if cfg.adopt not in info.sources:
+        info.sources.append(cfg.adopt)
     log(f"shards: --adopt {cfg.adopt}: {len(tars)} tar(s), {len(tars) - len(todo)} adopted already, {len(todo)} to "
         f"{'copy' if cfg.copy else 'hard-link'} ({format_size(new_bytes)})")
 
     prog = Progress("shards: adopt", len(todo), "tars", every_s=cfg.progress_every_s)
-    by_sha = {rec["sha256"]: unit for unit, e in manifest.entries.items() for rec in e["files"].values()}
+    by_sha = {rec.sha256: unit for unit, e in manifest.entries.items() for rec in e.files.values()}
     next_id = 0
     for done, src in enumerate(todo):
         stats = stats_of(src)
@@ -194,10 +194,10 @@ def adopt_locked(root: DataRoot, cfg) -> int:
         failpoint(f"adopt-placed:{unit}")
         rows, failures = (int(stats.get("count", samples)), stats_reasons(stats)) if stats else (samples, {})
         entry = manifest.add(root, unit, [dst], samples=samples, rows=rows, failures=failures, source=str(src))
-        sha = entry["files"][root.rel(dst)]["sha256"]
+        sha = entry.files[root.rel(dst)].sha256
         if sha in by_sha:  # the same bytes under another path: each sample once
             del manifest.entries[unit]
-            info["same_as"][str(src)] = by_sha[sha]
+            info.same_as[str(src)] = by_sha[sha]
             log(f"shards: {src} is the same tar as shard {by_sha[sha]} (sha256); not adopted twice")
         else:
             by_sha[sha] = unit

@@ -23,7 +23,7 @@ import pyarrow as pa
 from siclip.manifests.errors import DiskError, SiclipError
 from siclip.manifests.io import fsync_dir, writing
 from siclip.manifests.layout import DataRoot, shard_name
-from siclip.manifests.manifest import StageManifest
+from siclip.manifests.manifest import ShardEntry, StageManifest
 from siclip.manifests.storage import disk_free_bytes, format_size, parse_size
 from siclip.pipeline.plan import load_stats, stats_reasons
 
@@ -106,14 +106,14 @@ def verify_staged(folder: Path, shard_id: int, encode_format: str) -> dict:
     return stats
 
 
-def record_shard(root: DataRoot, manifest: StageManifest, shard_id: int, stats: dict, **extra) -> dict:
+def record_shard(root: DataRoot, manifest: StageManifest, shard_id: int, stats: dict, **extra) -> ShardEntry:
     files = shard_files(root.shards, shard_id)
     return manifest.add(root, shard_name(shard_id), files, samples=int(stats["successes"]), rows=int(stats["count"]),
                         failures=stats_reasons(stats), seconds=round(float(stats.get("duration", 0)), 2), **extra)
 
 
 def commit_staged(root: DataRoot, staging: Path, manifest: StageManifest, shard_id: int, encode_format: str,
-                  **extra) -> dict:
+                  **extra) -> ShardEntry:
     """Verify a staged shard, move it into shards/ and record it in the manifest (saved)."""
     stats = verify_staged(staging, shard_id, encode_format)
     root.shards.mkdir(parents=True, exist_ok=True)

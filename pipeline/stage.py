@@ -16,7 +16,7 @@ from siclip.config import print_config, to_toml
 from siclip.manifests.errors import SiclipError
 from siclip.manifests.io import atomic_write_bytes
 from siclip.manifests.layout import DataRoot, open_data_root, shard_name
-from siclip.manifests.manifest import SHARD_UNIT, StageManifest, stage_lock
+from siclip.manifests.manifest import Fitted, PlanRecord, RetryRecord, StageManifest, stage_lock
 from siclip.manifests.progress import Progress
 from siclip.manifests.storage import StorageBudget, disk_free_bytes, format_size, parse_reserve, parse_size, write_storage
 from siclip.pipeline.download import ShardRunner, budget_stop_message, params_of, reconcile, shard_files
@@ -102,16 +102,16 @@ def _run_locked(root: DataRoot, cfg) -> int:
         log(f"shards: warning: the budget {format_size(budget)} is larger than the free disk {format_size(free)}")
 
     manifest = StageManifest.load(root, "shards")
-    if "adopt" in manifest.info:  # its shards have no URL list, and names a download would take
+    if manifest.info.adopt:  # its shards have no URL list, and names a download would take
         raise SiclipError(f"the shards under {root.root} were adopted by 'siclip shards --adopt'; download a URL list "
                           f"into another --data (one data root holds downloaded or adopted shards)")
     reconcile(root, manifest, cfg.encode_format, log=log)
     list_id = table_sha256(urls.table)
-    plan_info = manifest.info.get("plan")
-    if plan_info and cfg.fit and plan_info.get("fitted"):
-        cfg = replace(cfg, **plan_info["fitted"])  # the settings an earlier --fit chose for this same command
+    plan_info = manifest.info.plan
+    if plan_info and cfg.fit and plan_info.fitted.dump():
+        cfg = replace(cfg, **plan_info.fitted.dump())  # the settings an earlier --fit chose for this same command
     if plan_info:
-        _check_same_job(manifest, cfg, list_id)
+        _check_same_job(root, manifest, cfg, list_id)
     else:
         manifest.params = params_of(cfg)
     write_storage(root, budget_bytes=budget, reserve_bytes=reserve)
@@ -121,10 +121,10 @@ def _run_locked(root: DataRoot, cfg) -> int:
     if not plan_info:
         plan_info, cfg = _pilot_and_plan(root, cfg, urls.table, manifest, runner, budget, reserve, free, list_id)
 
-    rows, sps = plan_info["rows"], cfg.samples_per_shard
+    rows, sps = plan_info.rows, cfg.samples_per_shard
     table = urls.table.slice(0, rows)
     jobs = []
-    for sid in range(plan_info["shards"]):
+    for sid in range(plan_info.shards):
         if shard_name(sid) not in manifest.entries:
             part = table.slice(sid * sps, sps)
             jobs.append((sid, part, shard_bound(part, cfg)))
@@ -136,12 +136,14 @@ def _run_locked(root: DataRoot, cfg) -> int:
     return _finish(root, cfg, manifest, runner, t0)
 
 
-def _check_same_job(manifest: StageManifest, cfg, list_id: str) -> None:
+def _check_same_job(root: DataRoot, manifest: StageManifest, cfg, list_id: str) -> None:
     """A rerun must ask for the same shards as the run that made the existing ones."""
-    made = {**params_of(type(cfg)(urls="-")), **manifest.params}  # a key newer than the manifest: its default
-    now = params_of(cfg)
-    diff = [f"{k}={made.get(k)!r} (now {now[k]!r})" for k in now if made.get(k) != now[k]]
-    if manifest.info["plan"].get("list_sha256") != list_id:
+    made, now = manifest.params, params_of(cfg)
+    if set(made) != set(now):
+        raise SiclipError(f"{root.manifest_path('shards')}: params {', '.join(sorted(set(made) ^ set(now)))} unknown "
+                          f"or missing; this siclip neither writes nor reads that: rerun into a new data root")
+    diff = [f"{k}={made[k]!r} (now {now[k]!r})" for k in now if made[k] != now[k]]
+    if manifest.info.plan.list_sha256 != list_id:
         diff.insert(0, "a different URL list")
     if diff:
         raise SiclipError(f"the shards under this data root were made with {', '.join(diff)}; "
@@ -166,11 +168,11 @@ def _pilot_and_plan(root, cfg, table, manifest, runner, budget, reserve, free, l
         if shard_name(0) not in manifest.entries:
             raise SiclipError("the pilot shard failed in img2dataset; see the messages above")
         entry = manifest.entries[shard_name(0)]
-        pilot_bytes = sum(f["bytes"] for f in entry["files"].values())
-        log(f"shards: pilot: {entry['samples']:,}/{entry['rows']:,} images in {time.monotonic() - t:.1f} s, "
+        pilot_bytes = sum(f.bytes for f in entry.files.values())
+        log(f"shards: pilot: {entry.samples:,}/{entry.rows:,} images in {time.monotonic() - t:.1f} s, "
             f"{format_size(pilot_bytes)}")
         others = StorageBudget.load(root).used_bytes - manifest.total_bytes
-        plan = Plan(pilot_bytes / max(1, entry["rows"]), table.num_rows, pilot_bytes, budget, reserve, others)
+        plan = Plan(pilot_bytes / max(1, entry.rows), table.num_rows, pilot_bytes, budget, reserve, others)
         log(f"shards: {plan.describe()}")
         check_fits(plan, free, plan.planned_bytes - pilot_bytes)
         if plan.planned_bytes <= plan.limit_bytes:
@@ -181,7 +183,7 @@ def _pilot_and_plan(root, cfg, table, manifest, runner, budget, reserve, free, l
                               f"({format_size(plan.limit_bytes)}): rerun with --fit to keep {keep:,} of {plan.rows:,} rows, "
                               f"or raise --budget, or lower --reserve, --image-size or --quality")
         if cfg.fit_by == "samples" or keep >= table.num_rows:
-            if keep < entry["rows"]:
+            if keep < entry.rows:
                 raise SiclipError(f"--fit: even the pilot shard ({format_size(pilot_bytes)}) exceeds the budget less the "
                                   f"reserve ({format_size(plan.limit_bytes)}); lower --samples-per-shard")
             log(f"shards: --fit: keeping {keep:,} of {table.num_rows:,} rows "
@@ -191,14 +193,14 @@ def _pilot_and_plan(root, cfg, table, manifest, runner, budget, reserve, free, l
         cfg = runner.cfg = _fit_encoding(root, cfg, plan, manifest)  # lowers quality or size; the pilot is redone
     manifest.params = params_of(cfg)
     shards = -(-table.num_rows // sps)
-    manifest.info["plan"] = {"rows": table.num_rows, "shards": shards, "bytes_per_row": plan.bytes_per_row,
-                             "planned_bytes": int(plan.bytes_per_row * table.num_rows), "list_sha256": list_id,
-                             "budget_bytes": budget, "reserve_bytes": reserve,
-                             "fitted": {k: getattr(cfg, k) for k in ("quality", "image_size")
-                                        if getattr(cfg, k) != getattr(asked, k)}}
+    manifest.info.plan = PlanRecord(rows=table.num_rows, shards=shards, bytes_per_row=plan.bytes_per_row,
+                                    planned_bytes=int(plan.bytes_per_row * table.num_rows), list_sha256=list_id,
+                                    budget_bytes=budget, reserve_bytes=reserve,
+                                    fitted=Fitted(**{k: getattr(cfg, k) for k in ("quality", "image_size")
+                                                     if getattr(cfg, k) != getattr(asked, k)}))
     manifest.save(root)
     write_storage(root, plan_shards_bytes=int(plan.bytes_per_row * table.num_rows))
-    return manifest.info["plan"], cfg
+    return manifest.info.plan, cfg
 
 
 def _fit_encoding(root, cfg, plan: Plan, manifest: StageManifest):
@@ -209,7 +211,7 @@ def _fit_encoding(root, cfg, plan: Plan, manifest: StageManifest):
     entry_bytes = plan.done_bytes
     for cand in options:
         now, new = reencoded_bytes(tar, cand.image_size, cand.quality, cfg.encode_format, cfg.resize_mode)
-        est = (entry_bytes - now + new) / max(1, manifest.entries[shard_name(0)]["rows"]) * plan.rows
+        est = (entry_bytes - now + new) / max(1, manifest.entries[shard_name(0)].rows) * plan.rows
         if est <= plan.limit_bytes:
             log(f"shards: --fit: {cfg.fit_by} {getattr(cand, cfg.fit_by)} is estimated at {format_size(est)}; "
                 f"the pilot shard is downloaded again with it")
@@ -235,21 +237,21 @@ def _retry_jobs(root, cfg, manifest: StageManifest) -> list:
     """New shards of the rows that failed for a retryable reason in shards not harvested yet."""
     import pyarrow.parquet as pq
 
-    info = manifest.info.setdefault("retry", {"harvested": [], "shards": {}})
+    info = manifest.info.retry = manifest.info.retry or RetryRecord(harvested=[], reasons={}, shards={})
     reasons = retry_reasons(cfg)
     columns = ["url", "caption", *cfg.save_additional_columns]
     parts = []
     for unit in sorted(manifest.entries):
-        if unit in info["harvested"]:
+        if unit in info.harvested:
             continue
         t = pq.read_table(shard_files(root.shards, int(unit))[1], columns=[*columns, "status", "error_message"])
         again = [st != "success" and classify(err) in reasons
                  for st, err in zip(t.column("status").to_pylist(), t.column("error_message").to_pylist())]
         parts.append(t.select(columns).filter(pa.array(again, pa.bool_())))
-        info["harvested"].append(unit)
-        info.setdefault("reasons", {})[unit] = sorted(reasons)  # which of its failures were tried again
-    planned = manifest.info["plan"]["shards"]
-    next_id = max([planned - 1] + [int(k) for k in info["shards"]] + [int(u) for u in manifest.entries]) + 1
+        info.harvested.append(unit)
+        info.reasons[unit] = sorted(reasons)  # which of its failures were tried again
+    planned = manifest.info.plan.shards
+    next_id = max([planned - 1] + [int(k) for k in info.shards] + [int(u) for u in manifest.entries]) + 1
     sps = cfg.samples_per_shard
     if parts:
         table = pa.concat_tables(parts).combine_chunks()
@@ -261,7 +263,7 @@ def _retry_jobs(root, cfg, manifest: StageManifest) -> list:
     for i in range(0, table.num_rows, sps):
         sid = next_id + i // sps
         pq.write_table(table.slice(i, sps), retry_dir / f"{shard_name(sid)}.parquet")
-        info["shards"][shard_name(sid)] = min(sps, table.num_rows - i)
+        info.shards[shard_name(sid)] = min(sps, table.num_rows - i)
     manifest.save(root)
     log(f"shards: --retry-failed: {table.num_rows:,} rows failed for a retryable reason "
         f"({', '.join(sorted(reasons))}); {-(-table.num_rows // sps)} new shard(s)")
@@ -272,9 +274,7 @@ def _pending_retry_jobs(root, cfg, manifest: StageManifest) -> list:
     import pyarrow.parquet as pq
 
     jobs = []
-    for name in sorted(manifest.info.get("retry", {}).get("shards", {})):
-        if not SHARD_UNIT.match(name):
-            raise SiclipError(f"{root.manifest_path('shards')}: retry shard {name!r} is not a shard name")
+    for name in sorted(manifest.info.retry.shards if manifest.info.retry else ()):
         if name not in manifest.entries:
             part = pq.read_table(root.inside(root.work / "shards" / "retry" / f"{name}.parquet"))
             jobs.append((int(name), part, shard_bound(part, cfg)))
@@ -284,7 +284,7 @@ def _pending_retry_jobs(root, cfg, manifest: StageManifest) -> list:
 def _run_with_progress(root, cfg, manifest, runner: ShardRunner, jobs, plan_info) -> None:
     rows_total = sum(len(t) for _, t, _ in jobs)
     done_before = manifest.total_bytes
-    bpr = plan_info["bytes_per_row"]
+    bpr = plan_info.bytes_per_row
     budget = runner.budget_bytes
     prog = Progress("shards", rows_total, "samples", every_s=cfg.progress_every_s)
     units_before = set(manifest.entries)
@@ -294,12 +294,12 @@ def _run_with_progress(root, cfg, manifest, runner: ShardRunner, jobs, plan_info
         if not (force or prog.due()):
             return
         new = [e for u, e in manifest.entries.items() if u not in units_before]
-        rows = sum(e["rows"] for e in new) + staged_bytes / max(bpr, 1)
-        ok = sum(e["samples"] for e in new)
+        rows = sum(e.rows for e in new) + staged_bytes / max(bpr, 1)
+        ok = sum(e.samples for e in new)
         made = manifest.total_bytes - done_before + staged_bytes
         rate = made / max(prog.elapsed, 1e-9) / 1e6
         used = StorageBudget.load(root).used_bytes + staged_bytes
-        succ = f"success {100 * ok / max(1, sum(e['rows'] for e in new)):.0f}%" if new else "success ?"
+        succ = f"success {100 * ok / max(1, sum(e.rows for e in new)):.0f}%" if new else "success ?"
         prog.update(min(rows, rows_total), f"{succ} | {rate:.1f} MB/s | budget {format_size(used)}/{format_size(budget)}",
                     force=force)
 
@@ -312,16 +312,15 @@ def _run_with_progress(root, cfg, manifest, runner: ShardRunner, jobs, plan_info
 def net_outcome(manifest: StageManifest) -> tuple[int, int, dict[str, int], int]:
     """(rows of the list, samples, failures by reason, rows still waiting in a retry shard), each row
     counted once: a row that --retry-failed downloaded again counts by its last try."""
-    retry = manifest.info.get("retry", {})
-    retry_shards, harvested = retry.get("shards", {}), set(retry.get("harvested", []))
-    retried = {unit: set(r) for unit, r in retry.get("reasons", {}).items()}  # else RETRYABLE (older manifests)
+    retry = manifest.info.retry or RetryRecord(harvested=[], reasons={}, shards={})
+    retry_shards, harvested = retry.shards, set(retry.harvested)
     rows = samples = 0
     failures: dict[str, int] = {}
     for unit, e in manifest.entries.items():
-        rows += 0 if unit in retry_shards else e["rows"]
-        samples += e["samples"]
-        for r, n in e.get("failures", {}).items():
-            if not (unit in harvested and r in retried.get(unit, RETRYABLE)):  # tried again in a retry shard
+        rows += 0 if unit in retry_shards else e.rows
+        samples += e.samples
+        for r, n in e.failures.items():
+            if not (unit in harvested and r in retry.reasons[unit]):  # tried again in a retry shard
                 failures[r] = failures.get(r, 0) + n
     waiting = sum(n for name, n in retry_shards.items() if name not in manifest.entries)
     return rows, samples, failures, waiting
@@ -330,7 +329,8 @@ def net_outcome(manifest: StageManifest) -> tuple[int, int, dict[str, int], int]
 def _finish(root, cfg, manifest: StageManifest, runner: ShardRunner, t0: float) -> int:
     storage = StorageBudget.load(root)
     rows, ok, failures, waiting = net_outcome(manifest)
-    retried = sum(n for name, n in manifest.info.get("retry", {}).get("shards", {}).items() if name in manifest.entries)
+    retried = sum(n for name, n in (manifest.info.retry.shards if manifest.info.retry else {}).items()
+                  if name in manifest.entries)
     fail_txt = ", ".join(f"{r} {n}" for r, n in sorted(failures.items(), key=lambda x: -x[1])) or "none"
     secs = time.monotonic() - t0
     if failures.get("private_address"):
@@ -369,9 +369,9 @@ def _below_pilot(manifest: StageManifest, ratio: float, rows: int, ok: int) -> s
     """Why the run counts as failed though every shard finished: its net success rate fell below
     `ratio` times the pilot's (a server or the network that failed mid-run), or None."""
     pilot = manifest.entries.get(shard_name(0))
-    if not ratio or pilot is None or rows <= pilot["rows"] or not pilot["samples"]:
+    if not ratio or pilot is None or rows <= pilot.rows or not pilot.samples:
         return None
-    pilot_rate, rate = pilot["samples"] / pilot["rows"], ok / rows
+    pilot_rate, rate = pilot.samples / pilot.rows, ok / rows
     if rate >= ratio * pilot_rate:
         return None
     return (f"the run succeeded for {100 * rate:.1f}% of its rows, below {ratio:g} × the pilot's {100 * pilot_rate:.1f}% "

@@ -34,7 +34,7 @@ import torch
 
 from siclip.manifests.errors import SiclipError
 from siclip.manifests.layout import DataRoot
-from siclip.manifests.manifest import SIDECAR_INPUTS, Inputs, StageManifest
+from siclip.manifests.manifest import SIDECAR_INPUTS, FileRecord, Inputs, StageManifest
 from siclip.manifests.samples import ShardSidecars, embeddings, finished_shards, shard_samples
 from siclip.images import UnreadableImage, decode_image, image_member, random_resized_box, view_box, view_pixels
 from siclip.training.config import TrainConfig
@@ -50,12 +50,12 @@ class Shard:
 
     def source(self) -> dict:
         """The item `manifests.samples.shard_samples` reads."""
-        return {"url": self.tar, "record": {"bytes": self.tar_bytes, "sha256": self.tar_sha256}}
+        return {"url": self.tar, "record": FileRecord(bytes=self.tar_bytes, sha256=self.tar_sha256)}
 
 
 def all_shards(root: DataRoot) -> list[Shard]:
     """Every finished shard the shards manifest lists, by name."""
-    shards = [Shard(s.name, str(s.tar), s.samples, int(s.tar_record["bytes"]), s.tar_record["sha256"])
+    shards = [Shard(s.name, str(s.tar), s.samples, s.tar_record.bytes, s.tar_record.sha256)
               for s in finished_shards(root)]
     if not shards:
         raise SiclipError(f"{root.root}: no finished shards in {root.manifest_path('shards')} (run 'siclip shards' first)")

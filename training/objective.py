@@ -214,7 +214,7 @@ def sidecar_dim(root) -> tuple[int, str]:
 
     manifest = StageManifest.load(root, "teacher")
     for entry in manifest.entries.values():
-        for rel in entry["files"]:
+        for rel in entry.files:
             _, info = read_sidecar(root.abs(rel))
             names = ", ".join(t.get("id", "?") for t in info.get("teachers", []))
             return int(info["dim"]), f"teacher sidecars ({names})"

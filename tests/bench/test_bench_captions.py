@@ -27,9 +27,9 @@ def test_quick_bench_figures_are_those_of_the_sidecars_it_wrote(tmp_path):
     assert res["bytes_per_caption"] == pytest.approx(on_disk / n_captions)
 
     # the steady rate spans the shard tasks, so it cannot beat the images over the longest single task
-    timings = [e["timing"] for e in StageManifest.load(root, "captions").entries.values()]
+    timings = [e.timing for e in StageManifest.load(root, "captions").entries.values()]
     assert len(timings) == len(sidecars) >= 2
-    longest = max(t["seconds"] for t in timings)
+    longest = max(t.seconds for t in timings)
     assert tiny["images_per_s"] <= tiny["images"] / (longest - 0.002)
     # start-up (cluster, model loading) is outside the steady rate and inside the end-to-end one
     assert tiny["end_to_end_images_per_s"] < tiny["images_per_s"]

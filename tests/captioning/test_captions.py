@@ -9,7 +9,7 @@ import shutil
 from siclip.cli import main
 from siclip.manifests.io import sha256_file
 from siclip.manifests.layout import DataRoot
-from siclip.manifests.manifest import StageManifest
+from siclip.manifests.manifest import FileRecord, StageManifest
 from siclip.manifests.samples import read_sidecar
 from siclip.manifests.storage import write_storage
 
@@ -45,11 +45,11 @@ def test_dask_one_and_two_workers_give_the_same_complete_sidecars(shards_root, t
     assert m.total_bytes == sum(p.stat().st_size for p in on_disk)
     assert m.total_samples == sum(len(r) for r in one.values()) == shards.total_samples
     for p in on_disk:
-        rec = m.entries[p.stem]["files"][f"captions/{p.name}"]
-        assert rec == {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        assert m.entries[p.stem]["params"]["max_new_tokens"] == 12
+        rec = m.entries[p.stem].files[f"captions/{p.name}"]
+        assert rec.dump() == {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        assert m.entries[p.stem].params["max_new_tokens"] == 12
     # one worker process served the three shards and built its model once
-    workers = {json.dumps(e["worker"], sort_keys=True) for e in m.entries.values()}
+    workers = {json.dumps(e.worker.dump(), sort_keys=True) for e in m.entries.values()}
     assert len(workers) == 1 and json.loads(workers.pop())["model_loaded_at"] is not None
     saved = json.loads(shards_root.manifest_path("captions").read_text())
     assert saved["totals"] == {"files": m.total_files, "samples": shards.total_samples, "bytes": m.total_bytes}
@@ -114,7 +114,7 @@ def _rewrite_shard(root: DataRoot, name: str, mutate) -> None:
     tar = root.shards / f"{name}.tar"
     mutate(tar)
     m = StageManifest.load(root, "shards")
-    m.entries[name]["files"][f"shards/{name}.tar"] = {"bytes": tar.stat().st_size, "sha256": sha256_file(tar)}
+    m.entries[name].files[f"shards/{name}.tar"] = FileRecord(bytes=tar.stat().st_size, sha256=sha256_file(tar))
     m.save(root)
 
 
@@ -123,7 +123,7 @@ def test_corrupt_shards_are_named_and_skipped_while_the_others_finish(shards_roo
     import tarfile
 
     bad_key = tar_keys(shards_root.shards / "00000.tar")[2]
-    rows_00000 = StageManifest.load(shards_root, "shards").entries["00000"]["samples"]
+    rows_00000 = StageManifest.load(shards_root, "shards").entries["00000"].samples
 
     def bad_jpeg(tar):  # one sample's image is not an image
         members = []
@@ -163,7 +163,7 @@ def test_corrupt_shards_are_named_and_skipped_while_the_others_finish(shards_roo
     assert all(s == "ok" and len(c) == 3 for k, (c, s) in rows.items() if k != bad_key)
     m = StageManifest.load(shards_root, "captions")
     assert list(m.entries) == ["00000"]
-    assert sum(m.entries["00000"]["failed"].values()) == 1
+    assert sum(m.entries["00000"].failed.values()) == 1
 
 
 def test_budget_is_checked_before_anything_is_written(shards_root, capsys):
@@ -234,7 +234,7 @@ def test_overwrite_with_a_model_that_does_not_load_keeps_every_entry(shards_root
     # an --overwrite that works replaces every entry and its sidecar
     assert captions(shards_root, "--workers", "0", "--seed", "7", "--overwrite") == 0
     m = StageManifest.load(shards_root, "captions")
-    assert sorted(m.entries) == sorted(listed) and all(e["params"]["seed"] == 7 for e in m.entries.values())
+    assert sorted(m.entries) == sorted(listed) and all(e.params["seed"] == 7 for e in m.entries.values())
     reseeded = all_sidecars(shards_root)
     assert reseeded.keys() == sidecars.keys() and all(reseeded[k] != sidecars[k] for k in sidecars)
     assert main(["manifest", str(shards_root.root), "--verify"]) == 0

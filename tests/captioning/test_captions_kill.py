@@ -118,7 +118,7 @@ def test_sigkill_during_an_overwrite_leaves_the_old_entries_then_the_rerun_repla
     proc = _start(shards_root, *slow)
     assert proc.wait() == 0
     m = StageManifest.load(shards_root, "captions")
-    assert sorted(m.entries) == names and all(e["params"]["seed"] == 7 for e in m.entries.values())
+    assert sorted(m.entries) == names and all(e.params["seed"] == 7 for e in m.entries.values())
     assert all(len(caps) == 8 for rows in all_sidecars(shards_root).values() for caps, _ in rows.values())
     assert main(["manifest", str(shards_root.root), "--verify"]) == 0
 
@@ -139,5 +139,5 @@ def test_a_replacement_written_but_not_recorded_is_adopted_not_redone(shards_roo
     assert "recorded 1 complete sidecar(s)" in err and "2 to do" in err
     assert replaced.stat().st_mtime_ns == mtime
     m = StageManifest.load(shards_root, "captions")
-    assert sorted(m.entries) == ["00000", "00001", "00002"] and all(e["params"]["seed"] == 7 for e in m.entries.values())
+    assert sorted(m.entries) == ["00000", "00001", "00002"] and all(e.params["seed"] == 7 for e in m.entries.values())
     assert main(["manifest", str(shards_root.root), "--verify"]) == 0

@@ -80,7 +80,7 @@ def test_coca_captions_with_the_seeds_sampling_are_reproducible_whatever_the_bat
     sidecars = all_sidecars(shards_root)
     assert sidecars == all_sidecars(other)  # per-caption seeds: batch and worker do not matter
     rows = sidecars["00000.arrow"]
-    assert len(rows) == StageManifest.load(shards_root, "shards").entries["00000"]["samples"]
+    assert len(rows) == StageManifest.load(shards_root, "shards").entries["00000"].samples
     for caps, status in rows.values():
         assert status == "ok" and len(caps) == 3 and all(caps) and len(set(caps)) == 3, caps
     _, info = read_sidecar(shards_root.captions / "00000.arrow")

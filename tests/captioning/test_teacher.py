@@ -81,7 +81,7 @@ def test_teacher_sidecar_shapes_dtypes_unit_embeddings_and_replayable_augmentati
                     TeacherConfig(data=str(shards_root.root), teacher=teachers, augmentations=3, dtype="bfloat16"))
 
     shards = StageManifest.load(shards_root, "shards")
-    rows = shards.entries["00000"]["samples"]
+    rows = shards.entries["00000"].samples
     table, info = read_sidecar(shards_root.teacher / "00000.arrow")
     assert [t["dim"] for t in info["teachers"]] == [24, 24] and info["dim"] == 48
     assert info["teachers"][1]["id"] == str(folder) and info["dtype"] == "bfloat16"
@@ -122,7 +122,7 @@ def test_teacher_sidecar_shapes_dtypes_unit_embeddings_and_replayable_augmentati
     m = StageManifest.load(shards_root, "teacher")
     assert m.total_files == len(shards.entries) and m.total_samples == shards.total_samples
     assert m.total_bytes == sum(p.stat().st_size for p in shards_root.teacher.glob("*.arrow"))
-    assert "inputs" in m.entries["00000"]  # which caption sidecar it embedded
+    assert "captions/00000.arrow" in m.entries["00000"].inputs  # which caption sidecar it embedded
 
     # rerun: nothing to do
     assert _teacher(shards_root, "--teacher", teachers, "--augmentations", "3", "--dtype", "bfloat16") == 0
@@ -136,7 +136,7 @@ def test_teacher_float16_web_captions_only(shards_root, capsys):
     table, info = read_sidecar(shards_root.teacher / "00001.arrow")
     assert str(table.schema.field("image_emb").type) == "fixed_size_list<item: fixed_size_list<item: halffloat>[24]>[1]"
     assert "aug_params" not in table.column_names
-    rows = StageManifest.load(shards_root, "shards").entries["00001"]["samples"]
+    rows = StageManifest.load(shards_root, "shards").entries["00001"].samples
     img = embeddings(table, "image_emb")
     assert img.shape == (rows, 1, 24)
     texts = _text_embeddings(table)
@@ -196,7 +196,7 @@ def test_teacher_overwrite_with_a_teacher_that_does_not_load_keeps_every_entry(s
     # an --overwrite that works replaces every entry and its sidecar
     assert _teacher(shards_root, "--teacher", "tiny", "--augmentations", "1", "--overwrite", *web_only) == 0
     m = StageManifest.load(shards_root, "teacher")
-    assert sorted(m.entries) == sorted(listed) and all(e["params"]["augmentations"] == 1 for e in m.entries.values())
+    assert sorted(m.entries) == sorted(listed) and all(e.params["augmentations"] == 1 for e in m.entries.values())
     assert all(read_sidecar(shards_root.teacher / name)[1]["augmentations"] == 1 for name in sidecars)
     assert main(["manifest", str(shards_root.root), "--verify"]) == 0
 

@@ -110,7 +110,8 @@ def test_captions_never_clean_temps_through_a_planted_link(shards_root, tmp_path
     ("captions", "00000", {"/etc/passwd": {"bytes": 1, "sha256": "0" * 64}}, "file '/etc/passwd' is absolute"),
     ("train", "runs/../../x", {"runs/x/state.json": {"bytes": 1, "sha256": "0" * 64}},
      "the unit name goes up with '..'"),
-    ("teacher", "00000", {"teacher/00000.arrow": {"bytes": "1"}}, "has no whole record"),
+    ("teacher", "00000", {"teacher/00000.arrow": {"bytes": "1"}},
+     "field files['teacher/00000.arrow'].bytes: Input should be a valid integer"),
 ])
 def test_loading_a_manifest_refuses_entries_that_leave_the_root(tmp_path, stage, unit, files, says):
     root = DataRoot(tmp_path / "data")

@@ -102,7 +102,7 @@ def test_damage_in_place_is_found_refused_and_repaired_redoing_only_what_it_touc
     assert siclip("manifest", data, "--verify").returncode == 0
     for stage in ("captions", "teacher"):  # each sidecar records the files it was made from, as they are now
         for name, entry in StageManifest.load(root, stage).entries.items():
-            assert entry["inputs"]["shards/" + name + ".tar"] == sha256_file(root.shards / f"{name}.tar")
+            assert entry.inputs["shards/" + name + ".tar"] == sha256_file(root.shards / f"{name}.tar")
 
     # nothing else was redone: shard 00000 and its sidecars, shard 00001, and 00001's teacher sidecar, whose
     # input came back byte for byte (captions are seeded by key)
@@ -136,7 +136,8 @@ def test_training_refuses_a_sidecar_made_from_a_shard_since_redone(whole_root):
     # stage 1 redid shard 00001 (as after a repair): its tar is another file now
     tar = root.shards / "00001.tar"
     overwrite(tar, image_offset(tar))
-    shards.add(root, "00001", [tar, root.shards / "00001.parquet", root.shards / "00001_stats.json"], samples=8)
+    shards.add(root, "00001", [tar, root.shards / "00001.parquet", root.shards / "00001_stats.json"], samples=8,
+                rows=8, failures={})
     shards.save(root)
     with pytest.raises(Exception, match="the captions sidecar of shard 00001 was made from another shards/00001.tar "
                                         "than the one there now"):

@@ -30,7 +30,7 @@ def _shard(root: DataRoot, name: str = "00000", keys=KEYS):
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
     m = StageManifest.load(root, "shards")
-    m.add(root, name, [tar], len(keys))
+    m.add(root, name, [tar], len(keys), rows=len(keys), failures={})
     m.save(root)
     return tar
 
@@ -44,7 +44,7 @@ def _sidecar(root: DataRoot, stage: str, keys, name: str = "00000", **columns):
     with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, table.schema) as w:
         w.write_table(table)
     m = StageManifest.load(root, stage)
-    m.add(root, name, [path], len(keys))
+    m.add(root, name, [path], len(keys), params={}, model="made-up", failed={}, inputs={})
     m.save(root)
     return path
 

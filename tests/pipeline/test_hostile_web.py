@@ -111,7 +111,7 @@ def test_hostile_rows_fail_with_their_reason_within_the_deadline_and_the_cap(tmp
     assert m.total_samples == len(good_rows)
     failures: dict[str, int] = {}
     for e in m.entries.values():
-        for r, n in e["failures"].items():
+        for r, n in e.failures.items():
             failures[r] = failures.get(r, 0) + n
     assert failures == {"timeout": 2, "too_large": 3, "private_address": 2}
     summary = res.stderr.strip().splitlines()[-1]
@@ -139,7 +139,7 @@ def test_a_loopback_list_is_refused_row_by_row_without_the_flag(tmp_path, image_
         assert message == (f"private address 127.0.0.1 (host 127.0.0.1) refused: pass --allow-private-addresses "
                            "to fetch from your own network")
     m = StageManifest.load(DataRoot(tmp_path / "data"), "shards")
-    assert m.total_samples == 0 and sum(e["failures"]["private_address"] for e in m.entries.values()) == len(rows)
+    assert m.total_samples == 0 and sum(e.failures["private_address"] for e in m.entries.values()) == len(rows)
     hint, summary, verdict = res.stderr.strip().splitlines()[-3:]
     assert hint.startswith(f"shards: {len(rows)} row(s) point at loopback") and "--allow-private-addresses" in hint
     assert "failures: private_address 10" in summary

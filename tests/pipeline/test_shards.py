@@ -53,7 +53,7 @@ def test_counts_and_failure_reasons(tmp_path, good_rows, bad_rows):
     m = StageManifest.load(DataRoot(tmp_path / "data"), "shards")
     failures: dict[str, int] = {}
     for e in m.entries.values():
-        for r, n in e["failures"].items():
+        for r, n in e.failures.items():
             failures[r] = failures.get(r, 0) + n
     expected: dict[str, int] = {}
     for _, _, outcome in bad_rows:
@@ -61,7 +61,7 @@ def test_counts_and_failure_reasons(tmp_path, good_rows, bad_rows):
             expected[outcome] = expected.get(outcome, 0) + 1
     assert failures == expected
     assert m.total_samples == 6  # the good pictures; the 1x1 one is under min_image_size
-    assert sum(e["rows"] for e in m.entries.values()) == len(rows) - 2
+    assert sum(e.rows for e in m.entries.values()) == len(rows) - 2
     assert len(tar_samples(tmp_path / "data")) == 6
     assert "shards: done:" in res.stderr.splitlines()[-1]
 
@@ -182,7 +182,7 @@ def test_a_bulk_shard_whose_worst_case_does_not_fit_is_never_started(shards_data
     """The plan fits the budget, but the pilot plus the next shard's worst case does not."""
     urls = write_list(tmp_path / "urls.parquet", good_rows)
     bounds = _bounds(urls)
-    pilot = sum(f["bytes"] for f in StageManifest.load(DataRoot(shards_data), "shards").entries["00000"]["files"].values())
+    pilot = sum(f.bytes for f in StageManifest.load(DataRoot(shards_data), "shards").entries["00000"].files.values())
     budget = pilot // 2 + bounds[1]  # a pilot that came out smaller by half would still leave shard 1 out
     assert bounds[0] <= budget and 3 * pilot < budget, "the sizes this test relies on have changed"
     args = [a for a in SMALL if a not in ("--budget", "1GB")]
@@ -250,7 +250,7 @@ def test_a_finished_unlisted_shard_is_adopted_and_a_truncated_one_removed(shards
     assert "shards: removing incomplete shard 00002 left by an interrupted run" in res.stderr
     after = StageManifest.load(shards_root, "shards")
     assert (sha256_file(kept), kept.stat().st_mtime_ns) == kept_before[:2]  # adopted as it was, not downloaded again
-    assert after.entries["00001"]["files"] == kept_before[2]["files"]
+    assert after.entries["00001"].files == kept_before[2].files
     assert sorted(after.entries) == ["00000", "00001", "00002"]
     assert siclip("manifest", data, "--verify").returncode == 0
     assert sorted(s["url"] for s in tar_samples(data)) == sorted(u for u, _ in good_rows)
@@ -334,7 +334,7 @@ def test_retry_failed_downloads_only_retryable_failures(tmp_path, image_server, 
         assert "2 rows failed for a retryable reason" in res.stderr
         second = StageManifest.load(DataRoot(data), "shards")
         new = sorted(set(second.entries) - set(first.entries))
-        assert len(new) == 1 and second.entries[new[0]]["rows"] == 2
+        assert len(new) == 1 and second.entries[new[0]].rows == 2
         assert second.total_samples == first.total_samples + 2
         again = siclip(*args, "--retry-failed")
     assert "0 rows failed for a retryable reason" in again.stderr

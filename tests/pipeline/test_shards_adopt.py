@@ -97,8 +97,8 @@ def test_img2dataset_shards_are_adopted_then_captioned_trained_and_evaluated_unc
         src, tar = made_elsewhere / f"{unit}.tar", data / "shards" / f"{unit}.tar"
         stats = json.loads((made_elsewhere / f"{unit}_stats.json").read_text())
         # recorded as stage 1 records its own: the tar's bytes and sha256, the samples and rows of its stats
-        assert e["files"] == {f"shards/{unit}.tar": {"bytes": src.stat().st_size, "sha256": sha256_file(src)}}
-        assert (e["samples"], e["rows"], e["source"]) == (stats["successes"], stats["count"], str(src))
+        assert e.dump()["files"] == {f"shards/{unit}.tar": {"bytes": src.stat().st_size, "sha256": sha256_file(src)}}
+        assert (e.samples, e.rows, e.source) == (stats["successes"], stats["count"], str(src))
         assert os.path.samefile(src, tar) and not tar.is_symlink()  # a hard link: no second copy on the disk
     assert json.loads((data / "manifests" / "storage.json").read_text())["budget_bytes"] == 10**9
     verify(data)
@@ -118,7 +118,7 @@ def test_brace_notation_names_the_same_tars_and_adopting_by_either_form_again_ad
     data = tmp_path / "data"
     adopt(f"{made_elsewhere}/{{00000..00002}}.tar", data)
     got = entries(data)
-    assert [e["source"] for e in got.values()] == [str(made_elsewhere / f"{i:05d}.tar") for i in range(TARS)]
+    assert [e.source for e in got.values()] == [str(made_elsewhere / f"{i:05d}.tar") for i in range(TARS)]
     res = adopt(made_elsewhere, data)
     assert "3 adopted already" in res.stderr and entries(data) == got
 
@@ -141,7 +141,7 @@ def test_copy_makes_files_of_the_data_roots_own(made_elsewhere, tmp_path):
     for unit, e in entries(data).items():
         tar = data / "shards" / f"{unit}.tar"
         assert not os.path.samefile(made_elsewhere / f"{unit}.tar", tar)
-        assert e["files"][f"shards/{unit}.tar"]["sha256"] == sha256_file(made_elsewhere / f"{unit}.tar")
+        assert e.files[f"shards/{unit}.tar"].sha256 == sha256_file(made_elsewhere / f"{unit}.tar")
     verify(data)
 
 
@@ -167,7 +167,7 @@ def test_killed_between_placing_a_tar_and_recording_it_the_rerun_finishes_withou
     assert "removing 00001.tar, left unlisted by an interrupted run" in res.stderr
     got = entries(data)
     assert sorted(got) == ["00000", "00001", "00002"]
-    assert sorted(e["source"] for e in got.values()) == [str(made_elsewhere / f"{i:05d}.tar") for i in range(TARS)]
+    assert sorted(e.source for e in got.values()) == [str(made_elsewhere / f"{i:05d}.tar") for i in range(TARS)]
     assert sorted(p.name for p in (data / "shards").iterdir()) == ["00000.tar", "00001.tar", "00002.tar",
                                                                    "_config.toml"]
     verify(data)
@@ -256,7 +256,7 @@ def test_the_tars_before_a_bad_one_are_kept_and_the_rerun_adopts_the_rest_once_i
     adopt(source, data)
     got = entries(data)
     assert sorted(got) == ["00000", "00001", "00002", "00003"]
-    assert (got["00003"]["source"], got["00003"]["samples"]) == (str(source / "00004.tar"), len(renamed) // 3)
+    assert (got["00003"].source, got["00003"].samples) == (str(source / "00004.tar"), len(renamed) // 3)
     verify(data)
 
 

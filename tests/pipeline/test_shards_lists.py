@@ -93,13 +93,19 @@ def test_lists_that_cannot_be_read_are_one_line_errors_before_anything_downloads
     assert not (tmp_path / "d").exists()
 
 
-def test_a_data_root_made_before_save_additional_columns_existed_resumes(shards_root, good_rows, tmp_path):
+def test_a_data_root_made_before_save_additional_columns_existed_is_refused_in_one_line(shards_root, good_rows,
+                                                                                       tmp_path):
     from siclip_testing import write_list
 
     path = shards_root.manifest_path("shards")
     manifest = json.loads(path.read_text())
-    del manifest["params"]["save_additional_columns"]  # as an older siclip wrote it
+    del manifest["params"]["save_additional_columns"]  # as a siclip before this release wrote it
     path.write_text(json.dumps(manifest))
+    before = path.read_bytes()
     urls = write_list(tmp_path / "urls.parquet", good_rows)
-    res = siclip("shards", "--urls", urls, "--data", shards_root.root, *SMALL)
-    assert "every planned shard is already finished" in res.stderr
+    res = siclip("shards", "--urls", urls, "--data", shards_root.root, *SMALL, check=False)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"siclip shards: error: {path}: params save_additional_columns unknown or missing; this siclip neither "
+        f"writes nor reads that: rerun into a new data root")
+    assert path.read_bytes() == before

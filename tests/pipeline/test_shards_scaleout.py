@@ -41,10 +41,10 @@ def content(data: Path) -> dict:
     for name, e in m.entries.items():
         samples = [{"key": s["__key__"], "json": json.loads(s["json"]), "txt": s["txt"],
                     "jpg": hashlib.sha256(s["jpg"]).hexdigest()} for s in iter_shard(data / "shards" / f"{name}.tar")]
-        shards[name] = {"samples": e["samples"], "rows": e["rows"], "failures": e["failures"], "files": sorted(e["files"]),
-                        "tar_bytes": e["files"][f"shards/{name}.tar"]["bytes"], "content": sorted(samples, key=str)}
+        shards[name] = {"samples": e.samples, "rows": e.rows, "failures": e.failures, "files": sorted(e.files),
+                        "tar_bytes": e.files[f"shards/{name}.tar"].bytes, "content": sorted(samples, key=str)}
     # the pilot's bytes per row are measured (img2dataset's stats hold timings): a few bytes differ run to run
-    plan = {k: v for k, v in m.info["plan"].items() if k not in ("bytes_per_row", "planned_bytes")}
+    plan = {k: v for k, v in m.info.plan.dump().items() if k not in ("bytes_per_row", "planned_bytes")}
     return {"shards": shards, "params": m.params, "plan": plan}
 
 

@@ -92,7 +92,7 @@ def test_export_in_a_data_root_is_recorded_and_a_rerun_skips(tmp_path):
     out, written = export_run(run, log=lambda m: None)
     assert written and out == run / "clip"
     entry = StageManifest.load(root, "train").entries["runs/teacher/clip"]
-    assert entry["kind"] == "export" and sum(f["bytes"] for f in entry["files"].values()) > 1_000_000
+    assert entry.kind == "export" and sum(f.bytes for f in entry.files.values()) > 1_000_000
     assert in_data_root("runs/teacher/clip", root) == str(root.root / "runs/teacher/clip")
     assert in_data_root("openai/clip-vit-base-patch32", root) == "openai/clip-vit-base-patch32"
     before = (out / "model.safetensors").stat().st_mtime_ns

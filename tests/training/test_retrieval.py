@@ -117,7 +117,8 @@ def break_image(root, shard: int, i: int, data: bytes = b"not a JPEG, whatever i
             m.size = len(content)
             tf.addfile(m, io.BytesIO(content))
     manifest = StageManifest.load(root, "shards")
-    manifest.add(root, name, [tar], manifest.entries[name]["samples"])
+    old = manifest.entries[name]
+    manifest.add(root, name, [tar], old.samples, rows=old.rows, failures=old.failures)
     manifest.save(root)
     return key
 

@@ -68,13 +68,13 @@ def make_root(folder: Path, sizes: list[int], captions: int = 0, missing_caption
                     info = tarfile.TarInfo(f"{k}.{ext}")
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
-        manifest.add(root, name, [tar], n)
+        manifest.add(root, name, [tar], n, rows=n, failures={})
         if captions:
             path = root.captions / f"{name}.arrow"
             caps = [[] if k in missing_captions else [f"synthetic {j} of {k}" for j in range(captions)] for k in keys]
             status = ["cannot decode jpg" if k in missing_captions else "ok" for k in keys]
             write_caption_sidecar(path, keys, caps, status, {"stage": "captions", "shard": name})
-            cap_manifest.add(root, name, [path], n)
+            cap_manifest.add(root, name, [path], n, params={}, model="made-up", failed={}, inputs={})
         if teacher_views >= 0 or recorded is not None:
             views = teacher_views if recorded is None else len(recorded)
             image_emb = np.zeros((n, 1 + views, dim), np.float16)
@@ -86,7 +86,7 @@ def make_root(folder: Path, sizes: list[int], captions: int = 0, missing_caption
             path = root.teacher / f"{name}.arrow"
             write_teacher_sidecar(path, keys, image_emb, text, aug, ["ok"] * n, "float16",
                                   {"stage": "teacher", "shard": name, "dim": dim, "teachers": [{"id": "made-up"}]})
-            t_manifest.add(root, name, [path], n)
+            t_manifest.add(root, name, [path], n, params={}, model=["made-up"], failed={}, inputs={})
     manifest.save(root)
     if captions:
         cap_manifest.save(root)
