@@ -155,8 +155,9 @@ def bench_blocks(quick: bool = False, threads: int | None = None, device: str = 
     """Measure every case (QUICK ones with quick=True; s0_image only where timm imports), print a table to
     stderr and return {"cases": {case: ratios and details}, "threads", "load_average", "device", "skipped"}.
 
-    threads: torch CPU threads for the run (default: torch's choice). On a machine busy with other work,
-    1 thread gives steadier ratios: a parallel kernel waits for its slowest thread.
+    threads: torch CPU threads for the run (default: 1 on a CPU, timed on process CPU time; torch's choice on a
+    GPU). On a machine busy with other work, several threads on wall time give ratios anywhere from x0.6 to x2.5
+    between runs: a parallel kernel waits for its slowest thread, and a few repeats fit the time budget.
     """
     names = list(cases or (QUICK if quick else CASES))
     skipped = {}
@@ -169,7 +170,7 @@ def bench_blocks(quick: bool = False, threads: int | None = None, device: str = 
         raise SiclipError(f"bench blocks --device {device}: torch sees no CUDA device")
     batch = batch or BATCH["cuda" if device.startswith("cuda") else "cpu"]
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or previous_threads)
+    torch.set_num_threads(threads or (1 if device == "cpu" else previous_threads))
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     clock, clock_name = clock_for(device, torch.get_num_threads())
     try:

@@ -62,3 +62,18 @@ def test_s0_image_is_skipped_with_the_reason_without_timm(monkeypatch, capsys):
     result = bench_blocks(cases=("s0_image",), quick=True)
     assert result["cases"] == {} and "timm" in result["skipped"]["s0_image"]
     assert "s0_image        skipped: timm is not installed" in capsys.readouterr().err
+
+
+def test_on_a_cpu_it_times_one_thread_on_process_cpu_time_unless_told_otherwise():
+    # several threads on wall time, on a busy machine, gave ratios from x0.6 to x2.5 between runs (issue 19)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = bench_blocks(quick=True, cases=("tiny_image",))
+        assert result["threads"] == 1 and result["clock"] == "process CPU time"
+        assert torch.get_num_threads() == 2  # the caller's setting is back
+        assert bench_blocks(quick=True, cases=("tiny_image",), threads=2)["threads"] == 2
+    finally:
+        torch.set_num_threads(before)
