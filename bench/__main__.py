@@ -10,6 +10,8 @@ line; without it, indented. ARGS after NAME go to the benchmark (`python -m benc
     python -m bench ablations      the ablation table on bench-real's data: `make ablations`
     python -m bench peer           siclip against open_clip_train: `make bench-peer`
     python -m bench fit            how fast each model shape fits, beside open_clip: `make bench-fit`
+    python -m bench sasp           SAS-P against pre-LN steps on a CPU, with a profile
+    python -m bench overhead       bench train's ratio: decoding on the same cores against the loop's overhead
     python -m bench days           FLOPs and loader CPU per training sample, for the days-to-train table
 """
 
@@ -75,6 +77,12 @@ BENCHES = {
                  "how fast each model shape fits the same pairs (make bench-fit; ratio: final loss over "
                  "open_clip's, per model)", _per_model),
     "precision": Bench("precision", "main", None, "siclip train in fp16, bf16 and fp32 on one device", _none),
+    "sasp": Bench("sasp_profile", "main", "the pre-LN twin of each SAS-P tower or model, same seed",
+                  "SAS-P against pre-LN training steps, one thread, interleaved, with a profile (--profile N)",
+                  lambda figures: {c: r["speedup"] for c, r in figures["cases"].items()}),
+    "overhead": Bench("train_overhead", "main", "a plain PyTorch loop on the same model, batch and objective",
+                      "bench train's ratio split into the loader's decoding and the loop's own overhead",
+                      lambda figures: figures["median"]["ratio"]),
     "days": Bench("days", "bench_days", None, "training FLOPs per sample (tiny, paper) and the loader's CPU ms "
                   "per sample: the counts README's days-to-train table is built from", _none),
 }

@@ -1,10 +1,10 @@
 """SAS-P against pre-LN training steps on a CPU, timed and profiled in one process (issue 19):
 
-    PYTHONPATH=. python3 bench/sasp_profile.py [--trials 40] [--threads 1] [--cases ...] [--profile 5]
+    python -m bench sasp [--trials 40] [--threads 1] [--cases ...] [--profile 5]
 
 Cases (each one A = pre-LN against B = SAS-P, built from the same seed):
-- `tiny_text`, `tiny_image`, `s0_text`, `s0_image`: the towers of `siclip bench blocks` at its CPU batch
-  (8), its step (squared-output loss, backward, AdamW; token tables frozen), as training/bench.py builds them;
+- `tiny_text`, `tiny_image`, `s0_text`, `s0_image`: the towers of `python -m bench blocks` at its CPU batch
+  (8), its step (squared-output loss, backward, AdamW; token tables frozen), as bench/blocks.py builds them;
 - `tiny_model`, `tiny_model_b128`: the whole `tiny` model against `tiny_preln` as `siclip train` steps them with
   training/configs/tiny.toml's objective (CLIP on web and one synthetic caption, PM with k = 8), AdamW over every
   parameter and gradient clipping, at batch 64 (tiny.toml's) and 128 (bench-peer's);
@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from siclip.training import bench as blocks_bench
+from bench import blocks as blocks_bench
 from siclip.training.loop import assemble
 from siclip.training.model import build_model, load_config
 from siclip.training.objective import Objective
@@ -38,7 +38,7 @@ CASES = ("tiny_text", "tiny_image", "s0_text", "s0_image", *MODEL_CASES)
 
 
 def tower_steps(case: str) -> dict:
-    """{"preln": step, "sasp": step}: the `siclip bench blocks` training step of one tower case."""
+    """{"preln": step, "sasp": step}: the `python -m bench blocks` training step of one tower case."""
     towers = blocks_bench.build_towers(case)
     x = blocks_bench._inputs(case, blocks_bench.BATCH["cpu"], "cpu")
     steps = {}
@@ -128,7 +128,7 @@ def profile_case(steps: dict, n: int, top: int = 12) -> list[dict]:
     return [{"op": "(all operators)", "preln_ms": total["preln"], "sasp_ms": total["sasp"]}] + rows[:top]
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=40, help="interleaved repeats per case")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a busy machine)")
@@ -168,5 +168,10 @@ def main(argv=None) -> dict:
     return out
 
 
+def main(argv=None) -> int:
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

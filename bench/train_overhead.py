@@ -1,8 +1,8 @@
-"""Where `siclip bench train`'s ratio (siclip train over a plain PyTorch loop) loses its last percents (issue 19):
+"""Where `python -m bench train`'s ratio (siclip train over a plain PyTorch loop) loses its last percents (issue 19):
 the loader's decoding on the training cores, or the loop's own per-step work. Same data, config and figures as
-`siclip bench train`, each pair repeated with the order alternating:
+`python -m bench train`, each pair repeated with the order alternating:
 
-    PYTHONPATH=. python3 bench/train_overhead.py [--repeats 3] [--steps 30]
+    python -m bench overhead [--repeats 3] [--steps 30]
 
 Per repeat:
 - `plain` and `siclip`: samples/s as bench train measures them (the plain loop on one batch in memory; siclip
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from siclip.training.bench_train import _loader_rate, _plain_loop, make_bench_root
+from bench.train import _loader_rate, _plain_loop, make_bench_root
 
 
 def cpu(who) -> float:
@@ -79,7 +79,7 @@ def siclip(cfg, root, out: str, steps: int, warmup: int) -> dict:
             "cpu_per_step": (used[1][0] - used[0][0]) / steps, "workers_cpu_per_step": (used[1][1] - used[0][1]) / steps}
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
@@ -133,5 +133,10 @@ def main(argv=None) -> dict:
     return out
 
 
+def main(argv=None) -> int:
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

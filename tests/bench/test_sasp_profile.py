@@ -3,19 +3,13 @@ own medians, and its profile rows the operators both models ran."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))
 
 
 def test_speedup_is_the_ratio_of_its_medians_and_the_profile_names_the_attention_ops(capsys):
-    from sasp_profile import main
+    from bench.sasp_profile import run
 
-    out = main(["--trials", "3", "--cases", "tiny_image", "--profile", "1"])
+    out = run(["--trials", "3", "--cases", "tiny_image", "--profile", "1"])
     r = out["cases"]["tiny_image"]
     assert out["threads"] == 1 and out["clock"] == "process_time" and r["trials"] == 3
     assert r["speedup"] == pytest.approx(r["ms"]["preln"] / r["ms"]["sasp"], abs=2e-3)
@@ -29,7 +23,7 @@ def test_speedup_is_the_ratio_of_its_medians_and_the_profile_names_the_attention
 
 
 def test_an_unknown_case_is_refused_with_the_list():
-    from sasp_profile import main
+    from bench.sasp_profile import run
 
     with pytest.raises(SystemExit):
-        main(["--cases", "huge_model"])
+        run(["--cases", "huge_model"])
