@@ -133,10 +133,6 @@ def run(argv=None) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> int:  # python -m bench NAME
     run(argv)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
