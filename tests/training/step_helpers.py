@@ -9,7 +9,7 @@ import sys
 import torch
 
 from siclip.training.config import LossWeights
-from siclip.training.loop import average_gradients, forward_backward
+from siclip.training.step import average_gradients, forward_backward
 from siclip.training.model import build_model, load_config
 from siclip.training.objective import Objective
 

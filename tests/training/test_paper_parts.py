@@ -101,7 +101,7 @@ def test_s0_trains_and_round_trips_through_save_and_load(tmp_path):
 
 def test_paper_toml_stages_train_the_modules_they_name_on_the_real_s0():
     from siclip.training.config import load_train_config
-    from siclip.training.loop import set_trainable
+    from siclip.training.step import set_trainable
 
     import open_clip
 

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 
 from siclip_testing import REPO
 from step_helpers import GLOBAL_BATCH, WEIGHTS, global_batch, small_model, step_gradients, term_gradients
-from siclip.training.loop import StageSpan, forward_backward, set_trainable
+from siclip.training.step import StageSpan, forward_backward, set_trainable
 from siclip.training.config import StageConfig
 from siclip.manifests.errors import SiclipError
 
@@ -145,7 +145,7 @@ class _TowersWithBatchNorm(torch.nn.Module):
 
 def test_batchnorm_statistics_count_each_sample_once_with_caching_and_stay_put_when_frozen(accelerator):
     from siclip.training.config import LossWeights
-    from siclip.training.loop import frozen_batchnorm_to_eval
+    from siclip.training.step import frozen_batchnorm_to_eval
     from siclip.training.objective import Objective
 
     objective = Objective(LossWeights(clip_web=1.0, clip_synthetic=0.0), 8)
