@@ -29,7 +29,7 @@ from siclip.manifests.storage import format_size
 from siclip.training.config import TrainConfig
 from siclip.training.data import plan_epoch, shared_tokenizer, train_loader
 from siclip.training.evaluate import ModelEncoder, retrieval, zeroshot_results
-from siclip.training.runs import FINAL, STATE, Run, checkpoint_name, failpoint, folder_bytes, write_plots
+from siclip.training.runs import FINAL, STATE, Run, checkpoint_name, folder_bytes, write_plots
 from siclip.training.start import (Parts, broadcast_message, build, check_start, config_digest, open_run, say,
                                    write_run_folder)
 from siclip.training.step import (StageSpan, average_gradients, decay_groups, forward_backward,
@@ -75,8 +75,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
                 span = enter_stage(model, parts, step, accelerator)
             lr = span.lr(step)
             terms, norm, seconds = train_step(model, optimizer, params, parts.objectives[span.cfg.name],
-                                              parts.teachers[span.cfg.name], batch, lr, step, cfg, parts.micro,
-                                              accelerator)
+                                              parts.teachers[span.cfg.name], batch, lr, cfg, parts.micro, accelerator)
             step += 1
             records.add(step, span, lr, terms, norm, seconds, batch, model)
             if not evaluate_or_checkpoint(cfg, root, run, parts, model, step, epoch, span, accelerator):
@@ -192,8 +191,8 @@ def enter_stage(model, parts: Parts, step: int, accelerator) -> StageSpan:
     return span
 
 
-def train_step(model, optimizer, params, objective, teacher, batch: dict, lr: float, step: int, cfg: TrainConfig,
-               micro: int, accelerator) -> tuple[dict, torch.Tensor | None, float]:
+def train_step(model, optimizer, params, objective, teacher, batch: dict, lr: float, cfg: TrainConfig, micro: int,
+               accelerator) -> tuple[dict, torch.Tensor | None, float]:
     """One optimizer step on `batch` at learning rate `lr`: (loss terms, gradient norm before clipping, seconds)."""
     t0 = time.perf_counter()
     for group in optimizer.param_groups:
@@ -205,7 +204,6 @@ def train_step(model, optimizer, params, objective, teacher, batch: dict, lr: fl
     average_gradients(params, accelerator.num_processes)
     norm = accelerator.clip_grad_norm_([p for p in params if p.grad is not None],
                                        cfg.grad_clip) if cfg.grad_clip else None
-    failpoint(f"step:{step + 1}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     model.clamp_logit_scale_()  # after the step, so the parameter keeps its gradient

@@ -212,6 +212,7 @@ class Run:
             f.write(json.dumps(record) + "\n")
         if self.on_record is not None:
             self.on_record(record)
+        failpoint(f"logged:{checkpoint_name(record['step'])}")  # a kill past the last checkpoint
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.is_file():

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from siclip.images import Preprocess
 from siclip.manifests.errors import SiclipError
+from siclip.manifests.io import failpoint
 from siclip.manifests.layout import DataRoot
 from siclip.manifests.manifest import StageManifest, stage_lock
 from siclip.manifests.messages import first_line, log
@@ -262,6 +263,7 @@ def write_run_folder(cfg: TrainConfig, root: DataRoot, run: Run, parts: Parts, a
             "samples_per_epoch_used": parts.steps_per_epoch * cfg.batch_size, "total_steps": parts.total,
             "stages": [{"name": sp.cfg.name, "start": sp.start, "end": sp.end} for sp in parts.spans]},
             indent=1) + "\n")
+        failpoint("run-folder-written")  # a start killed before its first step
     accelerator.wait_for_everyone()  # the others read the run folder only once it is in order
     val = parts.val_shards
     held = (f"{len(val)} held out ({sum(s.samples for s in val):,} samples: {val[0].name}"

@@ -62,7 +62,7 @@ def test_inherit_freeze_holds_the_inherited_tensors_through_the_first_stage_only
     assert {t["name"] for t in report["tensors"] if t["frozen"]} == inherited - {"logit_scale"}
     # killed in the first stage after a checkpoint, the resumed run reads what stays frozen from the report (and
     # the PM term both stages share is saved and restored)
-    res = train(root, tmp_path, "killed", body, check=False, env={**os.environ, "SICLIP_FAILPOINT": "step:3"})
+    res = train(root, tmp_path, "killed", body, check=False, env={**os.environ, "SICLIP_FAILPOINT": "logged:step-000003"})
     assert res.returncode == -signal.SIGKILL
     siclip("train", "--data", root.root, "--config", tmp_path / "killed.toml", "--out", "killed", "--resume")
     assert_same_end(run, root.runs / "killed")
