@@ -115,6 +115,7 @@ def prepare(cfg: TrainConfig, parts: Parts, accelerator):
         if t is not None:
             t.to(accelerator.device)
     optimizer = accelerator.prepare(optimizer)
+    accelerator.register_for_checkpointing(objectives)  # save_state and load_state carry the loss terms' parameters
     return model, optimizer, [p for _, p in named]
 
 
@@ -351,9 +352,9 @@ def _estimate_checkpoint(run: Run, model, objectives) -> int:
 
 def _checkpoint(run: Run, cfg: TrainConfig, step: int, epoch: int, span: StageSpan, model, objectives, preprocess,
                 accelerator) -> bool:
-    """Write a checkpoint atomically after checking the budget; False (nothing written) when it would not fit."""
-    from safetensors.torch import save_model
-
+    """Write a checkpoint atomically after checking the budget; False (nothing written) when it would not fit. The
+    model as a siclip model folder; AdamW, the RNGs and the loss terms' parameters (registered for checkpointing)
+    through Accelerate's save_state."""
     main = accelerator.is_main_process
     refusal = run.room_for(step, _estimate_checkpoint(run, model, objectives), cfg.keep_checkpoints) if main else None
     refusal = broadcast_message(refusal, accelerator)
@@ -366,7 +367,6 @@ def _checkpoint(run: Run, cfg: TrainConfig, step: int, epoch: int, span: StageSp
         tmp.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(tmp)
         preprocess.save(tmp)
-        save_model(objectives, str(tmp / "objective.safetensors"))  # the stages' shared PM term stored once
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "accelerate"))
     accelerator.wait_for_everyone()
@@ -388,13 +388,7 @@ def _load_checkpoint(folder: Path, model, objectives, accelerator, world: int) -
                           f"number (the data split depends on it), not {world}")
     device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # safetensors refuses "cpu:0"
     load_model(model, str(folder / "model.safetensors"), device=device)
-    try:
-        load_model(objectives, str(folder / "objective.safetensors"), device=device)
-    except RuntimeError as e:
-        raise SiclipError(f"{folder}: the loss terms' parameters it holds do not fit this run's "
-                          f"({str(e).strip().splitlines()[-1].strip()}); a checkpoint written before the stages "
-                          f"shared one pair-matching term cannot be resumed when several stages use pm") from None
-    accelerator.load_state(str(folder / "accelerate"))
+    accelerator.load_state(str(folder / "accelerate"))  # AdamW, the RNGs, the loss terms' parameters
     return int(state["step"])
 
 

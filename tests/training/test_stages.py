@@ -102,8 +102,6 @@ def test_crd_compares_with_the_teachers_own_logit_scale_where_it_is_known(tmp_pa
 
 
 def test_the_pair_matching_hyperplane_goes_on_from_stage_to_stage(tmp_path):
-    from safetensors.torch import load_file
-
     from siclip.training.config import load_train_config
     from siclip.training.objective import stage_objectives
 
@@ -119,8 +117,8 @@ def test_the_pair_matching_hyperplane_goes_on_from_stage_to_stage(tmp_path):
           + stage("a", 2, pm=0.1) + stage("b", 2, lr=1e-9, pm=0.1))
     checkpoints = root.runs / "run" / "checkpoints"
 
-    def pm_values(step: int) -> dict[str, float]:
-        saved = load_file(str(checkpoints / f"step-{step:06d}" / "objective.safetensors"))
+    def pm_values(step: int) -> dict[str, float]:  # the loss terms' parameters, as save_state keeps them
+        saved = torch.load(checkpoints / f"step-{step:06d}" / "accelerate" / "custom_checkpoint_0.pkl")
         return {k: float(v) for k, v in saved.items() if ".pm." in k}
 
     after_a, after_b = pm_values(2), pm_values(4)
