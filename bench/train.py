@@ -246,7 +246,7 @@ def bench_train_gpu(quick: bool = False, config: str = "paper", overrides: tuple
     from accelerate import Accelerator
 
     from siclip.training.config import load_train_config
-    from siclip.training.step import average_gradients, forward_backward
+    from siclip.training.step import forward_backward
     from siclip.training.model import build_model, load_config
     from siclip.training.objective import Objective
 
@@ -284,7 +284,6 @@ def bench_train_gpu(quick: bool = False, config: str = "paper", overrides: tuple
                     torch.cuda.synchronize() if cuda else None
                     start = time.perf_counter()
                 forward_backward(model, objective, pixels, texts, valid, teacher, micro, acc)
-                average_gradients(params, 1)
                 acc.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

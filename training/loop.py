@@ -4,7 +4,7 @@
                teachers and each stage's objective -> room for the first checkpoint -> the run folder (written
                only once every check has passed) -> AdamW -> resume from the latest checkpoint   (training/start.py)
     each step: stage (what trains, which losses, which teacher) -> batch -> teacher embeddings ->
-               forward/backward over the whole batch with gradient caching -> gradients averaged
+               forward/backward over the whole batch with gradient caching, DDP averaging the gradients
                across processes -> clip -> AdamW step -> logit_scale clamped in place   (training/step.py)
                -> log, evaluate, checkpoint
     the end:   the final model, the plots, the summary
@@ -32,8 +32,8 @@ from siclip.training.evaluate import ModelEncoder, retrieval, zeroshot_results
 from siclip.training.runs import FINAL, STATE, Run, checkpoint_name, folder_bytes, write_plots
 from siclip.training.start import (Parts, broadcast_message, build, check_start, config_digest, open_run, say,
                                    write_run_folder)
-from siclip.training.step import (StageSpan, average_gradients, decay_groups, forward_backward,
-                                  frozen_batchnorm_to_eval, set_trainable, student_inputs)
+from siclip.training.step import (StageSpan, decay_groups, forward_backward, frozen_batchnorm_to_eval, prepare_model,
+                                  set_trainable, student_inputs)
 from siclip.training.tracking import start_tracking
 
 EXIT_BUDGET = 3
@@ -60,7 +60,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
             return TrainResult(EXIT_BUDGET, run_summary(run, "budget", begin, begin, parts.total, 0.0,
                                                         cfg.batch_size) if accelerator.is_main_process else {})
         write_run_folder(cfg, root, run, parts, afresh, accelerator)
-        model, optimizer, params = prepare(cfg, parts, accelerator)
+        model, optimizer, params = prepare(cfg, parts, accelerator)  # model: in DDP under several processes
         step = resume_state(cfg, run, parts, resume, accelerator)
         if (run.path / FINAL / STATE).is_file() and step >= parts.total:
             say(accelerator, f"train: {run.name} already finished all {parts.total} steps; final model in "
@@ -72,17 +72,17 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max
         records, span, status = StepRecords(run, cfg, parts, step, accelerator), None, 0
         for epoch, batch in batches(cfg, root, parts, step, accelerator):
             if span is None or not span.start <= step < span.end:
-                span = enter_stage(model, parts, step, accelerator)
+                span = enter_stage(parts, step, accelerator)
             lr = span.lr(step)
             terms, norm, seconds = train_step(model, optimizer, params, parts.objectives[span.cfg.name],
                                               parts.teachers[span.cfg.name], batch, lr, cfg, parts.micro, accelerator)
             step += 1
-            records.add(step, span, lr, terms, norm, seconds, batch, model)
-            if not evaluate_or_checkpoint(cfg, root, run, parts, model, step, epoch, span, accelerator):
+            records.add(step, span, lr, terms, norm, seconds, batch)
+            if not evaluate_or_checkpoint(cfg, root, run, parts, step, epoch, span, accelerator):
                 status = EXIT_BUDGET
                 break
         records.close()
-        return finish(cfg, run, parts, model, step, status, records, accelerator)
+        return finish(cfg, run, parts, step, status, records, accelerator)
 
 
 # ----------------------------------------------------------------------------- the named steps of `train`
@@ -103,19 +103,24 @@ def room_for_first_checkpoint(cfg: TrainConfig, run: Run, parts: Parts, begin: i
 
 
 def prepare(cfg: TrainConfig, parts: Parts, accelerator):
-    """(model, optimizer, every trained parameter): AdamW over the model and the loss terms' own parameters, and
-    everything on the device."""
-    model, objectives = parts.model, parts.objectives
-    named = list(model.named_parameters()) + [(f"objective.{n}", p) for n, p in objectives.named_parameters()]
-    optimizer = torch.optim.AdamW(decay_groups(named, cfg.weight_decay), lr=parts.spans[0].cfg.lr,
-                                  betas=tuple(cfg.betas), eps=cfg.eps)
-    model.to(accelerator.device)
+    """(model, optimizer, every trained parameter): the model and AdamW over it and the loss terms' own parameters
+    through accelerator.prepare, the objectives and teachers on the device."""
+    objectives = parts.objectives
+    model = prepare_model(parts.model, accelerator)
+    named = list(parts.model.named_parameters()) + [(f"objective.{n}", p) for n, p in objectives.named_parameters()]
+    optimizer = accelerator.prepare(torch.optim.AdamW(decay_groups(named, cfg.weight_decay), lr=parts.spans[0].cfg.lr,
+                                                      betas=tuple(cfg.betas), eps=cfg.eps))
+    # not modules DDP could wrap (the objective is called once per step on gathered features; a teacher does not
+    # train): placed by hand
     objectives.to(accelerator.device)
     for t in parts.teachers.values():
         if t is not None:
             t.to(accelerator.device)
-    optimizer = accelerator.prepare(optimizer)
     accelerator.register_for_checkpointing(objectives)  # save_state and load_state carry the loss terms' parameters
+    # the checkpoint holds the model once, as a siclip model folder (model.safetensors, which resume loads): not
+    # a second copy in save_state's folder
+    accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
+    accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
     return model, optimizer, [p for _, p in named]
 
 
@@ -132,14 +137,8 @@ def resume_state(cfg: TrainConfig, run: Run, parts: Parts, resume: bool, acceler
         step = _load_checkpoint(parts.resume_from[1], parts.model, parts.objectives, accelerator,
                                 accelerator.num_processes)
         say(accelerator, f"train: resuming from {parts.resume_from[1].name} (step {step} of {parts.total})")
-    else:
-        if resume:
-            say(accelerator, f"train: nothing to resume in {run.path}; starting at step 0")
-        if accelerator.num_processes > 1:  # the same seed built the same weights; make sure of it
-            from accelerate.utils import broadcast
-
-            for p in list(parts.model.parameters()) + list(parts.objectives.parameters()):
-                p.data.copy_(broadcast(p.data.clone(), from_process=0))
+    elif resume:  # DDP gave every process the model's weights at wrapping; the objective's come from the seed
+        say(accelerator, f"train: nothing to resume in {run.path}; starting at step 0")
     if accelerator.is_main_process:
         run.truncate_metrics(step)
     if cfg.record_keys:
@@ -177,9 +176,9 @@ def batches(cfg: TrainConfig, root, parts: Parts, step: int, accelerator):
             del loader
 
 
-def enter_stage(model, parts: Parts, step: int, accelerator) -> StageSpan:
+def enter_stage(parts: Parts, step: int, accelerator) -> StageSpan:
     """The stage `step` is in, with its parameters set to train or stay frozen (frozen BatchNorm in eval mode)."""
-    span = next(sp for sp in parts.spans if sp.start <= step < sp.end)
+    span, model = next(sp for sp in parts.spans if sp.start <= step < sp.end), parts.model
     trainable, count = set_trainable(model, span.cfg, parts.frozen_inherited if span.index == 0 else set())
     model.train()
     frozen_batchnorm_to_eval(model)
@@ -194,7 +193,8 @@ def enter_stage(model, parts: Parts, step: int, accelerator) -> StageSpan:
 
 def train_step(model, optimizer, params, objective, teacher, batch: dict, lr: float, cfg: TrainConfig, micro: int,
                accelerator) -> tuple[dict, torch.Tensor | None, float]:
-    """One optimizer step on `batch` at learning rate `lr`: (loss terms, gradient norm before clipping, seconds)."""
+    """One optimizer step on `batch` at learning rate `lr`: (loss terms, gradient norm before clipping, seconds).
+    `model` as `prepare` gives it."""
     t0 = time.perf_counter()
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -202,12 +202,11 @@ def train_step(model, optimizer, params, objective, teacher, batch: dict, lr: fl
     with accelerator.autocast():
         feats = teacher.embed(batch, accelerator.device) if teacher is not None else None
     terms = forward_backward(model, objective, pixels, texts, valid, feats, micro, accelerator)
-    average_gradients(params, accelerator.num_processes)
     norm = accelerator.clip_grad_norm_([p for p in params if p.grad is not None],
                                        cfg.grad_clip) if cfg.grad_clip else None
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    model.clamp_logit_scale_()  # after the step, so the parameter keeps its gradient
+    accelerator.unwrap_model(model).clamp_logit_scale_()  # after the step, so the parameter keeps its gradient
     return {k: float(v.detach()) for k, v in terms.items()}, norm, time.perf_counter() - t0
 
 
@@ -227,8 +226,7 @@ class StepRecords:
         self.progress = Progress("train", parts.stop, unit="steps") if main else None
         self.started, self.start_step, self.last = time.monotonic(), step, {}
 
-    def add(self, step: int, span: StageSpan, lr: float, terms: dict, norm, seconds: float, batch: dict,
-            model) -> None:
+    def add(self, step: int, span: StageSpan, lr: float, terms: dict, norm, seconds: float, batch: dict) -> None:
         cfg, stop, last = self.cfg, self.parts.stop, terms
         self.last = terms
         if cfg.record_keys:
@@ -238,7 +236,7 @@ class StepRecords:
             self.run.append_metrics({
                 "step": step, "epoch": round(step / self.parts.steps_per_epoch, 4), "stage": span.cfg.name,
                 "loss": last["loss"], "terms": {k: v for k, v in last.items() if k != "loss"},
-                "lr": lr, "temperature": float(model.scale().detach()),
+                "lr": lr, "temperature": float(self.parts.model.scale().detach()),
                 "grad_norm": None if norm is None else float(norm),
                 "samples_per_s": round(cfg.batch_size / seconds, 2),
                 "seconds": round(time.monotonic() - self.started, 3),
@@ -254,26 +252,26 @@ class StepRecords:
             self.progress.close()
 
 
-def evaluate_or_checkpoint(cfg: TrainConfig, root, run: Run, parts: Parts, model, step: int, epoch: int,
-                           span: StageSpan, accelerator) -> bool:
+def evaluate_or_checkpoint(cfg: TrainConfig, root, run: Run, parts: Parts, step: int, epoch: int, span: StageSpan,
+                           accelerator) -> bool:
     """Evaluate and checkpoint where due; False when the checkpoint would not fit the budget (the run stops)."""
     due = parts.val_shards and ((cfg.eval_every and step % cfg.eval_every == 0) or step == parts.total)
     zeroshot_due = parts.zeroshot_sets and (step % cfg.zeroshot_every == 0 or step == parts.total)
     if due or zeroshot_due:
-        _evaluate(run, model, root, parts.val_shards if due else [], parts.preprocess, parts.model_config,
+        _evaluate(run, parts.model, root, parts.val_shards if due else [], parts.preprocess, parts.model_config,
                   accelerator.device, step, accelerator, parts.zeroshot_sets if zeroshot_due else [])
-        frozen_batchnorm_to_eval(model)  # evaluation put the whole model back in train mode
+        frozen_batchnorm_to_eval(parts.model)  # evaluation put the whole model back in train mode
     if step % cfg.checkpoint_every == 0 or step == parts.stop:
-        return _checkpoint(run, cfg, step, epoch, span, model, parts.objectives, parts.preprocess, accelerator)
+        return _checkpoint(run, cfg, step, epoch, span, parts.model, parts.objectives, parts.preprocess, accelerator)
     return True
 
 
-def finish(cfg: TrainConfig, run: Run, parts: Parts, model, step: int, status: int, records: StepRecords,
+def finish(cfg: TrainConfig, run: Run, parts: Parts, step: int, status: int, records: StepRecords,
            accelerator) -> TrainResult:
     """The final model at the end of the schedule, the plots, the summary line; the trackers closed."""
     total, start_step = parts.total, records.start_step
     if status == 0 and step == total:
-        if not _export_final(run, model, parts.preprocess, step, accelerator):
+        if not _export_final(run, parts.model, parts.preprocess, step, accelerator):
             status = EXIT_BUDGET
     summary = {}
     if accelerator.is_main_process:

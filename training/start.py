@@ -26,7 +26,7 @@ from siclip.training.data import SampleSettings, check_shards_intact, check_side
 from siclip.training.evaluate import zeroshot_set
 from siclip.training.objective import load_teacher, stage_objectives
 from siclip.training.runs import Run
-from siclip.training.step import StageSpan, place_stages, set_trainable
+from siclip.training.step import StageSpan, ddp_settings, place_stages, set_trainable
 from siclip.training.tracking import check_trackers, tracker_settings
 
 # keys a resumed run may change; the rest decide the data order or the numbers
@@ -88,7 +88,8 @@ def open_run(cfg: TrainConfig, data: str | Path, out: str | Path):
         raise SiclipError(f"{root.manifest_path('shards')} does not exist: run 'siclip shards --data {root.root}' first")
     run = Run.at(root, out)
     check_trackers(cfg.report_to)
-    accelerator = Accelerator(mixed_precision=choose_precision(cfg.precision)[0], **tracker_settings(cfg.report_to, run.path))
+    accelerator = Accelerator(mixed_precision=choose_precision(cfg.precision)[0], kwargs_handlers=ddp_settings(),
+                              **tracker_settings(cfg.report_to, run.path))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % accelerator.num_processes:

@@ -8,15 +8,17 @@ activations and the embedding gradients pushed through it. Every contrastive ter
 whole batch while activations are held for one micro-batch at a time.
 
 Several processes (`accelerate launch`): the objective gathers features from every process, so
-each holds the same loss; the model is not wrapped in DDP (its all-reduce would fire once per
-micro-batch); instead the gradients of the model and of the loss terms' own parameters are
-averaged once per step, which gives every process the gradient of the global loss.
+each holds the same loss. The model goes through `accelerator.prepare` (DDP), and as in open_clip's
+accumulation every recomputed micro-batch but the last runs under `accelerator.no_sync`: DDP
+averages the model's gradients once per step, which gives every process the gradient of the global
+loss. The loss terms' own parameters live in the objective, outside DDP; every process already
+holds their gradient of the global loss, and one small mean keeps them equal to the last bit.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -46,32 +48,69 @@ def assemble(image: torch.Tensor, texts: torch.Tensor, valid: torch.Tensor, teac
     return Features(image, texts[:B], syn, valid, **(teacher or {}))
 
 
+def ddp_settings() -> list:
+    """Accelerator's kwargs_handlers for the model's DDP. find_unused_parameters: a stage's frozen parameters, and
+    in gradient caching's last pass the other tower, get no gradient in the pass that syncs; broadcast_buffers off:
+    each process keeps its own BatchNorm statistics, as on one process."""
+    from accelerate import DistributedDataParallelKwargs
+
+    return [DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)]
+
+
+def prepare_model(model: nn.Module, accelerator) -> nn.Module:
+    """The model through accelerator.prepare: on the device, and in DDP under several processes (which starts every
+    process from process 0's weights). DDP registers the parameters that require grad when it wraps: all of them
+    here, once; a stage's frozen ones are then its unused parameters (rather than wrapping again at each stage)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return accelerator.prepare(model)
+
+
 def forward_backward(model, objective: Objective, pixels, texts, valid, teacher: dict | None, micro: int,
                      accelerator) -> dict[str, torch.Tensor]:
-    """The stage's loss over the whole batch and its gradients, holding activations for `micro` images (and `micro`
-    captions) at a time; `micro` 0, or at least the batch's images, is one plain forward and backward."""
-    scale = model.scale()
+    """The stage's loss over the whole batch and every process's gradient of it, holding activations for `micro`
+    images (and `micro` captions) at a time; `micro` 0, or at least the batch's images, is one plain forward and
+    backward. `model` as `prepare_model` gives it."""
     if not micro or micro >= len(pixels):  # no gradient caching: the batch, captions and all, fits
         with accelerator.autocast():
-            image, text = model.encode_image(pixels), model.encode_text(texts)
+            image, text, scale = model(pixels, texts)
         terms = objective(assemble(image.float(), text.float(), valid, teacher), scale)
         accelerator.backward(terms["loss"])
+        average_objective_gradients(objective, accelerator)
         return terms
     with torch.no_grad(), accelerator.autocast(), batchnorm_statistics_kept(model):
-        image = torch.cat([model.encode_image(pixels[s]) for s in chunks(len(pixels), micro)]).float()
-        text = torch.cat([model.encode_text(texts[s]) for s in chunks(len(texts), micro)]).float()
+        image = torch.cat([model(pixels[s], None)[0] for s in chunks(len(pixels), micro)]).float()
+        text = torch.cat([model(None, texts[s])[1] for s in chunks(len(texts), micro)]).float()
     image.requires_grad_(True)
     text.requires_grad_(True)
-    terms = objective(assemble(image, text, valid, teacher), scale)
+    plain = accelerator.unwrap_model(model)
+    terms = objective(assemble(image, text, valid, teacher), plain.scale())
     accelerator.backward(terms["loss"])  # gradients of the loss terms' own parameters, logit_scale, and the embeddings
-    for encode, inputs, cached in ((model.encode_image, pixels, image), (model.encode_text, texts, text)):
-        for s in chunks(len(inputs), micro):
+    average_objective_gradients(objective, accelerator)
+    # each micro-batch again with activations, its embeddings' gradient pushed through; a tower frozen whole has
+    # nothing to learn from it. Only the last pass syncs: DDP averages every gradient accumulated until then (with
+    # no tower training there is nothing to average: logit_scale's gradient, like the loss terms', is the global one)
+    replays = [(tower, inputs[s], cached.grad[s])
+               for tower, (inputs, cached, module) in enumerate(((pixels, image, plain.visual),
+                                                                (texts, text, plain.text)))
+               if any(p.requires_grad for p in module.parameters()) for s in chunks(len(inputs), micro)]
+    for i, (tower, inputs, grad) in enumerate(replays):
+        with accelerator.no_sync(model) if i < len(replays) - 1 else nullcontext():
             with accelerator.autocast():
-                out = encode(inputs[s])
-            if not out.requires_grad:  # a tower frozen whole has nothing to learn from its embeddings' gradient
-                break
-            out.float().backward(cached.grad[s])
+                out = model(*((inputs, None) if tower == 0 else (None, inputs)))[tower]
+            out.float().backward(grad)
     return terms
+
+
+def average_objective_gradients(objective: nn.Module, accelerator) -> None:
+    """The mean over processes of the loss terms' own gradients (they live outside the model's DDP). Each process
+    computed them from the same gathered batch, so the mean changes no value; it keeps the processes' copies
+    equal to the last bit where a device's kernels are not deterministic."""
+    if accelerator.num_processes == 1:
+        return
+    params = [p for p in objective.parameters() if p.grad is not None]
+    for p, mean in zip(params, accelerator.reduce([p.grad for p in params], reduction="mean")):
+        p.grad = mean
 
 
 @contextmanager
@@ -101,20 +140,6 @@ def frozen_batchnorm_to_eval(model: nn.Module) -> int:
 
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-def average_gradients(params: list[nn.Parameter], world: int) -> None:
-    """Every process ends with the mean of the processes' gradients (one all-reduce per step)."""
-    if world == 1:
-        return
-    import torch.distributed as dist
-
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])  # one buffer, one all-reduce
-    dist.all_reduce(flat)
-    flat /= world
-    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(mean.view_as(g))
 
 
 def decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
