@@ -71,7 +71,7 @@ def make_bench_root(folder: Path, shards: int, per_shard: int, size: int = 160, 
 def _plain_loop(cfg, batch: dict, steps: int, warmup: int) -> float:
     """Samples/s of a plain PyTorch loop: the same model, objective and batch, the data in memory."""
     from siclip.training.evaluate import to_input
-    from siclip.training.loop import assemble
+    from siclip.training.step import assemble
     from siclip.training.model import build_model, load_config
     from siclip.training.objective import Objective
 
@@ -191,7 +191,7 @@ def _activation_memory(batch: int, micro: int) -> int:
     from accelerate import Accelerator
 
     from siclip.training.config import LossWeights
-    from siclip.training.loop import forward_backward
+    from siclip.training.step import forward_backward
     from siclip.training.model import build_model, load_config
     from siclip.training.objective import Objective
 
@@ -246,7 +246,7 @@ def bench_train_gpu(quick: bool = False, config: str = "paper", overrides: tuple
     from accelerate import Accelerator
 
     from siclip.training.config import load_train_config
-    from siclip.training.loop import average_gradients, forward_backward
+    from siclip.training.step import forward_backward
     from siclip.training.model import build_model, load_config
     from siclip.training.objective import Objective
 
@@ -284,7 +284,6 @@ def bench_train_gpu(quick: bool = False, config: str = "paper", overrides: tuple
                     torch.cuda.synchronize() if cuda else None
                     start = time.perf_counter()
                 forward_backward(model, objective, pixels, texts, valid, teacher, micro, acc)
-                average_gradients(params, 1)
                 acc.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

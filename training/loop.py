@@ -1,253 +1,42 @@
-"""`siclip train`: the lean Accelerate loop, read top to bottom.
+"""`siclip train`: the lean Accelerate loop, read top to bottom in `train`.
 
-    prepare:   config -> data (shards, sidecars, epoch plan) -> model (+ inheritance) -> teachers and
-               each stage's objective -> room for the first checkpoint -> the run folder (written only once
-               every check has passed) -> AdamW -> resume from the latest checkpoint
+    start:     the processes and the run folder -> the checks (lock, --resume) -> data, model (+ inheritance),
+               teachers and each stage's objective -> room for the first checkpoint -> the run folder (written
+               only once every check has passed) -> AdamW -> resume from the latest checkpoint   (training/start.py)
     each step: stage (what trains, which losses, which teacher) -> batch -> teacher embeddings ->
-               forward/backward over the whole batch with gradient caching -> gradients averaged
-               across processes -> clip -> AdamW step -> logit_scale clamped in place -> log,
-               eval, checkpoint
-
-Gradient caching (`micro_batch`): the embeddings of the whole per-process batch are computed
-without activations, micro-batch by micro-batch; the loss over the gathered global batch and its
-gradient with respect to those embeddings follow; each micro-batch is then recomputed with
-activations and the embedding gradients pushed through it. Every contrastive term sees the
-whole batch while activations are held for one micro-batch at a time.
-
-Several processes (`accelerate launch`): the objective gathers features from every process, so
-each holds the same loss; the model is not wrapped in DDP (its all-reduce would fire once per
-micro-batch); instead the gradients of the model and of the loss terms' own parameters are
-averaged once per step, which gives every process the gradient of the global loss.
+               forward/backward over the whole batch with gradient caching, DDP averaging the gradients
+               across processes -> clip -> AdamW step -> logit_scale clamped in place   (training/step.py)
+               -> log, evaluate, checkpoint
+    the end:   the final model, the plots, the summary
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import resource
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from siclip.manifests.errors import SiclipError
-from siclip.manifests.layout import DataRoot
-from siclip.manifests.manifest import StageManifest, stage_lock
+from siclip.manifests.messages import log
 from siclip.manifests.progress import Progress, format_duration
 from siclip.manifests.storage import format_size
-from siclip.config import to_toml
-from siclip.training.config import StageConfig, TrainConfig, match_globs
-from siclip.training.data import (SampleSettings, check_shards_intact, check_sidecars, plan_epoch, shared_tokenizer,
-                           split_shards, train_loader)
-from siclip.images import Preprocess
-from siclip.training.evaluate import ModelEncoder, retrieval, to_input, zeroshot_results, zeroshot_set
-from siclip.teachers import in_data_root, parse_teacher
-from siclip.training.objective import Features, Objective, load_teacher, stage_objectives
-from siclip.training.runs import FINAL, STATE, Run, checkpoint_name, failpoint, folder_bytes, write_plots
-from siclip.training.tracking import check_trackers, start_tracking, tracker_settings
-from siclip.manifests.messages import log, first_line
+from siclip.training.config import TrainConfig
+from siclip.training.data import plan_epoch, shared_tokenizer, train_loader
+from siclip.training.evaluate import ModelEncoder, retrieval, zeroshot_results
+from siclip.training.runs import FINAL, STATE, Run, checkpoint_name, folder_bytes, write_plots
+from siclip.training.start import (Parts, broadcast_message, build, check_start, config_digest, open_run, say,
+                                   write_run_folder)
+from siclip.training.step import (StageSpan, decay_groups, forward_backward, frozen_batchnorm_to_eval, prepare_model,
+                                  set_trainable, student_inputs)
+from siclip.training.tracking import start_tracking
 
-# keys a resumed run may change; the rest decide the data order or the numbers
-RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys", "threads",
-                     "zeroshot_every", "zeroshot_folders", "zeroshot_classnames", "zeroshot_templates", "report_to",
-                     "tracking_project"}
-HELD_OUT_KEYS = {"val_samples", "val_shards"}  # two ways to name the held-out shards: compared by the shards
 EXIT_BUDGET = 3
-
-
-# ----------------------------------------------------------------------------- pieces of a step
-
-
-def resolve_precision(precision: str) -> str:
-    """Accelerate's mixed_precision: bf16 on a GPU that has it, fp16 (with a loss scaler) on one without, fp32 on CPU."""
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
-
-
-def choose_precision(precision: str) -> tuple[str | None, str]:
-    """What to ask Accelerator for, and why: a precision the config names wins; "auto" leaves the choice to
-    Accelerate when it has one (ACCELERATE_MIXED_PRECISION, which `accelerate launch` sets from its
-    --mixed_precision flag or `accelerate config`'s file), else takes siclip's choice for the device."""
-    if precision != "auto":
-        return precision, f"precision = {precision!r} in the config"
-    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
-        return None, (f"Accelerate's: ACCELERATE_MIXED_PRECISION={os.environ['ACCELERATE_MIXED_PRECISION']}, as "
-                      f"accelerate launch sets it from --mixed_precision or accelerate config")
-    return resolve_precision("auto"), "siclip's for this device (precision = \"auto\" and none from Accelerate)"
-
-
-def chunks(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def student_inputs(batch: dict, device, mean, std):
-    """(normalised pixels, every caption's token ids: web then the valid synthetic ones, synthetic validity)."""
-    valid = batch["syn_valid"]
-    texts = torch.cat([batch["text"], batch["syn_text"][valid]])
-    return to_input(batch["pixels"].to(device), mean, std), texts.to(device), valid.to(device)
-
-
-def assemble(image: torch.Tensor, texts: torch.Tensor, valid: torch.Tensor, teacher: dict | None) -> Features:
-    """Split the caption embeddings back into web (B, D) and synthetic (B, k, D) with zeros where there is none."""
-    B = len(image)
-    syn = texts.new_zeros(*valid.shape, texts.shape[-1])
-    syn[valid] = texts[B:]
-    return Features(image, texts[:B], syn, valid, **(teacher or {}))
-
-
-def forward_backward(model, objective: Objective, pixels, texts, valid, teacher: dict | None, micro: int,
-                     accelerator) -> dict[str, torch.Tensor]:
-    """The stage's loss over the whole batch and its gradients, holding activations for `micro` images (and `micro`
-    captions) at a time; `micro` 0, or at least the batch's images, is one plain forward and backward."""
-    scale = model.scale()
-    if not micro or micro >= len(pixels):  # no gradient caching: the batch, captions and all, fits
-        with accelerator.autocast():
-            image, text = model.encode_image(pixels), model.encode_text(texts)
-        terms = objective(assemble(image.float(), text.float(), valid, teacher), scale)
-        accelerator.backward(terms["loss"])
-        return terms
-    with torch.no_grad(), accelerator.autocast(), batchnorm_statistics_kept(model):
-        image = torch.cat([model.encode_image(pixels[s]) for s in chunks(len(pixels), micro)]).float()
-        text = torch.cat([model.encode_text(texts[s]) for s in chunks(len(texts), micro)]).float()
-    image.requires_grad_(True)
-    text.requires_grad_(True)
-    terms = objective(assemble(image, text, valid, teacher), scale)
-    accelerator.backward(terms["loss"])  # gradients of the loss terms' own parameters, logit_scale, and the embeddings
-    for encode, inputs, cached in ((model.encode_image, pixels, image), (model.encode_text, texts, text)):
-        for s in chunks(len(inputs), micro):
-            with accelerator.autocast():
-                out = encode(inputs[s])
-            if not out.requires_grad:  # a tower frozen whole has nothing to learn from its embeddings' gradient
-                break
-            out.float().backward(cached.grad[s])
-    return terms
-
-
-@contextmanager
-def batchnorm_statistics_kept(model: nn.Module):
-    """BatchNorm running statistics as they were before the block: the pass without gradients of gradient
-    caching sees every micro-batch once more, and must not count it twice (MCi0 has BatchNorm)."""
-    kept = [(m, [b.clone() for b in m.buffers(recurse=False)]) for m in model.modules()
-            if isinstance(m, BATCH_NORMS) and m.training and m.track_running_stats]
-    try:
-        yield
-    finally:
-        for m, buffers in kept:
-            for b, before in zip(m.buffers(recurse=False), buffers):
-                b.copy_(before)
-
-
-def frozen_batchnorm_to_eval(model: nn.Module) -> int:
-    """BatchNorm layers whose parameters are all frozen run in eval mode, so their running statistics stay as
-    they are too (a frozen module is left bit-identical); returns how many. Call after `model.train()`."""
-    n = 0
-    for m in model.modules():
-        params = list(m.parameters(recurse=False))
-        if isinstance(m, BATCH_NORMS) and params and not any(p.requires_grad for p in params):
-            m.eval()
-            n += 1
-    return n
-
-
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-def average_gradients(params: list[nn.Parameter], world: int) -> None:
-    """Every process ends with the mean of the processes' gradients (one all-reduce per step)."""
-    if world == 1:
-        return
-    import torch.distributed as dist
-
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])  # one buffer, one all-reduce
-    dist.all_reduce(flat)
-    flat /= world
-    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(mean.view_as(g))
-
-
-def decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """AdamW's groups: weight decay on weight matrices and tables; none on gains, biases, norms, logit_scale."""
-    decay = [p for n, p in params if p.ndim >= 2 and "logit_scale" not in n]
-    rest = [p for n, p in params if not (p.ndim >= 2 and "logit_scale" not in n)]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
-@dataclass
-class StageSpan:
-    """A stage placed on the step axis: steps [start, end)."""
-
-    index: int
-    cfg: StageConfig
-    start: int
-    end: int
-
-    def lr(self, step: int) -> float:
-        """Linear warm-up to the stage's peak, then cosine to min_lr (or constant)."""
-        s, local, length = self.cfg, step - self.start, self.end - self.start
-        if local < s.warmup_steps:
-            return s.lr * (local + 1) / s.warmup_steps
-        if s.schedule == "constant" or length <= s.warmup_steps:
-            return s.lr
-        progress = (local - s.warmup_steps) / (length - s.warmup_steps)
-        return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def place_stages(stages: list[StageConfig], steps_per_epoch: int) -> list[StageSpan]:
-    spans, start = [], 0
-    for i, s in enumerate(stages):
-        length = s.steps or max(1, round(s.epochs * steps_per_epoch))
-        spans.append(StageSpan(i, s, start, start + length))
-        start += length
-    return spans
-
-
-def set_trainable(model: nn.Module, stage: StageConfig, frozen_inherited: set[str]) -> tuple[int, int]:
-    """requires_grad per the stage's globs (a tensor shared by several layers trains if any of its names is
-    listed in `train` and none in `freeze` or `frozen_inherited`); returns (trainable, all) parameter counts."""
-    named = list(model.named_parameters(remove_duplicate=False))
-    names = [n for n, _ in named]
-    train, freeze = match_globs(names, stage.train), match_globs(names, stage.freeze)
-    by_tensor: dict[int, tuple[nn.Parameter, list[str]]] = {}
-    for n, p in named:
-        by_tensor.setdefault(id(p), (p, []))[1].append(n)
-    trainable = total = 0
-    for p, tensor_names in by_tensor.values():
-        on = any(n in train for n in tensor_names) and not any(n in freeze or n in frozen_inherited
-                                                                for n in tensor_names)
-        p.requires_grad_(on)
-        total += p.numel()
-        trainable += p.numel() if on else 0
-    return trainable, total
-
-
-def peak_memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux: the process's high-water RSS
-
-
-def config_digest(cfg: TrainConfig) -> dict:
-    """The keys a resumed run must keep; the held-out split is compared by the shards it holds out (data.json)."""
-    d = cfg.to_dict()
-    return {k: v for k, v in d.items() if k not in RESUMABLE_CHANGES | HELD_OUT_KEYS}
-
-
-def loader_error(e: SiclipError) -> SiclipError:
-    """A loader worker's error arrives with its traceback; keep the one line that says what and where."""
-    last = str(e).strip().splitlines()[-1]
-    return SiclipError(last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last)
-
-
-# ----------------------------------------------------------------------------- the run
 
 
 @dataclass
@@ -256,6 +45,253 @@ class TrainResult:
 
     status: int  # 0: the schedule or --max-steps done; EXIT_BUDGET: stopped at the storage budget
     summary: dict
+
+
+def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max_steps: int | None = None,
+          resume: bool = False, config_name: str = "run") -> TrainResult:
+    """Train per `cfg` on the data root; status 0 when the schedule (or max_steps) is done, 3 when stopped at the
+    budget (before it trains when even the first checkpoint would not fit)."""
+    root, run, accelerator = open_run(cfg, data, out or config_name)
+    with ExitStack() as stack:
+        afresh, protected = check_start(cfg, root, run, resume, accelerator, stack)
+        parts = build(cfg, root, run, resume, protected, accelerator, max_steps)
+        begin = parts.resume_from[0] if parts.resume_from is not None else 0
+        if not room_for_first_checkpoint(cfg, run, parts, begin, accelerator):
+            return TrainResult(EXIT_BUDGET, run_summary(run, "budget", begin, begin, parts.total, 0.0,
+                                                        cfg.batch_size) if accelerator.is_main_process else {})
+        write_run_folder(cfg, root, run, parts, afresh, accelerator)
+        model, optimizer, params = prepare(cfg, parts, accelerator)  # model: in DDP under several processes
+        step = resume_state(cfg, run, parts, resume, accelerator)
+        if (run.path / FINAL / STATE).is_file() and step >= parts.total:
+            say(accelerator, f"train: {run.name} already finished all {parts.total} steps; final model in "
+                f"{run.path / FINAL}")
+            return TrainResult(0, run_summary(run, "finished", step, step, parts.total, 0.0, cfg.batch_size)
+                               if accelerator.is_main_process else {})
+        start_tracking(accelerator, run, cfg.tracking_project, {**cfg.to_dict(), "processes": accelerator.num_processes,
+                                                                "mixed_precision": accelerator.mixed_precision}, step)
+        records, span, status = StepRecords(run, cfg, parts, step, accelerator), None, 0
+        for epoch, batch in batches(cfg, root, parts, step, accelerator):
+            if span is None or not span.start <= step < span.end:
+                span = enter_stage(parts, step, accelerator)
+            lr = span.lr(step)
+            terms, norm, seconds = train_step(model, optimizer, params, parts.objectives[span.cfg.name],
+                                              parts.teachers[span.cfg.name], batch, lr, cfg, parts.micro, accelerator)
+            step += 1
+            records.add(step, span, lr, terms, norm, seconds, batch)
+            if not evaluate_or_checkpoint(cfg, root, run, parts, step, epoch, span, accelerator):
+                status = EXIT_BUDGET
+                break
+        records.close()
+        return finish(cfg, run, parts, step, status, records, accelerator)
+
+
+# ----------------------------------------------------------------------------- the named steps of `train`
+
+
+def room_for_first_checkpoint(cfg: TrainConfig, run: Run, parts: Parts, begin: int, accelerator) -> bool:
+    """Whether the budget holds the first checkpoint this call would write; a run that could not keep it stops
+    before it trains."""
+    if begin >= parts.stop:
+        return True
+    first = min(parts.stop, (begin // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
+    refusal = run.room_for(first, _estimate_checkpoint(run, parts.model, parts.objectives), cfg.keep_checkpoints) \
+        if accelerator.is_main_process else None
+    refusal = broadcast_message(refusal, accelerator)
+    if refusal:
+        say(accelerator, f"train: {refusal}")
+    return not refusal
+
+
+def prepare(cfg: TrainConfig, parts: Parts, accelerator):
+    """(model, optimizer, every trained parameter): the model and AdamW over it and the loss terms' own parameters
+    through accelerator.prepare, the objectives and teachers on the device."""
+    objectives = parts.objectives
+    model = prepare_model(parts.model, accelerator)
+    named = list(parts.model.named_parameters()) + [(f"objective.{n}", p) for n, p in objectives.named_parameters()]
+    optimizer = accelerator.prepare(torch.optim.AdamW(decay_groups(named, cfg.weight_decay), lr=parts.spans[0].cfg.lr,
+                                                      betas=tuple(cfg.betas), eps=cfg.eps))
+    # not modules DDP could wrap (the objective is called once per step on gathered features; a teacher does not
+    # train): placed by hand
+    objectives.to(accelerator.device)
+    for t in parts.teachers.values():
+        if t is not None:
+            t.to(accelerator.device)
+    accelerator.register_for_checkpointing(objectives)  # save_state and load_state carry the loss terms' parameters
+    # the checkpoint holds the model once, as a siclip model folder (model.safetensors, which resume loads): not
+    # a second copy in save_state's folder
+    accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
+    accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
+    return model, optimizer, [p for _, p in named]
+
+
+def keys_file(run: Run, accelerator) -> Path:
+    """With record_keys: the sample keys of each of this process's steps."""
+    return run.path / f"keys-rank{accelerator.process_index}.jsonl"
+
+
+def resume_state(cfg: TrainConfig, run: Run, parts: Parts, resume: bool, accelerator) -> int:
+    """The step this call starts at: the latest checkpoint's with --resume (its weights, optimizer and RNG
+    loaded), else 0; the run's records after it are dropped, since they are written again."""
+    step = 0
+    if parts.resume_from is not None:
+        step = _load_checkpoint(parts.resume_from[1], parts.model, parts.objectives, accelerator,
+                                accelerator.num_processes)
+        say(accelerator, f"train: resuming from {parts.resume_from[1].name} (step {step} of {parts.total})")
+    elif resume:  # DDP gave every process the model's weights at wrapping; the objective's come from the seed
+        say(accelerator, f"train: nothing to resume in {run.path}; starting at step 0")
+    if accelerator.is_main_process:
+        run.truncate_metrics(step)
+    if cfg.record_keys:
+        run.truncate_metrics(step, keys_file(run, accelerator))
+    return step
+
+
+def loader_error(e: SiclipError) -> SiclipError:
+    """A loader worker's error arrives with its traceback; keep the one line that says what and where."""
+    last = str(e).strip().splitlines()[-1]
+    return SiclipError(last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last)
+
+
+def batches(cfg: TrainConfig, root, parts: Parts, step: int, accelerator):
+    """(epoch, batch) from `step` to the stop, epoch by epoch, each checked to be the one the plan puts next."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    while step < parts.stop:
+        epoch, in_epoch = divmod(step, parts.steps_per_epoch)
+        plan = plan_epoch(parts.train_shards, cfg.seed, epoch, rank, world, cfg.workers, parts.local_batch)
+        loader = train_loader(root, plan, parts.settings, parts.local_batch, cfg.shuffle_buffer, in_epoch,
+                              in_process=cfg.workers == 0, shuffle_initial=cfg.shuffle_initial,
+                              open_shards=cfg.open_shards)
+        expected = plan.order(in_epoch)
+        try:
+            for batch in loader:
+                if batch["position"] != (epoch, next(expected, None)):
+                    raise RuntimeError(f"loader out of order at step {step}: got {batch['position']}")
+                yield epoch, batch
+                step += 1
+                if step == parts.stop or step % parts.steps_per_epoch == 0:
+                    break
+        except SiclipError as e:
+            raise loader_error(e) from None
+        finally:
+            del loader
+
+
+def enter_stage(parts: Parts, step: int, accelerator) -> StageSpan:
+    """The stage `step` is in, with its parameters set to train or stay frozen (frozen BatchNorm in eval mode)."""
+    span, model = next(sp for sp in parts.spans if sp.start <= step < sp.end), parts.model
+    trainable, count = set_trainable(model, span.cfg, parts.frozen_inherited if span.index == 0 else set())
+    model.train()
+    frozen_batchnorm_to_eval(model)
+    teacher, crd = parts.teachers[span.cfg.name], parts.objectives[span.cfg.name].crd
+    say(accelerator, f"train: stage {span.index + 1}/{len(parts.spans)} {span.cfg.name!r}, steps {span.start}-"
+        f"{span.end - 1}: {trainable:,} of {count:,} parameters train; teacher: "
+        f"{teacher.name if teacher else 'none'}; loss: " + ", ".join(
+            f"{k}={v:g}" for k, v in vars(span.cfg.loss).items() if v)
+        + (f"; CRD teacher scale {crd.teacher_scale:.4g}" if crd is not None else ""))
+    return span
+
+
+def train_step(model, optimizer, params, objective, teacher, batch: dict, lr: float, cfg: TrainConfig, micro: int,
+               accelerator) -> tuple[dict, torch.Tensor | None, float]:
+    """One optimizer step on `batch` at learning rate `lr`: (loss terms, gradient norm before clipping, seconds).
+    `model` as `prepare` gives it."""
+    t0 = time.perf_counter()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    pixels, texts, valid = student_inputs(batch, accelerator.device, cfg.image_mean, cfg.image_std)
+    with accelerator.autocast():
+        feats = teacher.embed(batch, accelerator.device) if teacher is not None else None
+    terms = forward_backward(model, objective, pixels, texts, valid, feats, micro, accelerator)
+    norm = accelerator.clip_grad_norm_([p for p in params if p.grad is not None],
+                                       cfg.grad_clip) if cfg.grad_clip else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.unwrap_model(model).clamp_logit_scale_()  # after the step, so the parameter keeps its gradient
+    return {k: float(v.detach()) for k, v in terms.items()}, norm, time.perf_counter() - t0
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux: the process's high-water RSS
+
+
+class StepRecords:
+    """What each step leaves: a line of metrics.jsonl every log_every steps, the keys file, the progress line."""
+
+    def __init__(self, run: Run, cfg: TrainConfig, parts: Parts, step: int, accelerator):
+        self.run, self.cfg, self.parts, self.accelerator = run, cfg, parts, accelerator
+        self.keys = keys_file(run, accelerator)
+        main = accelerator.is_main_process
+        self.progress = Progress("train", parts.stop, unit="steps") if main else None
+        self.started, self.start_step, self.last = time.monotonic(), step, {}
+
+    def add(self, step: int, span: StageSpan, lr: float, terms: dict, norm, seconds: float, batch: dict) -> None:
+        cfg, stop, last = self.cfg, self.parts.stop, terms
+        self.last = terms
+        if cfg.record_keys:
+            with open(self.keys, "a") as f:
+                f.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
+        if self.accelerator.is_main_process and (step % cfg.log_every == 0 or step == stop):
+            self.run.append_metrics({
+                "step": step, "epoch": round(step / self.parts.steps_per_epoch, 4), "stage": span.cfg.name,
+                "loss": last["loss"], "terms": {k: v for k, v in last.items() if k != "loss"},
+                "lr": lr, "temperature": float(self.parts.model.scale().detach()),
+                "grad_norm": None if norm is None else float(norm),
+                "samples_per_s": round(cfg.batch_size / seconds, 2),
+                "seconds": round(time.monotonic() - self.started, 3),
+                "peak_memory_mb": round(peak_memory_mb(self.accelerator.device), 1),
+                "no_synthetic": batch["no_synthetic"]})
+        if self.progress and (self.progress.due() or step == stop):
+            self.progress.update(step - self.start_step, f"{span.cfg.name} | loss {last['loss']:.3f} | lr {lr:.2e} | "
+                                 f"{(step - self.start_step) * cfg.batch_size / (time.monotonic() - self.started):,.1f}"
+                                 f" samples/s", force=step == stop)
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.close()
+
+
+def evaluate_or_checkpoint(cfg: TrainConfig, root, run: Run, parts: Parts, step: int, epoch: int, span: StageSpan,
+                           accelerator) -> bool:
+    """Evaluate and checkpoint where due; False when the checkpoint would not fit the budget (the run stops)."""
+    due = parts.val_shards and ((cfg.eval_every and step % cfg.eval_every == 0) or step == parts.total)
+    zeroshot_due = parts.zeroshot_sets and (step % cfg.zeroshot_every == 0 or step == parts.total)
+    if due or zeroshot_due:
+        _evaluate(run, parts.model, root, parts.val_shards if due else [], parts.preprocess, parts.model_config,
+                  accelerator.device, step, accelerator, parts.zeroshot_sets if zeroshot_due else [])
+        frozen_batchnorm_to_eval(parts.model)  # evaluation put the whole model back in train mode
+    if step % cfg.checkpoint_every == 0 or step == parts.stop:
+        return _checkpoint(run, cfg, step, epoch, span, parts.model, parts.objectives, parts.preprocess, accelerator)
+    return True
+
+
+def finish(cfg: TrainConfig, run: Run, parts: Parts, step: int, status: int, records: StepRecords,
+           accelerator) -> TrainResult:
+    """The final model at the end of the schedule, the plots, the summary line; the trackers closed."""
+    total, start_step = parts.total, records.start_step
+    if status == 0 and step == total:
+        if not _export_final(run, parts.model, parts.preprocess, step, accelerator):
+            status = EXIT_BUDGET
+    summary = {}
+    if accelerator.is_main_process:
+        write_plots(run)
+        elapsed = time.monotonic() - records.started
+        summary = run_summary(run, "budget" if status else "done" if step == total else "max_steps", start_step,
+                              step, total, elapsed, cfg.batch_size)
+        last_eval = summary["eval"]
+        ev = (f"; held-out retrieval i2t R@1 {last_eval['i2t_r1']:.3f}, t2i R@1 {last_eval['t2i_r1']:.3f} "
+              f"(chance {last_eval['chance_r1']:.3f})") if last_eval and "i2t_r1" in last_eval else ""
+        where = run.path / FINAL if step == total else run.latest()[1] if run.latest() else run.path
+        how = ("stopped at the budget after" if status else "done:" if step == total
+               else f"stopped at --max-steps {parts.stop} (--resume goes on) after")
+        log(f"train: {how} {step - start_step} steps "
+            f"(to step {step} of {total}) in {format_duration(time.monotonic() - records.started)}, "
+            f"{(step - start_step) * cfg.batch_size / max(elapsed, 1e-9):,.1f} samples/s; "
+            f"loss {records.last.get('loss', float('nan')):.4f}{ev}; model: {where}; plots: {run.path / 'plots'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # the trackers' last records out; the processes' group closed
+    return TrainResult(status, summary)
 
 
 def run_summary(run: Run, status: str, start_step: int, step: int, total: int, seconds: float,
@@ -280,315 +316,7 @@ def run_summary(run: Run, status: str, start_step: int, step: int, total: int, s
     }
 
 
-def train(cfg: TrainConfig, data: str | Path, out: str | Path | None = None, max_steps: int | None = None,
-          resume: bool = False, config_name: str = "run") -> TrainResult:
-    """Train per `cfg` on the data root; status 0 when the schedule (or max_steps) is done, 3 when stopped at the
-    budget (before it trains when even the first checkpoint would not fit)."""
-    from accelerate import Accelerator
-
-    from siclip.training.inherit import inherit_weights
-    from siclip.training.model import build_model, load_config
-
-    # -- prepare: the processes, the run folder, the config ---------------------------------------------
-    root = DataRoot(data)
-    if not root.manifest_path("shards").is_file():
-        raise SiclipError(f"{root.manifest_path('shards')} does not exist: run 'siclip shards --data {root.root}' first")
-    run = Run.at(root, out or config_name)
-    check_trackers(cfg.report_to)
-    precision, chosen_by = choose_precision(cfg.precision)
-    accelerator = Accelerator(mixed_precision=precision, **tracker_settings(cfg.report_to, run.path))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    main, rank, world, device = (accelerator.is_main_process, accelerator.process_index,
-                                 accelerator.num_processes, accelerator.device)
-    say = log if main else (lambda msg: None)
-    if cfg.batch_size % world:
-        raise SiclipError(f"batch_size {cfg.batch_size} does not split evenly over {world} processes")
-    local_batch = cfg.batch_size // world
-    micro = min(cfg.micro_batch, local_batch)  # 0: no gradient caching
-
-    with ExitStack() as stack:
-        locked = None
-        if main:
-            try:
-                stack.enter_context(stage_lock(root, "train"))
-            except SiclipError as e:
-                locked = str(e)
-        locked = _broadcast_message(locked, accelerator)  # every process stops, none waits for the others
-        if locked:
-            raise SiclipError(locked)
-        saved = run.path / "config.json"
-        # a folder whose start failed before its first step holds nothing to keep: it starts afresh; a run that
-        # trained is continued only by --resume with a config that gives the same data order and numbers
-        afresh = saved.is_file() and not run.started()
-        protected = saved.is_file() and not afresh
-        if protected and not resume:
-            raise SiclipError(f"{run.path} already holds a run; pass --resume to continue it, or choose another --out")
-        if protected:
-            before = json.loads(saved.read_text())
-            changed = sorted(k for k, v in config_digest(cfg).items() if before.get(k) != v)
-            if changed:
-                raise SiclipError(f"--resume with a config that differs from the run's in {', '.join(changed)} "
-                                  f"(see {run.path / 'config.toml'}); these decide the data order or the numbers")
-        say(f"# siclip train: resolved config ({run.path / 'config.toml'})\n{to_toml(cfg)}")
-        say(f"train: mixed precision {accelerator.mixed_precision}, {chosen_by}")
-
-        # -- data ---------------------------------------------------------------------------------------
-        train_shards, val_shards = split_shards(root, cfg.val_shards, cfg.val_samples)
-        if protected:  # val_shards and val_samples may change, as long as they hold out the same shards
-            before_held = json.loads((run.path / "data.json").read_text())["val_shards"] \
-                if (run.path / "data.json").is_file() else None
-            if before_held is not None and before_held != [s.name for s in val_shards]:
-                raise SiclipError(f"--resume with a config that holds out {[s.name for s in val_shards]}, but the run "
-                                  f"held out {before_held} (see {run.path / 'data.json'}); choose the same shards")
-        check_shards_intact(train_shards + val_shards)
-        zeroshot_sets = [zeroshot_set(in_data_root(str(f), root), cfg.zeroshot_classnames or None,
-                                      cfg.zeroshot_templates or None, "zeroshot_folders") for f in cfg.zeroshot_folders]
-        use_captions = cfg.synthetic_captions > 0 and any(s.loss.clip_synthetic > 0 for s in cfg.stages)
-        if use_captions:
-            check_sidecars(root, "captions", train_shards, "clip_synthetic > 0")
-        use_teacher_sidecar = any(s.teacher == "sidecar" for s in cfg.stages)
-        if use_teacher_sidecar:
-            check_sidecars(root, "teacher", train_shards, "teacher = 'sidecar'")
-            made = StageManifest.load(root, "teacher").params
-            if made.get("augmentations") and made.get("flip", True) and not cfg.flip:
-                say("train: the teacher sidecars were made with flips on; with flip = false a view recorded "
-                    "mirrored is not replayed (its embedding is of the mirror image), so fewer views are used")
-
-        # -- model, inheritance, teachers, objectives ---------------------------------------------------
-        try:
-            model_config = load_config(cfg.model, cfg.model_overrides())
-        except (FileNotFoundError, ValueError) as e:
-            raise SiclipError(f"model {cfg.model!r}: {e}") from None
-        torch.manual_seed(cfg.seed)
-        model = build_model(model_config)
-        model.set_grad_checkpointing(cfg.grad_checkpointing)
-        report_path = run.path / "inherit_report.json"
-        resume_from = run.latest() if resume else None
-        # inherit_freeze: what inherit_weights freezes (inherited tensors, not logit_scale nor new modules) stays
-        # frozen through the first stage; the later stages' globs alone decide what trains
-        frozen_inherited: set[str] = set()
-        report = None
-        if cfg.inherit_from and resume_from is None:  # step 0: every process inherits the same way
-            try:
-                report = inherit_weights(model, parse_teacher(cfg.inherit_from, root, "inherit_from"),
-                                         freeze=cfg.inherit_freeze)  # its report is saved with the run folder
-            except (OSError, ValueError, RuntimeError, ImportError) as e:
-                raise SiclipError(f"inherit_from {cfg.inherit_from!r}: {first_line(e)}") from None
-            say(f"train: {report.summary()} (report: {report_path})")
-            frozen_inherited = set(report.frozen_names())
-        elif cfg.inherit_from:  # the checkpoint holds the weights; the report says which were frozen
-            frozen_inherited = {t["name"] for t in json.loads(report_path.read_text())["tensors"] if t["frozen"]}
-
-        teachers, loaded = {}, {}
-        for s in cfg.stages:
-            if s.teacher not in loaded:
-                loaded[s.teacher] = load_teacher(s.teacher, root)
-            teachers[s.name] = loaded[s.teacher]
-        torch.manual_seed(cfg.seed + 1)
-        objectives = stage_objectives(cfg.stages, model_config.embed_dim, teachers, cfg.pm_k)
-        for i, s in enumerate(cfg.stages):  # unknown module globs stop the run now, not at a stage boundary
-            set_trainable(model, s, frozen_inherited if i == 0 else set())
-
-        online = [t for t in loaded.values() if t is not None and t.image_size]
-        settings = SampleSettings(
-            seed=cfg.seed, image_size=model_config.image.image_size, context_length=model_config.text.context_length,
-            synthetic_captions=cfg.synthetic_captions if use_captions else 0, crop_scale=tuple(cfg.crop_scale),
-            flip=cfg.flip, captions=use_captions, teacher=use_teacher_sidecar,
-            teacher_image_size=max((t.image_size for t in online), default=0))
-        plan0 = plan_epoch(train_shards, cfg.seed, 0, rank, world, cfg.workers, local_batch)
-        steps_per_epoch = plan0.steps
-        spans = place_stages(cfg.stages, steps_per_epoch)
-        total = spans[-1].end
-        stop = min(total, max_steps) if max_steps else total
-        if plan0.note:
-            say(f"train: loader: {plan0.note}")
-        held_samples = sum(s.samples for s in val_shards)
-
-        # -- the budget: a first checkpoint that would not fit stops the run before it trains --------------
-        begin = resume_from[0] if resume_from is not None else 0
-        if begin < stop:
-            first = min(stop, (begin // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
-            refusal = run.room_for(first, _estimate_checkpoint(run, model, objectives), cfg.keep_checkpoints) \
-                if main else None
-            refusal = _broadcast_message(refusal, accelerator)
-            if refusal:
-                say(f"train: {refusal}")
-                return TrainResult(EXIT_BUDGET, run_summary(run, "budget", begin, begin, total, 0.0, cfg.batch_size)
-                                   if main else {})
-
-        # -- the run folder: written only now that every check has passed -----------------------------------
-        accelerator.wait_for_everyone()  # every process has looked at the run folder before it changes
-        if main:
-            if afresh:
-                say(f"train: {run.path} holds a start that failed before its first step (no checkpoint, no "
-                    f"metrics): starting it afresh with this config")
-                run.clear_failed_start()
-            run.path.mkdir(parents=True, exist_ok=True)
-            run.reconcile(log=say)
-            (run.path / "config.toml").write_text(to_toml(cfg))
-            saved.write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-            if report is not None:
-                report.save(report_path)
-            (run.path / "data.json").write_text(json.dumps({
-                "data_root": str(root.root), "train_shards": [s.name for s in train_shards], "val_shards": [s.name for s in val_shards],
-                "train_samples": sum(s.samples for s in train_shards), "val_samples": held_samples,
-                "steps_per_epoch": steps_per_epoch,
-                "global_batch": cfg.batch_size, "processes": world, "precision": accelerator.mixed_precision,
-                "loader_workers": len(plan0.workers),
-                "samples_per_epoch_used": steps_per_epoch * cfg.batch_size, "total_steps": total,
-                "stages": [{"name": sp.cfg.name, "start": sp.start, "end": sp.end} for sp in spans]}, indent=1) + "\n")
-        accelerator.wait_for_everyone()  # the others read the run folder only once it is in order
-        held = (f"{len(val_shards)} held out ({held_samples:,} samples: {val_shards[0].name}"
-                + (f" … {val_shards[-1].name})" if len(val_shards) > 1 else ")")) if val_shards else "none held out"
-        say(f"train: {len(train_shards)} training shards ({sum(s.samples for s in train_shards):,} samples), "
-            f"{held}; {steps_per_epoch} steps of {cfg.batch_size} per epoch, {total} steps in {len(spans)} stage(s)")
-        preprocess = Preprocess(model_config.image.image_size, list(cfg.image_mean), list(cfg.image_std))
-
-        # -- optimizer, devices ---------------------------------------------------------------------------
-        named = list(model.named_parameters()) + [(f"objective.{n}", p) for n, p in objectives.named_parameters()]
-        optimizer = torch.optim.AdamW(decay_groups(named, cfg.weight_decay), lr=spans[0].cfg.lr,
-                                      betas=tuple(cfg.betas), eps=cfg.eps)
-        model.to(device)
-        objectives.to(device)
-        for t in loaded.values():
-            if t is not None:
-                t.to(device)
-        optimizer = accelerator.prepare(optimizer)
-        all_params = [p for _, p in named]
-
-        # -- resume ----------------------------------------------------------------------------------------
-        step = 0
-        if resume_from is not None:
-            step = _load_checkpoint(resume_from[1], model, objectives, accelerator, world)
-            say(f"train: resuming from {resume_from[1].name} (step {step} of {total})")
-        else:
-            if resume:
-                say(f"train: nothing to resume in {run.path}; starting at step 0")
-            if world > 1:  # the same seed built the same weights; make sure of it
-                from accelerate.utils import broadcast
-
-                for p in list(model.parameters()) + list(objectives.parameters()):
-                    p.data.copy_(broadcast(p.data.clone(), from_process=0))
-        keys_path = run.path / f"keys-rank{rank}.jsonl"
-        if main:
-            run.truncate_metrics(step)
-        if cfg.record_keys:
-            run.truncate_metrics(step, keys_path)
-        if (run.path / FINAL / "state.json").is_file() and step >= total:
-            say(f"train: {run.name} already finished all {total} steps; final model in {run.path / FINAL}")
-            return TrainResult(0, run_summary(run, "finished", step, step, total, 0.0, cfg.batch_size) if main else {})
-        start_tracking(accelerator, run, cfg.tracking_project,
-                       {**cfg.to_dict(), "processes": world, "mixed_precision": accelerator.mixed_precision}, step)
-
-        # -- the loop --------------------------------------------------------------------------------------
-        progress = Progress("train", stop, unit="steps") if main else None
-        started, start_step, span, last = time.monotonic(), step, None, {}
-        status = 0
-        while step < stop:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            plan = plan_epoch(train_shards, cfg.seed, epoch, rank, world, cfg.workers, local_batch)
-            loader = train_loader(root, plan, settings, local_batch, cfg.shuffle_buffer, in_epoch,
-                                  in_process=cfg.workers == 0, shuffle_initial=cfg.shuffle_initial,
-                                  open_shards=cfg.open_shards)
-            expected = plan.order(in_epoch)
-            try:
-                for batch in loader:
-                    if batch["position"] != (epoch, next(expected, None)):
-                        raise RuntimeError(f"loader out of order at step {step}: got {batch['position']}")
-                    if span is None or not span.start <= step < span.end:
-                        span = next(sp for sp in spans if sp.start <= step < sp.end)
-                        trainable, count = set_trainable(model, span.cfg,
-                                                         frozen_inherited if span.index == 0 else set())
-                        model.train()
-                        frozen_batchnorm_to_eval(model)
-                        teacher = teachers[span.cfg.name]
-                        crd = objectives[span.cfg.name].crd
-                        say(f"train: stage {span.index + 1}/{len(spans)} {span.cfg.name!r}, steps {span.start}-"
-                            f"{span.end - 1}: {trainable:,} of {count:,} parameters train; teacher: "
-                            f"{teacher.name if teacher else 'none'}; loss: " + ", ".join(
-                                f"{k}={v:g}" for k, v in vars(span.cfg.loss).items() if v)
-                            + (f"; CRD teacher scale {crd.teacher_scale:.4g}" if crd is not None else ""))
-                    t0 = time.perf_counter()
-                    lr = span.lr(step)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    pixels, texts, valid = student_inputs(batch, device, cfg.image_mean, cfg.image_std)
-                    with accelerator.autocast():
-                        feats = teacher.embed(batch, device) if teacher is not None else None
-                    terms = forward_backward(model, objectives[span.cfg.name], pixels, texts, valid, feats, micro,
-                                             accelerator)
-                    average_gradients(all_params, world)
-                    norm = accelerator.clip_grad_norm_([p for p in all_params if p.grad is not None],
-                                                       cfg.grad_clip) if cfg.grad_clip else None
-                    failpoint(f"step:{step + 1}")
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    model.clamp_logit_scale_()  # after the step, so the parameter keeps its gradient
-                    step += 1
-                    seconds = time.perf_counter() - t0
-                    last = {k: float(v.detach()) for k, v in terms.items()}
-                    if cfg.record_keys:
-                        with open(keys_path, "a") as f:
-                            f.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
-                    if main and (step % cfg.log_every == 0 or step == stop):
-                        run.append_metrics({
-                            "step": step, "epoch": round(step / steps_per_epoch, 4), "stage": span.cfg.name,
-                            "loss": last["loss"], "terms": {k: v for k, v in last.items() if k != "loss"},
-                            "lr": lr, "temperature": float(model.scale().detach()),
-                            "grad_norm": None if norm is None else float(norm),
-                            "samples_per_s": round(cfg.batch_size / seconds, 2),
-                            "seconds": round(time.monotonic() - started, 3),
-                            "peak_memory_mb": round(peak_memory_mb(device), 1),
-                            "no_synthetic": batch["no_synthetic"]})
-                    if progress and (progress.due() or step == stop):
-                        progress.update(step - start_step, f"{span.cfg.name} | loss {last['loss']:.3f} | lr {lr:.2e} | "
-                                        f"{(step - start_step) * cfg.batch_size / (time.monotonic() - started):,.1f} "
-                                        f"samples/s", force=step == stop)
-                    due = val_shards and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total)
-                    zeroshot_due = zeroshot_sets and (step % cfg.zeroshot_every == 0 or step == total)
-                    if due or zeroshot_due:
-                        _evaluate(run, model, root, val_shards if due else [], preprocess, model_config, device, step,
-                                  accelerator, zeroshot_sets if zeroshot_due else [])
-                        frozen_batchnorm_to_eval(model)  # evaluation put the whole model back in train mode
-                    if step % cfg.checkpoint_every == 0 or step == stop:
-                        if not _checkpoint(run, cfg, step, epoch, span, model, objectives, preprocess, accelerator):
-                            status = EXIT_BUDGET
-                            break
-                    if step == stop or step % steps_per_epoch == 0:
-                        break
-            except SiclipError as e:
-                raise loader_error(e) from None
-            finally:
-                del loader
-            if status:
-                break
-        if progress:
-            progress.close()
-
-        # -- the end ------------------------------------------------------------------------------------
-        if status == 0 and step == total:
-            if not _export_final(run, model, preprocess, step, accelerator):
-                status = EXIT_BUDGET
-        summary = {}
-        if main:
-            write_plots(run)
-            elapsed = time.monotonic() - started
-            summary = run_summary(run, "budget" if status else "done" if step == total else "max_steps", start_step,
-                                  step, total, elapsed, cfg.batch_size)
-            last_eval = summary["eval"]
-            ev = (f"; held-out retrieval i2t R@1 {last_eval['i2t_r1']:.3f}, t2i R@1 {last_eval['t2i_r1']:.3f} "
-                  f"(chance {last_eval['chance_r1']:.3f})") if last_eval and "i2t_r1" in last_eval else ""
-            where = run.path / FINAL if step == total else run.latest()[1] if run.latest() else run.path
-            how = ("stopped at the budget after" if status else "done:" if step == total
-                   else f"stopped at --max-steps {stop} (--resume goes on) after")
-            say(f"train: {how} {step - start_step} steps "
-                f"(to step {step} of {total}) in {format_duration(time.monotonic() - started)}, "
-                f"{(step - start_step) * cfg.batch_size / max(elapsed, 1e-9):,.1f} samples/s; "
-                f"loss {last.get('loss', float('nan')):.4f}{ev}; model: {where}; plots: {run.path / 'plots'}")
-        accelerator.wait_for_everyone()
-        accelerator.end_training()  # the trackers' last records out; the processes' group closed
-        return TrainResult(status, summary)
+# ----------------------------------------------------------------------------- evaluation and checkpoints
 
 
 def _evaluate(run: Run, model, root, val_shards, preprocess, model_config, device, step, accelerator,
@@ -605,7 +333,7 @@ def _evaluate(run: Run, model, root, val_shards, preprocess, model_config, devic
             write_plots(run)
         except SiclipError as e:  # a diverged model: every process stops, none waits for the main one
             problem = str(e)
-    problem = _broadcast_message(problem, accelerator)
+    problem = broadcast_message(problem, accelerator)
     if problem:
         raise SiclipError(problem)
     accelerator.wait_for_everyone()
@@ -620,23 +348,14 @@ def _estimate_checkpoint(run: Run, model, objectives) -> int:
     return 3 * params + 256 * 1024  # weights, AdamW's two moments, small files
 
 
-def _broadcast_message(msg: str | None, accelerator) -> str | None:
-    from accelerate.utils import broadcast_object_list
-
-    box = [msg]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(box, from_process=0)
-    return box[0]
-
-
 def _checkpoint(run: Run, cfg: TrainConfig, step: int, epoch: int, span: StageSpan, model, objectives, preprocess,
                 accelerator) -> bool:
-    """Write a checkpoint atomically after checking the budget; False (nothing written) when it would not fit."""
-    from safetensors.torch import save_model
-
+    """Write a checkpoint atomically after checking the budget; False (nothing written) when it would not fit. The
+    model as a siclip model folder; AdamW, the RNGs and the loss terms' parameters (registered for checkpointing)
+    through Accelerate's save_state."""
     main = accelerator.is_main_process
     refusal = run.room_for(step, _estimate_checkpoint(run, model, objectives), cfg.keep_checkpoints) if main else None
-    refusal = _broadcast_message(refusal, accelerator)
+    refusal = broadcast_message(refusal, accelerator)
     if refusal:
         log(f"train: {refusal}") if main else None
         return False
@@ -646,7 +365,6 @@ def _checkpoint(run: Run, cfg: TrainConfig, step: int, epoch: int, span: StageSp
         tmp.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(tmp)
         preprocess.save(tmp)
-        save_model(objectives, str(tmp / "objective.safetensors"))  # the stages' shared PM term stored once
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "accelerate"))
     accelerator.wait_for_everyone()
@@ -668,13 +386,7 @@ def _load_checkpoint(folder: Path, model, objectives, accelerator, world: int) -
                           f"number (the data split depends on it), not {world}")
     device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # safetensors refuses "cpu:0"
     load_model(model, str(folder / "model.safetensors"), device=device)
-    try:
-        load_model(objectives, str(folder / "objective.safetensors"), device=device)
-    except RuntimeError as e:
-        raise SiclipError(f"{folder}: the loss terms' parameters it holds do not fit this run's "
-                          f"({str(e).strip().splitlines()[-1].strip()}); a checkpoint written before the stages "
-                          f"shared one pair-matching term cannot be resumed when several stages use pm") from None
-    accelerator.load_state(str(folder / "accelerate"))
+    accelerator.load_state(str(folder / "accelerate"))  # AdamW, the RNGs, the loss terms' parameters
     return int(state["step"])
 
 
@@ -690,7 +402,7 @@ def _export_final(run: Run, model, preprocess, step: int, accelerator) -> bool:
         if budget.budget_bytes and need > budget.remaining_bytes:
             refusal = (f"stopped at the budget: the final model needs about {format_size(need)} but only "
                        f"{format_size(budget.remaining_bytes)} is left; the last checkpoint holds the same weights")
-    refusal = _broadcast_message(refusal, accelerator)
+    refusal = broadcast_message(refusal, accelerator)
     if refusal:
         log(f"train: {refusal}") if main else None
         return False

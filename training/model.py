@@ -490,8 +490,13 @@ class SiCLIP(nn.Module):
         """Keep exp(logit_scale) within [1, max_logit_scale], in place (open_clip's way)."""
         self.logit_scale.clamp_(0, math.log(self.config.max_logit_scale))
 
-    def forward(self, pixels: torch.Tensor, token_ids: torch.Tensor):
-        """(image embeddings, text embeddings, exp(logit_scale)): the arguments of every loss in losses.py."""
+    def forward(self, pixels: torch.Tensor | None, token_ids: torch.Tensor | None):
+        """(image embeddings, text embeddings, exp(logit_scale)): the arguments of every loss in losses.py. Given
+        None for a tower, the other tower's embeddings alone, and None for the rest: gradient caching recomputes
+        one tower at a time through DDP, whose synced pass expects a gradient for every tensor it returns."""
+        if pixels is None or token_ids is None:
+            return (None if pixels is None else self.encode_image(pixels),
+                    None if token_ids is None else self.encode_text(token_ids), None)
         return self.encode_image(pixels), self.encode_text(token_ids), self.scale()
 
     def save_pretrained(self, directory: str | Path) -> Path:

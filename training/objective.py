@@ -125,8 +125,7 @@ def stage_objectives(stages, embed_dim: int, teachers: dict, pm_k: int = 8) -> n
 
     Every stage with a PM term shares one: its hyperplane is the run's, and goes on from where the stage before
     left it. FD's and ICL's projections stay each stage's own (they map to that stage's teacher). The shared
-    term appears under each stage's name in the state dict; save and load it with safetensors' save_model and
-    load_model, which store a shared tensor once."""
+    term appears under each stage's name in the state dict (torch.save stores a shared tensor once)."""
     pm = PairMatchingLoss(k=pm_k or None) if any(s.loss.pm > 0 for s in stages) else None
     out = {}
     for s in stages:

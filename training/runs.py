@@ -9,8 +9,8 @@ DATA/runs/<name>/
   metrics.jsonl                  one line per logged step (loss terms, lr, temperature, samples/s, memory) and per eval
   tracking/                      with report_to: TensorBoard's event files, the run's wandb id (training/tracking.py)
   plots/*.png                    weighted loss terms, learning rate and temperature, recall (training/plots.py)
-  checkpoints/step-000100/       model (config.json, model.safetensors), preprocess.json, objective.safetensors,
-                                 accelerate/ (optimizer, RNG, scaler), state.json (written last)
+  checkpoints/step-000100/       model (config.json, model.safetensors), preprocess.json, accelerate/ (save_state:
+                                 optimizer, RNG, scaler, the loss terms' parameters), state.json (written last)
   final/                         the model at the end of the schedule
 ```
 A checkpoint is written into `.tmp-step-N/` and renamed when whole; it is recorded in the
@@ -212,6 +212,7 @@ class Run:
             f.write(json.dumps(record) + "\n")
         if self.on_record is not None:
             self.on_record(record)
+        failpoint(f"logged:{checkpoint_name(record['step'])}")  # a kill past the last checkpoint
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.is_file():

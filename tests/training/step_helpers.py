@@ -8,13 +8,14 @@ import sys
 
 import torch
 
-from siclip.training.config import LossWeights
-from siclip.training.loop import average_gradients, forward_backward
+from siclip.training.config import LossWeights, StageConfig
+from siclip.training.step import ddp_settings, forward_backward, prepare_model, set_trainable
 from siclip.training.model import build_model, load_config
 from siclip.training.objective import Objective
 
 GLOBAL_BATCH, K, TEACHER_DIM = 8, 2, 24
 WEIGHTS = LossWeights(clip_web=1.0, clip_synthetic=0.5, pm=0.3, fd=2.0, crd=1.0, icl=1.0)
+IMAGE_ONLY = ["visual.*", "logit_scale"]  # a stage that freezes the text tower whole
 
 
 def small_model():
@@ -48,17 +49,21 @@ def global_batch():
     return pixels, web, syn, valid, teacher
 
 
-def step_gradients(rank: int, world: int, micro: int, accelerator, grad_checkpointing: bool = False):
-    """(loss terms, {name: gradient}) of this process's share of the global batch after gradient averaging."""
+def step_gradients(rank: int, world: int, micro: int, accelerator, grad_checkpointing: bool = False,
+                   train: list[str] | None = None):
+    """(loss terms, {name: gradient}) of this process's share of the global batch, the model prepared as the loop
+    prepares it (DDP under several processes); `train`: a stage's globs, set after wrapping, as the loop does."""
     model, objective = small_model()
     model.set_grad_checkpointing(grad_checkpointing)
+    prepared = prepare_model(model, accelerator)
+    if train:
+        set_trainable(model, StageConfig(train=train), frozen_inherited=set())
     pixels, web, syn, valid, teacher = global_batch()
     rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     texts = torch.cat([web[rows], syn[rows][valid[rows]]])
-    terms = forward_backward(model, objective, pixels[rows], texts, valid[rows],
+    terms = forward_backward(prepared, objective, pixels[rows], texts, valid[rows],
                              {k: v[rows] for k, v in teacher.items()}, micro, accelerator)
     named = list(model.named_parameters()) + [(f"objective.{n}", p) for n, p in objective.named_parameters()]
-    average_gradients([p for _, p in named], world)
     return {k: float(v.detach()) for k, v in terms.items()}, {n: p.grad.clone() for n, p in named if p.grad is not None}
 
 
@@ -90,8 +95,9 @@ def term_gradients(rank: int, world: int):
 if __name__ == "__main__":
     from accelerate import Accelerator
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(kwargs_handlers=ddp_settings())
     rank, world = accelerator.process_index, accelerator.num_processes
     terms, grads = step_gradients(rank, world, int(sys.argv[2]), accelerator)
-    torch.save({"terms": terms, "grads": grads, "loss_terms": term_gradients(rank, world)},
+    image_only = step_gradients(rank, world, int(sys.argv[2]), accelerator, train=IMAGE_ONLY)
+    torch.save({"terms": terms, "grads": grads, "image_only": image_only, "loss_terms": term_gradients(rank, world)},
                f"{sys.argv[1]}.rank{rank}.pt")

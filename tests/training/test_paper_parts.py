@@ -101,7 +101,7 @@ def test_s0_trains_and_round_trips_through_save_and_load(tmp_path):
 
 def test_paper_toml_stages_train_the_modules_they_name_on_the_real_s0():
     from siclip.training.config import load_train_config
-    from siclip.training.loop import set_trainable
+    from siclip.training.step import set_trainable
 
     import open_clip
 
@@ -286,9 +286,9 @@ def test_paper_toml_trains_s0_from_an_open_clip_teacher_with_every_term_and_resu
         assert not all(torch.equal(stage1[n], final[n]) for n in parameters if n.startswith(prefix)), prefix
     assert all(torch.equal(stage1[n], final[n]) for n in parameters if n.startswith(("visual.trunk.stem.", "text.blocks.5.")))
 
-    # killed (kill -9) in stage 1 after one step (its loss terms' projections have moved), resumed across the
-    # stage boundary: the same end, sample for sample
-    env = {**os.environ, "SICLIP_FAILPOINT": "step:2"}
+    # killed (kill -9) in stage 1 past its first checkpoint (its loss terms' projections have moved), resumed across
+    # the stage boundary: the same end, sample for sample
+    env = {**os.environ, "SICLIP_FAILPOINT": "logged:step-000002"}
     res = siclip(*args, "--out", "killed", check=False, env=env, timeout=1200)
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     res = siclip(*args, "--out", "killed", "--resume", timeout=1200)

@@ -62,7 +62,7 @@ def test_inherit_freeze_holds_the_inherited_tensors_through_the_first_stage_only
     assert {t["name"] for t in report["tensors"] if t["frozen"]} == inherited - {"logit_scale"}
     # killed in the first stage after a checkpoint, the resumed run reads what stays frozen from the report (and
     # the PM term both stages share is saved and restored)
-    res = train(root, tmp_path, "killed", body, check=False, env={**os.environ, "SICLIP_FAILPOINT": "step:3"})
+    res = train(root, tmp_path, "killed", body, check=False, env={**os.environ, "SICLIP_FAILPOINT": "logged:step-000003"})
     assert res.returncode == -signal.SIGKILL
     siclip("train", "--data", root.root, "--config", tmp_path / "killed.toml", "--out", "killed", "--resume")
     assert_same_end(run, root.runs / "killed")
@@ -102,8 +102,6 @@ def test_crd_compares_with_the_teachers_own_logit_scale_where_it_is_known(tmp_pa
 
 
 def test_the_pair_matching_hyperplane_goes_on_from_stage_to_stage(tmp_path):
-    from safetensors.torch import load_file
-
     from siclip.training.config import load_train_config
     from siclip.training.objective import stage_objectives
 
@@ -119,8 +117,8 @@ def test_the_pair_matching_hyperplane_goes_on_from_stage_to_stage(tmp_path):
           + stage("a", 2, pm=0.1) + stage("b", 2, lr=1e-9, pm=0.1))
     checkpoints = root.runs / "run" / "checkpoints"
 
-    def pm_values(step: int) -> dict[str, float]:
-        saved = load_file(str(checkpoints / f"step-{step:06d}" / "objective.safetensors"))
+    def pm_values(step: int) -> dict[str, float]:  # the loss terms' parameters, as save_state keeps them
+        saved = torch.load(checkpoints / f"step-{step:06d}" / "accelerate" / "custom_checkpoint_0.pkl")
         return {k: float(v) for k, v in saved.items() if ".pm." in k}
 
     after_a, after_b = pm_values(2), pm_values(4)

@@ -56,8 +56,8 @@ def test_tensorboard_gets_every_record_of_metrics_jsonl_and_a_resumed_run_goes_o
     root = make_root(tmp_path / "data", [16, 16, 16])
     cfg = small_config(tmp_path / "c.toml", 'val_shards = 1\neval_every = 3\ncheckpoint_every = 3\n'
                                             'report_to = ["tensorboard"]', steps=6)
-    # killed in step 5: steps 4 went to metrics.jsonl and to TensorBoard after the checkpoint of step 3
-    killed = train(root, cfg, "run", check=False, env={**os.environ, "SICLIP_FAILPOINT": "step:5"})
+    # killed after step 5: steps 4 and 5 went to metrics.jsonl and to TensorBoard after the checkpoint of step 3
+    killed = train(root, cfg, "run", check=False, env={**os.environ, "SICLIP_FAILPOINT": "logged:step-000005"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert "resuming from step-000003" in train(root, cfg, "run", "--resume").stderr
     run = root.runs / "run"

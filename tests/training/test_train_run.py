@@ -147,7 +147,8 @@ pm = 0.1
     assert (images @ texts.T).shape == (2, 2) and torch.allclose(images.norm(dim=1), torch.ones(2))
 
 
-@pytest.mark.parametrize("failpoint", ["step:5", "before-state:step-000006", "renamed:step-000006", "renamed:final"])
+@pytest.mark.parametrize("failpoint", ["logged:step-000005", "before-state:step-000006", "renamed:step-000006",
+                                       "renamed:final"])
 def test_kill_9_at_an_awkward_moment_then_resume_reaches_the_same_end(root, tmp_path, whole, failpoint):
     cfg = config(tmp_path / "c.toml", BOOKKEEPING)
     import os
@@ -155,6 +156,9 @@ def test_kill_9_at_an_awkward_moment_then_resume_reaches_the_same_end(root, tmp_
     env = {**os.environ, "SICLIP_FAILPOINT": failpoint}
     res = siclip(*run_args(root, cfg, "killed"), check=False, env=env)
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    if failpoint.startswith("logged"):  # killed two steps past its checkpoint: their records are written again
+        assert [s for s, _ in losses(root.runs / "killed")][-1] == 5
+        assert "step-000003" in {p.name for p in (root.runs / "killed" / "checkpoints").iterdir()}
     res = siclip(*run_args(root, cfg, "killed", "--resume"))
     assert_same_end(whole, root.runs / "killed")
     if failpoint.startswith("before-state"):
@@ -317,7 +321,8 @@ fd = 2000.0
     # killed before its first checkpoint, the resumed run inherits again and ends the same
     import os
 
-    res = siclip(*run_args(root, cfg, "student-killed"), check=False, env={**os.environ, "SICLIP_FAILPOINT": "step:3"})
+    res = siclip(*run_args(root, cfg, "student-killed"), check=False,
+                 env={**os.environ, "SICLIP_FAILPOINT": "logged:step-000003"})
     assert res.returncode == -signal.SIGKILL
     siclip(*run_args(root, cfg, "student-killed", "--resume"))
     assert_same_end(root.runs / "student", root.runs / "student-killed")

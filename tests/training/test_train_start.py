@@ -52,7 +52,7 @@ def test_a_start_that_fails_after_its_config_is_resolved_leaves_nothing_and_the_
 
 def test_a_folder_whose_start_died_before_its_first_step_starts_afresh_with_the_new_config(tmp_path):
     root = make_root(tmp_path / "data", [16, 16, 16])
-    env = {**os.environ, "SICLIP_FAILPOINT": "step:1"}  # a real SIGKILL in the first step, before any metrics
+    env = {**os.environ, "SICLIP_FAILPOINT": "run-folder-written"}  # a real SIGKILL before the first step
     res = train(root, config(tmp_path, "first", "val_shards = 1"), "run", check=False, env=env)
     assert res.returncode == -signal.SIGKILL
     run = root.runs / "run"

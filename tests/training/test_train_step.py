@@ -13,8 +13,8 @@ import torch
 from accelerate import Accelerator
 
 from siclip_testing import REPO
-from step_helpers import GLOBAL_BATCH, WEIGHTS, global_batch, small_model, step_gradients, term_gradients
-from siclip.training.loop import StageSpan, forward_backward, set_trainable
+from step_helpers import GLOBAL_BATCH, IMAGE_ONLY, WEIGHTS, global_batch, small_model, step_gradients, term_gradients
+from siclip.training.step import StageSpan, forward_backward, set_trainable
 from siclip.training.config import StageConfig
 from siclip.manifests.errors import SiclipError
 
@@ -71,6 +71,11 @@ def test_two_real_processes_give_the_loss_and_gradients_of_one_process(tmp_path,
     ranks = [torch.load(f"{out}.rank{r}.pt") for r in (0, 1)]
     for r in ranks:  # each process holds the global loss and the same, exact gradients
         assert_same_gradients((r["terms"], r["grads"]), one_big_batch, atol=2e-6)
+    # a stage that freezes the text tower (after DDP wrapped the model): the image tower's last micro-batch syncs
+    image_only = step_gradients(0, 1, GLOBAL_BATCH, Accelerator(cpu=True), train=IMAGE_ONLY)
+    assert not any(name.startswith("text.") for name in image_only[1])
+    for r in ranks:
+        assert_same_gradients(r["image_only"], image_only, atol=2e-6)
     # the loss terms on their own (gather=True, no averaging): their parameters get the exact gradient everywhere
     single = term_gradients(0, 1)
     assert set(single) == {"pm", "fd", "crd", "icl"} and all(grads for _, grads in (single["pm"], single["fd"]))
@@ -129,15 +134,20 @@ class _TowersWithBatchNorm(torch.nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.image = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 8))
-        self.token = torch.nn.Embedding(100, 8)
+        self.visual = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 8))
+        self.text = torch.nn.Embedding(100, 8)
         self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
 
+    def forward(self, x, ids):
+        if x is None or ids is None:
+            return (None if x is None else self.encode_image(x), None if ids is None else self.encode_text(ids), None)
+        return self.encode_image(x), self.encode_text(ids), self.scale()
+
     def encode_image(self, x):
-        return torch.nn.functional.normalize(self.image(x), dim=-1)
+        return torch.nn.functional.normalize(self.visual(x), dim=-1)
 
     def encode_text(self, ids):
-        return torch.nn.functional.normalize(self.token(ids).mean(dim=1), dim=-1)
+        return torch.nn.functional.normalize(self.text(ids).mean(dim=1), dim=-1)
 
     def scale(self):
         return self.logit_scale.exp()
@@ -145,7 +155,7 @@ class _TowersWithBatchNorm(torch.nn.Module):
 
 def test_batchnorm_statistics_count_each_sample_once_with_caching_and_stay_put_when_frozen(accelerator):
     from siclip.training.config import LossWeights
-    from siclip.training.loop import frozen_batchnorm_to_eval
+    from siclip.training.step import frozen_batchnorm_to_eval
     from siclip.training.objective import Objective
 
     objective = Objective(LossWeights(clip_web=1.0, clip_synthetic=0.0), 8)
@@ -154,15 +164,15 @@ def test_batchnorm_statistics_count_each_sample_once_with_caching_and_stay_put_w
     for micro in (8, 2):  # without and with gradient caching: the running statistics move the same way
         model = _TowersWithBatchNorm().train()
         forward_backward(model, objective, x, ids, valid, None, micro, accelerator)
-        bn = model.image[1]
+        bn = model.visual[1]
         bn_stats[micro] = (bn.running_mean.clone(), int(bn.num_batches_tracked))
     assert bn_stats[2][1] == 4  # four micro-batches, each counted once (not twice)
     model = _TowersWithBatchNorm().train()
-    set_trainable(model, StageConfig(train=["token.*", "logit_scale"]), frozen_inherited=set())
+    set_trainable(model, StageConfig(train=["text.*", "logit_scale"]), frozen_inherited=set())
     assert frozen_batchnorm_to_eval(model) == 1
-    before = {k: v.clone() for k, v in model.image.state_dict().items()}
+    before = {k: v.clone() for k, v in model.visual.state_dict().items()}
     forward_backward(model, objective, x, ids, valid, None, 2, accelerator)
-    assert all(torch.equal(before[k], v) for k, v in model.image.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in model.visual.state_dict().items())
 
 
 @pytest.mark.parametrize("micro, passes", [(0, 1), (GLOBAL_BATCH, 1), (GLOBAL_BATCH // 2, 2)])
