@@ -29,7 +29,7 @@ import time
 import torch
 
 from bench import blocks as blocks_bench
-from siclip.training.loop import assemble
+from siclip.training.step import assemble
 from siclip.training.model import build_model, load_config
 from siclip.training.objective import Objective
 
