@@ -96,7 +96,7 @@ def model_folder(args) -> tuple[Path | None, Path | None]:
 
     name = args.run
     if name is None and not args.model.startswith(BASELINE_PREFIXES):
-        places = [Path(args.model).expanduser()] + ([Path(args.data) / "runs" / args.model] if args.data else [])
+        places = ([Path(args.data) / "runs" / args.model] if args.data else []) + [Path(args.model).expanduser()]
         name = next((str(p) for p in places if find_checkpoint(p) is not None), None)
     if name is None:
         if args.checkpoint is not None:

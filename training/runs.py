@@ -55,10 +55,10 @@ def fsync_tree(folder: Path) -> None:
 
 
 def run_folder(run: str, data: str | None = None) -> Path:
-    """The folder `--run` names: a path, or a run name under DATA/runs/ when --data is given."""
-    path = Path(run)
-    if not path.is_dir() and data:
-        path = Path(data) / "runs" / run
+    """The folder `--run` names: a run name under DATA/runs/ when --data is given and it has one, else a path.
+    The data root's run wins, so that `--run demo` from a checkout is not its `demo/` code folder."""
+    named = Path(data) / "runs" / run if data else None
+    path = named if named is not None and named.is_dir() else Path(run)
     if not path.is_dir():
         raise SiclipError(f"--run {run}: no such run folder" + ("" if data else " (pass --data DATA to find it by name)"))
     return path

@@ -10,7 +10,7 @@ import pytest
 from siclip.manifests.errors import SiclipError
 from siclip.manifests.layout import DataRoot
 from siclip.manifests.manifest import StageManifest
-from siclip.training.runs import STATE, Run, checkpoint_name
+from siclip.training.runs import STATE, Run, checkpoint_name, run_folder
 
 
 def _checkpoint(folder, step: int):
@@ -57,3 +57,15 @@ def test_dropping_old_checkpoints_never_deletes_through_a_link(tmp_path):
     assert all(ck.is_dir() for ck in mine)
     assert root.manifest_path("train").read_bytes() == manifest  # nothing forgotten either
     assert StageManifest.load(root, "train").entries
+
+
+def test_a_run_name_finds_the_data_roots_run_before_a_folder_of_that_name_here(tmp_path, monkeypatch):
+    # `make demo` runs `siclip eval --data DATA --run demo` from a checkout, whose demo/ holds the demo's code
+    here, data = tmp_path / "checkout", tmp_path / "data"
+    (here / "demo").mkdir(parents=True)
+    (data / "runs" / "demo").mkdir(parents=True)
+    monkeypatch.chdir(here)
+    assert run_folder("demo", str(data)) == data / "runs" / "demo"
+    assert run_folder("demo").resolve() == here / "demo"  # no --data: a path
+    with pytest.raises(SiclipError, match="--run other: no such run folder"):
+        run_folder("other", str(data))
