@@ -11,6 +11,7 @@ is open_clip.CLIP with tiny_preln's shape, the peer the pre-LN preset must fit a
     python -m bench fit                          tiny_preln, tiny and open_clip; 300 steps of 64; seed 0
     python -m bench fit --models tiny --seeds 0,1,2 --steps 200
     python -m bench fit --models "tiny:image.depth=6"     a preset with dotted overrides (JSON values)
+    python -m bench fit --models 'tiny:text.block=["sasp","sasp","sasp","preln"]:text.share_attention=[[1,2]]'
 Ends with one JSON line: per model, the mean over seeds, and the ratios of each loss to open_clip's.
 """
 
@@ -112,6 +113,18 @@ def fit(spec: str, seed: int, data, steps: int, batch: int) -> dict:
             "loss100": at(1.0), "heldout_i2t_r1": r1, "seconds": time.perf_counter() - t0}
 
 
+def split_models(text: str) -> list[str]:
+    """--models' comma-separated specs, where a comma inside an override's JSON list (`image.block=["sasp","preln"]`)
+    does not separate two models."""
+    specs, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            specs.append(text[start:i])
+            start = i + 1
+    return [*specs, text[start:]]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny_preln,tiny,open_clip", help="comma-separated presets (open_clip: the peer)")
@@ -121,7 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=3000, help="training scenes")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # the same on any machine; runs are compared with each other, not timed
-    models = [m for m in args.models.split(",") if m]
+    models = [m for m in split_models(args.models) if m]
     if "open_clip" in models:
         try:
             import open_clip  # noqa: F401
