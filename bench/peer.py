@@ -702,7 +702,8 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", action="store_true",
                    help="also the SiCLIP recipe (bench/configs/peer_recipe.toml), after its teacher and captions")
     p.add_argument("--recipe-config", type=Path, default=RECIPE,
-                   help="a variant of the recipe's config for an ablation (one stage as the recipe's, or two: the new blocks, then all)")
+                   help="a variant of the recipe's config for an ablation "
+                        "(one stage as the recipe's, or two: the new blocks, then all)")
     p.add_argument("--sets", nargs="+", choices=sorted(SETS), default=list(SETS))
     p.add_argument("--retrain", action="store_true",
                    help="train the finished runs again too (samples/s measured anew, e.g. on quiet cores)")
