@@ -67,9 +67,7 @@ def open_clip_model():
 def siclip_model(spec: str):
     from siclip.training.model import build_model, load_config
 
-    name, *pairs = spec.split(":")
-    overrides = {k: json.loads(v) for k, v in (p.split("=", 1) for p in pairs)}
-    model = build_model(load_config(name, overrides))
+    model = build_model(load_config(*parse_spec(spec)))
     return model, lambda x, t: model(x, t)
 
 
@@ -113,6 +111,15 @@ def fit(spec: str, seed: int, data, steps: int, batch: int) -> dict:
             "loss100": at(1.0), "heldout_i2t_r1": r1, "seconds": time.perf_counter() - t0}
 
 
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """"preset:key=JSON:key=JSON" into the preset's name and its overrides; a malformed one exits in one line."""
+    name, *pairs = spec.split(":")
+    try:
+        return name, {k: json.loads(v) for k, v in (p.split("=", 1) for p in pairs)}
+    except ValueError as err:  # no "=" in a pair, or a value that is not JSON
+        sys.exit(f"bench-fit: model {spec!r}: each override is key=JSON ({err})")
+
+
 def split_models(text: str) -> list[str]:
     """--models' comma-separated specs, where a comma inside an override's JSON list (`image.block=["sasp","preln"]`)
     does not separate two models."""
@@ -135,6 +142,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # the same on any machine; runs are compared with each other, not timed
     models = [m for m in split_models(args.models) if m]
+    for spec in models:  # before the scenes are made, so that a typo fails at once
+        if spec != "open_clip":
+            parse_spec(spec)
     if "open_clip" in models:
         try:
             import open_clip  # noqa: F401
