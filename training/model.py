@@ -50,6 +50,8 @@ class ImageTowerConfig:
     ln_eps: float = bounded(1e-5, gt=0)  # LayerNorm's ε
     gain_mlp_init: float = Field(default=0.1, allow_inf_nan=False)  # SAS-P g_m at init: He & Hofmann's skipless-parallel value, O(1/sqrt(depth))
     first_layer_value: bool = True  # a SAS-P layer 1 keeps a value projection, as the authors' first layer does
+    # SAS-P W_Q at init, drawn at this × width^-1/2 (W_K's std); 0 keeps the paper's start, attention the identity
+    query_init: float = bounded(0.0, ge=0, zero="W_Q = 0, attention the identity at init", allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _blocks_and_sharing(self):
@@ -71,6 +73,7 @@ class TextTowerConfig:
     ln_eps: float = bounded(1e-5, gt=0)  # LayerNorm's ε
     gain_mlp_init: float = Field(default=0.1, allow_inf_nan=False)  # as the image tower's
     first_layer_value: bool = True  # as the image tower's
+    query_init: float = bounded(0.0, ge=0, zero="W_Q = 0, attention the identity at init", allow_inf_nan=False)  # as the image tower's
     causal: bool = True  # causal attention, as CLIP's text tower; false: bidirectional
     # Bidirectional only: attention ignores the padding after the end token. open_clip's non-causal
     # towers (MobileCLIP's among them) attend to it, so a student inheriting one sets this False.
@@ -216,7 +219,8 @@ class ShapedAttention(nn.Module):
     The values V are the inputs x, or with `value=True` (He & Hofmann keep one in the first
     layer) x + W_V·x, W_V starting at 0: weight decay then pulls V toward the identity, as the
     authors' reparametrised value does. α, β, γ are per-head and start at 1; W_Q starts at 0,
-    so softmax(...) equals C and the attention is the identity at initialisation.
+    so softmax(...) equals C and the attention is the identity at initialisation (a tower's
+    `query_init` > 0 draws W_Q afterwards, in `init_blocks`).
     """
 
     def __init__(self, width: int, heads: int, value: bool = False):
@@ -305,14 +309,15 @@ def init_weights(module: nn.Module):
         module.reset_identity()
 
 
-def init_blocks(blocks, width: int, depth: int) -> None:
+def init_blocks(blocks, width: int, depth: int, query_init: float = 0.0) -> None:
     """OpenAI CLIP's init of transformer blocks, scaled by width and depth (open_clip's text tower uses it).
 
     Attention projections get std width^-1/2, the first MLP layer (2·width)^-1/2 and every layer that
     writes into the residual stream width^-1/2·(2·depth)^-1/2. A flat 0.02 leaves the query-key logits
     of a 128-wide tower near zero, and since W_Q's gradient scales with W_K (and back) attention then
-    takes hundreds of steps to learn anything. A SAS-P block's W_Q (and W_V) stays zero: its attention
-    is still the identity at init, and its W_K at width^-1/2 lets W_Q grow from the first step.
+    takes hundreds of steps to learn anything. A SAS-P block's W_V stays zero and its W_Q too unless
+    `query_init` > 0 (then drawn at query_init·width^-1/2): with W_Q = 0 its attention is the identity
+    at init, and its W_K at width^-1/2 lets W_Q grow from the first step.
     """
     attn_std, fc_std = width**-0.5, (2 * width) ** -0.5
     out_std = attn_std * (2 * depth) ** -0.5
@@ -320,6 +325,8 @@ def init_blocks(blocks, width: int, depth: int) -> None:
         attn = block.attn
         if isinstance(attn, ShapedAttention):
             nn.init.normal_(attn.k.weight, std=attn_std)
+            if query_init:
+                nn.init.normal_(attn.q.weight, std=query_init * attn_std)
         else:
             for layer in (attn.q, attn.k, attn.v):
                 nn.init.normal_(layer.weight, std=attn_std)
@@ -357,7 +364,7 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         self.apply(init_weights)
-        init_blocks(self.blocks, cfg.width, cfg.depth)
+        init_blocks(self.blocks, cfg.width, cfg.depth, cfg.query_init)
         nn.init.normal_(self.cls_token, std=cfg.width**-0.5)
         nn.init.normal_(self.pos_embed, std=0.01)
         nn.init.normal_(self.proj.weight, std=cfg.width**-0.5)
@@ -408,7 +415,7 @@ class MCi0Tower(nn.Module):
                 sasp[i].apply(init_weights)
                 fresh.append(sasp[i])
                 stage.blocks[i] = TokenBlock(sasp[i])
-        init_blocks(fresh, cfg.width, cfg.depth)
+        init_blocks(fresh, cfg.width, cfg.depth, cfg.query_init)
 
     @property
     def grad_checkpointing(self) -> bool:
@@ -436,7 +443,7 @@ class TextTransformer(nn.Module):
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         self.apply(init_weights)
-        init_blocks(self.blocks, cfg.width, cfg.depth)
+        init_blocks(self.blocks, cfg.width, cfg.depth, cfg.query_init)
         nn.init.normal_(self.pos_embed, std=0.01)
         nn.init.normal_(self.proj.weight, std=cfg.width**-0.5)
 

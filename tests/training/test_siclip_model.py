@@ -186,7 +186,7 @@ def test_a_sharing_group_out_of_order_is_refused_when_the_config_loads(group, tm
 
 
 @pytest.mark.parametrize("key, value", [("first_layer_value", "yes"), ("mask_padding", 1), ("gain_mlp_init", "0.1"),
-                                        ("gain_mlp_init", float("nan"))])
+                                        ("gain_mlp_init", float("nan")), ("query_init", float("inf"))])
 def test_sasp_switches_of_the_wrong_type_are_refused(key, value):
     with pytest.raises(SiclipError, match=rf"^model override text.{key}=.*: text.{key} = .* is not a valid"):
         load_config("tiny", overrides={f"text.{key}": value})
@@ -289,6 +289,47 @@ def test_checkpoint_round_trip_keeps_outputs_and_sharing(tmp_path, tokenizer):
 
 def test_keys_missing_from_a_preset_or_config_file_mean_the_papers_defaults():
     assert load_config("tiny_preln").text.first_layer_value is True and load_config("tiny_preln").text.gain_mlp_init == 0.1
+    assert load_config("tiny_preln").image.query_init == 0 == load_config("s0").text.query_init
+
+
+def test_a_negative_query_init_is_refused_naming_the_key():
+    with pytest.raises(SiclipError, match=r"text.query_init must be 0 \(W_Q = 0, attention the identity at init\) "
+                                          r"or more, got -0.5"):
+        load_config("tiny", overrides={"text.query_init": -0.5})
+
+
+@pytest.mark.parametrize("query_init", [0.0, 0.5, 1.0])
+def test_query_init_draws_w_q_at_that_many_times_w_ks_std(query_init):
+    """0 keeps the paper's start (W_Q = 0, attention the identity); above 0, W_Q is drawn at query_init·width^-1/2,
+    for every attention module of a sharing group, and pre-LN blocks are left as CLIP's init makes them."""
+    width = 256
+    torch.manual_seed(0)
+    cfg = TextTowerConfig(vocab_size=64, context_length=8, width=width, depth=4, heads=4, query_init=query_init,
+                          block=["sasp", "sasp", "sasp", "preln"], share_attention=[[1, 2]])
+    tower = TextTransformer(cfg, embed_dim=64)
+    for block in tower.blocks[:3]:
+        std = float(block.attn.q.weight.detach().std())
+        if query_init:
+            assert abs(std - query_init * width**-0.5) < 0.05 * query_init * width**-0.5
+        else:
+            assert block.attn.q.weight.abs().max() == 0
+    assert abs(float(tower.blocks[3].attn.q.weight.detach().std()) - width**-0.5) < 0.05 * width**-0.5
+
+
+def test_the_tiny_preset_tells_inputs_apart_from_its_first_step(tokenizer):
+    """tiny starts with W_Q at W_K's std (query_init = 1), so its class and end tokens already see the other tokens:
+    different images (and texts of one length) get different embeddings at init. With the paper's W_Q = 0 they all
+    get one embedding, and the loss sat at ln(batch) for ~12 steps longer than tiny_preln's (make bench-fit)."""
+    torch.manual_seed(0)
+    pixels, ids = torch.randn(4, 3, 64, 64), tokenizer(["a red cat", "a blue dog", "one green car", "two big hats"])
+    spread = lambda e: float((e @ e.T).masked_fill(torch.eye(len(e), dtype=torch.bool), -1).max())  # nearest pair
+    for query_init, apart in ((1.0, True), (0.0, False)):
+        overrides = {"image.query_init": query_init, "text.query_init": query_init}
+        model = build_model(load_config("tiny", overrides)).eval()
+        with torch.no_grad():
+            image, text = model.encode_image(pixels), model.encode_text(ids)
+        assert (spread(image) < 0.999 and spread(text) < 0.999) == apart, (query_init, spread(image), spread(text))
+    assert load_config("tiny").image.query_init == 1.0 == load_config("tiny").text.query_init
 
 
 def _check_tower(tower, cfg, embed_dim):

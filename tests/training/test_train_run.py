@@ -114,11 +114,10 @@ pm = 0.1
     res = siclip(*run_args(root, cfg, "learn"), timeout=600)
     run = root.runs / "learn"
     steps = losses(run)
-    # 4 shards x 32 samples / 16 per step, 15 epochs. Batches of 16, not 32: at init a SAS-P block's attention is
-    # the identity, so the class and end tokens see nothing else and both towers give every input the same
-    # embedding; the loss sits at ln(batch) until β and γ part. Twice the steps leave that plateau well behind
-    # on any machine (seeds 0-3: loss ratio 0.50-0.66, held-out R@1 6.5-15.5x chance; with 60 steps of 32 it
-    # was 0.79-0.83 and 3.5x, which failed CI).
+    # 4 shards x 32 samples / 16 per step, 15 epochs. Batches of 16, not 32: sized when tiny started with the
+    # paper's W_Q = 0 (attention the identity, every input one embedding, the loss at ln(batch) until β and γ
+    # part); twice the steps left that plateau well behind on any machine (seeds 0-3: loss ratio 0.50-0.66,
+    # held-out R@1 6.5-15.5x chance; with 60 steps of 32 it was 0.79-0.83 and 3.5x, which failed CI).
     assert len(steps) == 120
     first, last = sum(v for _, v in steps[:5]) / 5, sum(v for _, v in steps[-5:]) / 5
     assert last < 0.8 * first
