@@ -386,7 +386,12 @@ def _load_checkpoint(folder: Path, model, objectives, accelerator, world: int) -
                           f"number (the data split depends on it), not {world}")
     device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # safetensors refuses "cpu:0"
     load_model(model, str(folder / "model.safetensors"), device=device)
-    accelerator.load_state(str(folder / "accelerate"))  # AdamW, the RNGs, the loss terms' parameters
+    try:
+        accelerator.load_state(str(folder / "accelerate"))  # AdamW, the RNGs, the loss terms' parameters
+    except (RuntimeError, ValueError, KeyError) as err:  # e.g. written before the loss terms' parameters were saved
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SiclipError(f"{folder}: its optimizer and loss state do not fit this run (a checkpoint of another "
+                          f"siclip version?): {reason}; start a new run with another --out") from None
     return int(state["step"])
 
 

@@ -370,6 +370,24 @@ def test_an_existing_run_is_not_overwritten_and_a_resume_with_another_config_is_
     assert "resuming from step-000003" in res.stderr
 
 
+def test_a_checkpoint_without_the_state_this_siclip_saves_is_refused_in_one_line_and_kept(root, tmp_path):
+    """As a checkpoint from before the loss terms' parameters were saved: no traceback, the folder named, nothing lost."""
+    cfg = config(tmp_path / "c.toml", BOOKKEEPING)  # PM 0.1: a loss term with parameters of its own
+    siclip(*run_args(root, cfg, "old", "--max-steps", "3"))
+    checkpoint = root.runs / "old" / "checkpoints" / "step-000003"
+    custom = sorted((checkpoint / "accelerate").glob("custom_checkpoint_*"))
+    assert custom, sorted(p.name for p in (checkpoint / "accelerate").iterdir())
+    for path in custom:
+        path.unlink()
+    kept = sorted(p.name for p in checkpoint.rglob("*"))
+    res = siclip(*run_args(root, cfg, "old", "--resume"), check=False)
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert last.startswith(f"siclip train: error: {checkpoint}: its optimizer and loss state do not fit this run"), last
+    assert last.endswith("start a new run with another --out")
+    assert sorted(p.name for p in checkpoint.rglob("*")) == kept
+
+
 def test_zero_shot_on_a_folder_of_classes(root, tmp_path):
     from PIL import Image, ImageDraw
 
