@@ -73,7 +73,8 @@ class TextTowerConfig:
     ln_eps: float = bounded(1e-5, gt=0)  # LayerNorm's ε
     gain_mlp_init: float = Field(default=0.1, allow_inf_nan=False)  # as the image tower's
     first_layer_value: bool = True  # as the image tower's
-    query_init: float = bounded(0.0, ge=0, zero="W_Q = 0, attention the identity at init", allow_inf_nan=False)  # as the image tower's
+    # as the image tower's
+    query_init: float = bounded(0.0, ge=0, zero="W_Q = 0, attention the identity at init", allow_inf_nan=False)
     causal: bool = True  # causal attention, as CLIP's text tower; false: bidirectional
     # Bidirectional only: attention ignores the padding after the end token. open_clip's non-causal
     # towers (MobileCLIP's among them) attend to it, so a student inheriting one sets this False.
