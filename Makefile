@@ -89,11 +89,12 @@ bench-real: install
 # siclip against open_clip_train (bench/peer.py) on the same real shards: bench-real's emoji set and a variant of
 # transparent PNGs listed by group; both tools at the same shape, batch, schedule and epochs, 3 seeds each; one
 # eval path for both and each tool's own; about 35 minutes on 2 quiet cores; a table, then one JSON line of
-# siclip/open_clip ratios. ARGS="--quick" (1 seed, 3 epochs), "--only siclip", "--sets transparent".
+# siclip/open_clip ratios with 95% bootstrap intervals over seeds. ARGS="--quick" (1 seed, 3 epochs), "--only siclip", "--sets transparent".
 bench-peer: install-mobileclip
 	$(MC_PY) -m bench peer --json $(ARGS)
 
-# The ablation table on bench-real's data (prepared first if missing): 5 rows x 3 seeds, about 30 minutes more.
+# The ablation table on bench-real's data (prepared first if missing): 5 rows x 3 seeds, about 15 minutes with
+# the data on 2 cores. Run names carry a digest of the code: after a change they train anew, replacing the old.
 ablations: install
 	$(PY) -m bench ablations
 

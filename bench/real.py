@@ -10,12 +10,15 @@ the zero-shot folders hold another rendering of the same held-out emoji, by Unic
 
     python -m bench real               the benchmark; ends with one JSON line
     python -m bench ablations          the ablation table (bench/configs/abl_*.toml, 3 seeds each)
-A rerun skips what is done (inputs, shards, captions, sidecars, finished runs).
+A rerun skips what is done (inputs, shards, captions, the teacher and its sidecars, finished runs). A student's
+run name carries a digest of its config and siclip's code (`run_name`), so after a code change the students
+train anew; the teacher keeps its fixed name, so remove runs/real-teacher and teacher/ to remake it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -41,6 +44,57 @@ ROWS = [  # (config, what the row adds), in the order of docs/benchmarks.md's ab
     ("abl_wikd", "+ WIKD (inheritance and distillation from the teacher)"),
     ("abl_preln", "pre-LN blocks instead of SAS-P (as + PM)"),
 ]
+
+
+def digest(*parts) -> str:
+    """Eight hex digits of the parts (a Path by its bytes, anything else by its text): part of a run's name."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.read_bytes() if isinstance(part, Path) else str(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:8]
+
+
+def siclip_code() -> list[Path]:
+    """What a siclip run's result depends on besides its data: the training and data-layer code, the presets."""
+    files = [*REPO.glob("training/**/*.py"), *REPO.glob("training/presets/*.toml"), *REPO.glob("manifests/*.py"),
+             *REPO.glob("siclip/*.py")]
+    return sorted(files)
+
+
+def run_name(config: str, *sets: str) -> str:
+    """A student's run name: the config's name, its --set overrides and a digest of them, the config and
+    siclip's code, so a rerun after a code change trains anew instead of resuming an older result."""
+    seed = next((s.split("=", 1)[1] for s in sets if s.startswith("seed=")), None)
+    return f"{config}{'' if seed is None else f'-s{seed}'}-{digest(CONFIGS / f'{config}.toml', *sets, *siclip_code())}"
+
+
+def drop_stale(data: Path, keep: str) -> list[str]:
+    """Remove the runs that `keep` replaces: the same name with another digest (the same row and seed, trained by
+    older code), from the train manifest and then from disk, so that the data root's budget holds one code
+    version's runs. Returns their names."""
+    import re
+
+    from siclip.manifests.layout import open_data_root
+    from siclip.manifests.manifest import StageManifest, stage_lock
+
+    stem = keep.rsplit("-", 1)[0] + "-"
+    stale = [p for p in sorted((data / "runs").glob(stem + "*"))
+             if p.name != keep and re.fullmatch(re.escape(stem) + "[0-9a-f]{8}", p.name)]
+    if not stale:
+        return []
+    root = open_data_root(data)
+    with stage_lock(root, "train"):
+        manifest = StageManifest.load(root, "train")
+        for run in stale:
+            unit = root.rel(run)
+            for key in [k for k in manifest.entries if k == unit or k.startswith(unit + "/")]:
+                del manifest.entries[key]
+        manifest.save(root)  # forgotten first: a file listed but gone would read as damage
+        for run in stale:
+            shutil.rmtree(run)
+            log(f"removed {root.rel(run)}: the same run trained by older code (its digest differs)")
+    return [p.name for p in stale]
 
 
 def log(msg: str) -> None:
@@ -74,8 +128,6 @@ def ensure_sources() -> None:
 
 def split():
     """(training emoji, held-out emoji): the HELD_OUT emoji whose name hashes lowest are held out."""
-    import hashlib
-
     from bench.emoji import emoji_list
 
     ranked = sorted(emoji_list(), key=lambda e: hashlib.sha256(e.name.encode()).digest())
@@ -149,6 +201,7 @@ def download(data: Path, files_rows=None, settings=SHARDS) -> None:
     from siclip.pipeline.config import DEFAULT_CONFIG, ShardsConfig
     from demo.loopback import ImageServer, write_url_list
     from siclip.pipeline.stage import run_shards
+    from siclip.manifests.errors import SiclipError
 
     files, rows = files_rows or web_rows()
     try:
@@ -159,7 +212,11 @@ def download(data: Path, files_rows=None, settings=SHARDS) -> None:
     with server:
         write_url_list(data / "emoji_urls.parquet", server.base, rows)
         cfg = resolve(ShardsConfig, DEFAULT_CONFIG, settings, {"urls": str(data / "emoji_urls.parquet"), "data": str(data)})
-        if run_shards(cfg):
+        try:
+            failed = run_shards(cfg)
+        except SiclipError as e:  # e.g. a data root made by an older siclip: one line, not a traceback
+            sys.exit(f"bench-real: {e} (or remove {data} to start over)")
+        if failed:
             sys.exit("bench-real: siclip shards failed")
 
 
@@ -196,8 +253,10 @@ def summary(result: dict, minutes: float) -> dict:
 def bench(data: Path, inputs: Path) -> None:
     started = time.monotonic()
     prepare(data, inputs)
-    siclip("train", "--data", data, "--config", CONFIGS / "real.toml", "--out", "real", "--resume")
-    result = summary(evaluate(data, inputs, "real"), (time.monotonic() - started) / 60)
+    run = run_name("real")
+    drop_stale(data, run)
+    siclip("train", "--data", data, "--config", CONFIGS / "real.toml", "--out", run, "--resume")
+    result = summary(evaluate(data, inputs, run), (time.monotonic() - started) / 60)
     print(json.dumps(result), flush=True)
 
 
@@ -208,7 +267,8 @@ def ablations(data: Path, inputs: Path, seeds: int) -> None:
     results = {}
     for config, what in ROWS:
         for seed in range(seeds):
-            run = f"{config}-s{seed}"
+            run = run_name(config, f"seed={seed}")
+            drop_stale(data, run)
             siclip("train", "--data", data, "--config", CONFIGS / f"{config}.toml", "--out", run, "--resume",
                    "--set", f"seed={seed}")
             results.setdefault(config, []).append(summary(evaluate(data, inputs, run), 0))

@@ -209,6 +209,26 @@ def test_a_checkpoint_that_would_pass_the_budget_is_refused_and_nothing_is_lost(
     assert_same_end(whole, root.runs / "tight")
 
 
+def test_bench_drops_a_run_of_older_code_from_disk_and_manifest_and_keeps_the_rest(root, tmp_path):
+    """make ablations names runs by a digest of the code; the run a new digest replaces is dropped whole, so the
+    data root's budget holds one code version's rows and the manifest still verifies."""
+    from bench.real import drop_stale
+
+    cfg = config(tmp_path / "c.toml", BOOKKEEPING)
+    siclip(*run_args(root, cfg, "abl_web-s0-0123abcd", "--max-steps", "3"))
+    siclip(*run_args(root, cfg, "abl_web-s1-0123abcd", "--max-steps", "3"))  # another seed: kept
+    (root.runs / "abl_web-s0-mine").mkdir()  # not a digest: not the bench's, kept
+    used = StorageBudget.load(root).used_bytes
+    run_bytes = StageManifest.load(root, "train").total_bytes // 2
+    assert drop_stale(root.root, "abl_web-s0-89abcdef") == ["abl_web-s0-0123abcd"]
+    assert sorted(p.name for p in root.runs.iterdir()) == ["abl_web-s0-mine", "abl_web-s1-0123abcd"]
+    units = list(StageManifest.load(root, "train").entries)
+    assert units and all(u.startswith("runs/abl_web-s1-0123abcd/") for u in units)
+    assert StorageBudget.load(root).used_bytes == used - run_bytes
+    assert siclip("manifest", root.root, "--verify").returncode == 0
+    assert drop_stale(root.root, "abl_web-s0-89abcdef") == []  # nothing more to drop
+
+
 def test_the_loop_clamps_logit_scale_after_each_step(root, tmp_path):
     """exp(logit_scale) starts at 150, over the cap of 100: after each step the loop puts it back on the cap (the
     parameter keeps its gradient in the forward pass; the clamp is the loop's job, not the model's)."""
