@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import math
 import os
+import random
 import re
 import shutil
 import statistics
@@ -94,12 +94,7 @@ class Schedule:
         return [f"seed={seed}", f"stages.0.epochs={self.epochs}", f"stages.0.warmup_steps={self.warmup}"]
 
 
-def digest(*parts) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part.read_bytes() if isinstance(part, Path) else str(part).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:8]
+digest, siclip_code = real.digest, real.siclip_code
 
 
 # ----------------------------------------------------------------------------- data
@@ -169,13 +164,6 @@ def train_measured(cmd: list, run: Path, console: Path | None = None) -> None:
 
 def measured(run: Path) -> dict:
     return json.loads((run / MEASURED).read_text()) if (run / MEASURED).is_file() else {}
-
-
-def siclip_code() -> list[Path]:
-    """What a siclip run's result depends on besides its data: the training and data-layer code, the presets."""
-    files = [*REPO.glob("training/**/*.py"), *REPO.glob("training/presets/*.toml"), *REPO.glob("manifests/*.py"),
-             *REPO.glob("siclip/*.py")]
-    return sorted(files)
 
 
 def siclip_train(data: Path, config: Path, sets: list[str], name: str, retrain: bool = False) -> Path:
@@ -565,10 +553,6 @@ def pick(run: dict, path: tuple):
     return run
 
 
-def mean_of(runs: list[dict], path: tuple) -> float | None:
-    return statistics.mean(pick(r, path) for r in runs) if runs else None
-
-
 def cell(runs: list[dict], path: tuple, pct: bool = True) -> str:
     values = [pick(r, path) * (100 if pct else 1) for r in runs]
     if not values:
@@ -587,18 +571,54 @@ RATIOS = {  # name: (path into a run, whose mean over seeds is divided siclip (o
 }
 
 
-def ratios(runs: list[dict], tool: str = "siclip") -> dict:
-    """`tool` over open_clip of the mean over seeds, per set; None where either side has no run or 0."""
+def seed_figures(runs: list[dict], tool: str) -> dict:
+    """{set: {ratio's name: (`tool`'s figure seed by seed, open_clip's)}}, for the sets where both have runs."""
     out = {}
     for set_name in sorted({r["set"] for r in runs}):
-        by_tool = {t: [r for r in runs if r["set"] == set_name and r["tool"] == t] for t in (tool, "open_clip")}
-        if not all(by_tool.values()):
-            continue
-        out[set_name] = {}
-        for name, path in RATIOS.items():
-            a, b = mean_of(by_tool[tool], path), mean_of(by_tool["open_clip"], path)
-            out[set_name][name] = round(a / b, 3) if b else None
+        by_tool = [[r for r in runs if r["set"] == set_name and r["tool"] == t] for t in (tool, "open_clip")]
+        if all(by_tool):
+            out[set_name] = {name: tuple([pick(r, path) for r in rs] for rs in by_tool)
+                             for name, path in RATIOS.items()}
     return out
+
+
+def ratios(runs: list[dict], tool: str = "siclip") -> dict:
+    """`tool` over open_clip of the mean over seeds, per set; None where open_clip's mean is 0."""
+    return {set_name: {name: round(statistics.mean(a) / statistics.mean(b), 3) if statistics.mean(b) else None
+                       for name, (a, b) in figures.items()}
+            for set_name, figures in seed_figures(runs, tool).items()}
+
+
+def ratio_intervals(runs: list[dict], tool: str = "siclip", resamples: int = 10_000) -> dict:
+    """For each ratio of `ratios`, a 95% bootstrap interval over seeds: each tool's seeds drawn again with
+    replacement, the ratio of the means, its 2.5th and 97.5th percentiles. Seeds are few (3 to 10), so the
+    interval is rough and, if anything, too narrow; None where a tool has fewer than 2 seeds."""
+    rng, out = random.Random(0), {}
+    for set_name, figures in seed_figures(runs, tool).items():
+        out[set_name] = {}
+        for name, (a, b) in figures.items():
+            draws = []
+            for _ in range(resamples if min(len(a), len(b)) > 1 else 0):
+                den = statistics.fmean(rng.choices(b, k=len(b)))
+                if den > 0:
+                    draws.append(statistics.fmean(rng.choices(a, k=len(a))) / den)
+            draws.sort()
+            out[set_name][name] = ([round(draws[int(0.025 * (len(draws) - 1))], 3),
+                                    round(draws[int(0.975 * (len(draws) - 1))], 3)] if draws else None)
+    return out
+
+
+def interval_lines(ratio: dict, interval: dict, tool: str) -> str:
+    """One line per set: each ratio with its bootstrap interval, for the reader of stderr."""
+    lines = []
+    for set_name, figures in ratio.items():
+        cells = []
+        for name, value in figures.items():
+            ci = interval.get(set_name, {}).get(name)
+            if value is not None:
+                cells.append(f"{name} {value}×" + (f" [{ci[0]}, {ci[1]}]" if ci else ""))
+        lines.append(f"{tool} / open_clip, {set_name} (95% bootstrap over seeds): " + ", ".join(cells))
+    return "\n".join(lines)
 
 
 def table(runs: list[dict], chance: dict) -> str:
@@ -679,7 +699,7 @@ def bench(args) -> dict:
         classes = {lv: len(class_names(inputs / "zeroshot" / lv)[0]) for lv in LEVELS}
         chance = {"group": 1 / classes["group"], "subgroup": 1 / classes["subgroup"], "r1": 1 / len(pairs)}
     print(table(runs, chance), file=sys.stderr, flush=True)
-    out = {"ratios": ratios(runs), "runs": runs,
+    out = {"ratios": ratios(runs), "ratio_ci95": ratio_intervals(runs), "runs": runs,
             "settings": {"epochs": epochs, "warmup_steps": warmup, "seeds": seeds, "batch_size": base.batch_size,
                          "lr": base.stages[0].lr, "weight_decay": base.weight_decay, "workers": base.workers,
                          "open_clip_model": OPEN_CLIP_MODEL, "siclip_config": str(CONFIG.relative_to(REPO)),
@@ -687,7 +707,11 @@ def bench(args) -> dict:
             "chance": {k: round(v, 4) for k, v in chance.items()},
             "minutes": round((time.monotonic() - started) / 60, 1)}
     if recipe:  # the recipe over open_clip_train, and the teacher's compute, which the recipe's runs leave out
-        out.update(recipe_ratios=ratios(runs, "recipe"), teachers=teachers)
+        out.update(recipe_ratios=ratios(runs, "recipe"), recipe_ratio_ci95=ratio_intervals(runs, "recipe"),
+                   teachers=teachers)
+    print(interval_lines(out["ratios"], out["ratio_ci95"], "siclip"), file=sys.stderr, flush=True)
+    if recipe:
+        print(interval_lines(out["recipe_ratios"], out["recipe_ratio_ci95"], "recipe"), file=sys.stderr, flush=True)
     return out
 
 
