@@ -89,7 +89,8 @@ bench-real: install
 # siclip against open_clip_train (bench/peer.py) on the same real shards: bench-real's emoji set and a variant of
 # transparent PNGs listed by group; both tools at the same shape, batch, schedule and epochs, 3 seeds each; one
 # eval path for both and each tool's own; about 35 minutes on 2 quiet cores; a table, then one JSON line of
-# siclip/open_clip ratios with 95% bootstrap intervals over seeds. ARGS="--quick" (1 seed, 3 epochs), "--only siclip", "--sets transparent".
+# siclip/open_clip ratios with 95% bootstrap intervals over seeds. ARGS="--quick" (1 seed, 3 epochs),
+# "--only siclip", "--sets transparent".
 bench-peer: install-mobileclip
 	$(MC_PY) -m bench peer --json $(ARGS)
 

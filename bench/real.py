@@ -66,7 +66,8 @@ def run_name(config: str, *sets: str) -> str:
     """A student's run name: the config's name, its --set overrides and a digest of them, the config and
     siclip's code, so a rerun after a code change trains anew instead of resuming an older result."""
     seed = next((s.split("=", 1)[1] for s in sets if s.startswith("seed=")), None)
-    return f"{config}{'' if seed is None else f'-s{seed}'}-{digest(CONFIGS / f'{config}.toml', *sets, *siclip_code())}"
+    code = digest(CONFIGS / f"{config}.toml", *sets, *siclip_code())
+    return f"{config}-s{seed}-{code}" if seed is not None else f"{config}-{code}"
 
 
 def drop_stale(data: Path, keep: str) -> list[str]:
