@@ -49,6 +49,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench import real
+from bench.real import digest, siclip_code
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "bench" / "configs" / "peer_tiny_preln.toml"
@@ -92,9 +93,6 @@ class Schedule:
 
     def sets(self, seed: int) -> list[str]:
         return [f"seed={seed}", f"stages.0.epochs={self.epochs}", f"stages.0.warmup_steps={self.warmup}"]
-
-
-digest, siclip_code = real.digest, real.siclip_code
 
 
 # ----------------------------------------------------------------------------- data

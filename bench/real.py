@@ -62,12 +62,12 @@ def siclip_code() -> list[Path]:
     return sorted(files)
 
 
-def run_name(config: str, *sets: str) -> str:
-    """A student's run name: the config's name, its --set overrides and a digest of them, the config and
+def run_name(config: str, seed: int | None = None) -> str:
+    """A student's run name: the config's name, its seed and a digest of the config, the seed's --set and
     siclip's code, so a rerun after a code change trains anew instead of resuming an older result."""
-    seed = next((s.split("=", 1)[1] for s in sets if s.startswith("seed=")), None)
-    code = digest(CONFIGS / f"{config}.toml", *sets, *siclip_code())
-    return f"{config}-s{seed}-{code}" if seed is not None else f"{config}-{code}"
+    if seed is None:
+        return f"{config}-{digest(CONFIGS / f'{config}.toml', *siclip_code())}"
+    return f"{config}-s{seed}-{digest(CONFIGS / f'{config}.toml', f'seed={seed}', *siclip_code())}"
 
 
 def drop_stale(data: Path, keep: str) -> list[str]:
@@ -268,7 +268,7 @@ def ablations(data: Path, inputs: Path, seeds: int) -> None:
     results = {}
     for config, what in ROWS:
         for seed in range(seeds):
-            run = run_name(config, f"seed={seed}")
+            run = run_name(config, seed)
             drop_stale(data, run)
             siclip("train", "--data", data, "--config", CONFIGS / f"{config}.toml", "--out", run, "--resume",
                    "--set", f"seed={seed}")

@@ -22,15 +22,15 @@ def code(tmp_path, monkeypatch):
 
 def test_a_run_name_changes_with_the_code_the_config_and_the_seed(code):
     config, src = code
-    name = real.run_name("abl_web", "seed=0")
+    name = real.run_name("abl_web", 0)
     assert name.startswith("abl_web-s0-") and len(name) == len("abl_web-s0-") + 8
-    assert real.run_name("abl_web", "seed=0") == name  # the same code and config: the same run, resumed
-    assert real.run_name("abl_web", "seed=1").startswith("abl_web-s1-")
+    assert real.run_name("abl_web", 0) == name  # the same code and config: the same run, resumed
+    assert real.run_name("abl_web", 1).startswith("abl_web-s1-")
     src.write_text("x = 2\n")
-    changed = real.run_name("abl_web", "seed=0")
+    changed = real.run_name("abl_web", 0)
     assert changed != name and changed.startswith("abl_web-s0-")
     config.write_text('model = "tiny_preln"\n')
-    assert real.run_name("abl_web", "seed=0") not in (name, changed)
+    assert real.run_name("abl_web", 0) not in (name, changed)
 
 
 def test_the_repo_code_is_in_the_digest():
