@@ -23,7 +23,7 @@ comma   := ,
 export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: install install-mobileclip install-scaleout shards captions teacher train eval manifests bench \
-	bench-real bench-peer bench-fit ablations test test-mobileclip test-scaleout mutation demo clean-demo
+	bench-real bench-peer bench-fit bench-gpu gpu-wheels ablations test test-mobileclip test-scaleout mutation demo clean-demo
 
 # A virtual environment $(1) with the project and its extras $(2): torch first, pinned to the CPU build this project
 # is tested with; a GPU user installs theirs before `make install`
@@ -103,6 +103,23 @@ ablations: install
 # CLIP of tiny_preln's shape (the mobileclip environment has open_clip): about 20 minutes on 2 cores.
 bench-fit: install-mobileclip
 	$(MC_PY) -m bench fit --json $(ARGS)
+
+# The GPU figures (bench/gpu.py) on a machine with one CUDA GPU, in the mobileclip environment (open_clip_train's
+# step is the baseline): siclip's step against open_clip_train's with MFU, the loader at 4/8/16 workers, each speed
+# lever alone, captions in bf16; about 7 minutes on an H100. ARGS="--parts step,levers", "--peak-tflops 165".
+bench-gpu: install-mobileclip
+	$(MC_PY) -m bench gpu --device cuda --json $(ARGS)
+
+# The wheels bench/gpu.sh installs on a machine whose python has torch, torchvision, timm, transformers and
+# accelerate but not the rest (a lent GPU machine: Python 3.12, x86-64), into .whl/ (ignored by git; 8 MB)
+GPU_WHEELS := dask==2026.8.0 distributed==2026.8.0 partd==1.4.2 locket==1.0.0 tblib==3.2.2 tornado==6.6.1 zict==3.0.0 \
+	ftfy==6.3.1 wcwidth==0.9.5 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	typing_extensions==4.16.0 open_clip_torch==3.3.0 webdataset==0.2.111 braceexpand==0.1.7
+GPU_PYTHON ?= 3.12
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)

@@ -13,6 +13,7 @@ line; without it, indented. ARGS after NAME go to the benchmark (`python -m benc
     python -m bench sasp           SAS-P against pre-LN steps on a CPU, with a profile
     python -m bench overhead       bench train's ratio: decoding on the same cores against the loop's overhead
     python -m bench days           FLOPs and loader CPU per training sample, for the days-to-train table
+    python -m bench gpu            the GPU figures: step against open_clip_train, loader, levers, captions
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ BENCHES = {
                       lambda figures: figures["median"]["ratio"]),
     "days": Bench("days", "bench_days", None, "training FLOPs per sample (tiny, paper) and the loader's CPU ms "
                   "per sample: the counts README's days-to-train table is built from", _none),
+    "gpu": Bench("gpu", "main", "open_clip_train's step; the step's consumption; the step without the lever; "
+                 "transformers' pipeline", "the GPU figures in one run (make bench-gpu; bench/gpu.sh): siclip's "
+                 "step against open_clip_train's with MFU, the loader, the levers, captions", lambda f: f["ratios"]),
 }
 QUICK = ("shards", "captions", "coca", "blocks", "train")  # `all`, as `make bench` runs it
 

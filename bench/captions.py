@@ -97,7 +97,8 @@ def _tiny_blip(path: Path) -> Path:
     return path
 
 
-def _pipeline_rate(model_path: Path, jpegs: list[bytes], time_cap: float, device: str = "cpu") -> tuple[float, int]:
+def _pipeline_rate(model_path: Path, jpegs: list[bytes], time_cap: float, device: str = "cpu",
+                   dtype: str = "float16") -> tuple[float, int]:
     """Images/s of transformers' pipeline, one image per call, after one warm-up call.
 
     Measured with torch's default threads and with one thread, the better one kept: on small CPUs
@@ -111,7 +112,7 @@ def _pipeline_rate(model_path: Path, jpegs: list[bytes], time_cap: float, device
 
     gen = dict(do_sample=True, top_p=GEN["top_p"], temperature=GEN["temperature"],
                num_return_sequences=GEN["num_captions"], max_new_tokens=GEN["max_new_tokens"])
-    on_gpu = {"device": device, "dtype": torch.float16} if device.startswith("cuda") else {}
+    on_gpu = {"device": device, "dtype": getattr(torch, dtype)} if device.startswith("cuda") else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:  # transformers 5 folded image-to-text into image-text-to-text
@@ -141,7 +142,7 @@ def _pipeline_rate(model_path: Path, jpegs: list[bytes], time_cap: float, device
 
 
 def _siclip_rate(model_path: Path, jpegs: list[bytes], work: Path, workers: int, batch_size: int,
-                 device: str = "cpu") -> dict:
+                 device: str = "cpu", dtype: str = "float16") -> dict:
     from siclip.captioning.cli import run_config
     from siclip.captioning.config import CaptionsConfig
     from siclip.manifests.layout import DataRoot
@@ -150,7 +151,7 @@ def _siclip_rate(model_path: Path, jpegs: list[bytes], work: Path, workers: int,
     root = _data_root(work / "data", jpegs, shards=max(2, 2 * workers))
     cfg = CaptionsConfig(data=str(root.root), model=str(model_path), workers=workers, batch_size=batch_size,
                          device="cuda" if device.startswith("cuda") else "cpu",
-                         dtype="float16" if device.startswith("cuda") else "auto", **GEN)
+                         dtype=dtype if device.startswith("cuda") else "auto", **GEN)
     t0 = time.perf_counter()
     rc = run_config(cfg)
     wall = time.perf_counter() - t0
@@ -165,11 +166,11 @@ def _siclip_rate(model_path: Path, jpegs: list[bytes], work: Path, workers: int,
 
 
 def _one(name: str, model_path: Path, images: int, work: Path, workers: int, batch_size: int, time_cap: float,
-         device: str = "cpu") -> dict:
+         device: str = "cpu", dtype: str = "float16") -> dict:
     jpegs = _images(images)
-    base, threads = _pipeline_rate(model_path, jpegs, time_cap, device)
+    base, threads = _pipeline_rate(model_path, jpegs, time_cap, device, dtype)
     _log(f"{name}: pipeline one image at a time: {base:.3f} images/s ({threads} torch threads)")
-    ours = _siclip_rate(model_path, jpegs, work / name, workers, batch_size, device)
+    ours = _siclip_rate(model_path, jpegs, work / name, workers, batch_size, device, dtype)
     res = {"images": images, "pipeline_images_per_s": base, "pipeline_threads": threads, **ours,
            "ratio": ours["images_per_s"] / base}
     _log(f"{name}: siclip captions ({workers} workers, batch {batch_size}): {ours['images_per_s']:.2f} images/s "
@@ -178,11 +179,12 @@ def _one(name: str, model_path: Path, images: int, work: Path, workers: int, bat
     return res
 
 
-def bench_captions(quick: bool = False, work_dir: str | Path | None = None, device: str = "cpu") -> dict:
+def bench_captions(quick: bool = False, work_dir: str | Path | None = None, device: str = "cpu",
+                   dtype: str = "float16") -> dict:
     """Images/s and bytes per caption of siclip captions against the pipeline; ratio = siclip over pipeline.
 
     work_dir: where the models and data roots go (<work_dir>/<model>/data), kept for inspection;
-    default a temporary folder, removed at the end. device "cuda": the base-size BLIP only, in float16,
+    default a temporary folder, removed at the end. device "cuda": the base-size BLIP only, in `dtype`,
     batches of 64 on one dask worker against the pipeline on the same GPU."""
     import contextlib
     import os
@@ -196,9 +198,9 @@ def bench_captions(quick: bool = False, work_dir: str | Path | None = None, devi
         work = Path(tmp)
         if device.startswith("cuda"):
             base = _one("base", _base_blip(work / "base-model"), 64 if quick else 512, work, 1, 64, time_cap=30,
-                        device=device)
+                        device=device, dtype=dtype)
             return {"ratio": base["ratio"], "images_per_s": base["images_per_s"], "model": "blip-base(random)",
-                    "device": device, "base": base}
+                    "device": device, "dtype": dtype, "base": base}
         tiny = _one("tiny", _tiny_blip(work / "tiny-model"), 24 if quick else 128, work, 2, 16,
                     time_cap=4 if quick else 20)
         result = {"ratio": tiny["ratio"], "images_per_s": tiny["images_per_s"],
@@ -214,13 +216,14 @@ def bench_captions(quick: bool = False, work_dir: str | Path | None = None, devi
 
 
 def bench_coca(quick: bool = False, arch: str | None = None, images: int | None = None,
-               device: str = "cpu") -> dict:
+               device: str = "cpu", batch_size: int | None = None, dtype: str = "auto") -> dict:
     """Images/s of `siclip captions` with an open_clip CoCa (the seed's: coca_ViT-L-14) built with random weights,
     saved and named as `coca:ARCH:FILE`: 3 captions per image, top-p 0.5, temperature 0.9, 30 new tokens.
 
     Random weights rarely draw the end token, so every caption runs its 30 tokens: a trained captioner stops
     sooner (about 10-15 tokens for COCO-style captions). No baseline: open_clip's own `generate` is switched off
-    under transformers 5. Needs the extra siclip[mobileclip]; without it, {"skipped": why}."""
+    under transformers 5. batch_size: images per generate call (default all of them); dtype: the model's
+    precision on a GPU (auto: float16). Needs the extra siclip[mobileclip]; without it, {"skipped": why}."""
     try:
         import open_clip
     except Exception as e:  # ImportError, or a torchvision that does not match torch
@@ -248,8 +251,9 @@ def bench_coca(quick: bool = False, arch: str | None = None, images: int | None 
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
         del model
         root = _data_root(work / "data", _images(images), shards=1)
-        cfg = CaptionsConfig(data=str(root.root), model=f"coca:{arch}:{weights}", workers=1, batch_size=images,
-                             device=device, **gen)
+        cfg = CaptionsConfig(data=str(root.root), model=f"coca:{arch}:{weights}", workers=1,
+                             batch_size=batch_size or images, device=device,
+                             dtype=dtype if device.startswith("cuda") else "auto", **gen)
         t0 = time.perf_counter()
         if run_config(cfg) != 0:
             raise RuntimeError("siclip captions exited non-zero")
@@ -260,6 +264,7 @@ def bench_coca(quick: bool = False, arch: str | None = None, images: int | None 
     _log(f"coca: {arch} ({params / 1e6:.0f}M parameters, random weights) on {device}: {rate:.3f} images/s for "
          f"{gen['num_captions']} captions of {gen['max_new_tokens']} tokens each ({images} images; end to end with "
          f"the model load {images / wall:.3f}); {hours:,.0f} hours per million images at this rate")
-    return {"model": arch, "parameters": params, "images": images, "images_per_s": rate,
+    return {"model": arch, "parameters": params, "images": images, "batch_size": batch_size or images,
+            "images_per_s": rate,
             "end_to_end_images_per_s": images / wall, "hours_per_million_images": hours, "device": device,
             **{k: gen[k] for k in ("num_captions", "top_p", "temperature", "max_new_tokens")}}

@@ -24,8 +24,6 @@ import torch
 
 
 def flops_per_sample(config: str, batch: int = 2) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
-
     from siclip.training.config import load_train_config
     from siclip.training.model import build_model, load_config
 
@@ -39,11 +37,24 @@ def flops_per_sample(config: str, batch: int = 2) -> dict:
     texts[:, min(20, context - 1)] = 49407  # an end token, so the text tower pools a real position
     out = {"config": config, "model": cfg.model, "image_size": size, "captions_per_image": captions}
     for tower, encode, inputs in (("image", model.encode_image, pixels), ("text", model.encode_text, texts)):
-        with FlopCounterMode(display=False) as counter:
-            encode(inputs).float().pow(2).sum().backward()
-        out[f"{tower}_gflop"] = round(counter.get_total_flops() / batch / 1e9, 2)
+        out[f"{tower}_gflop"] = round(count_training_flops(encode, None, inputs, None) / batch / 1e9, 2)
     out["gflop_per_sample"] = round(out["image_gflop"] + out["text_gflop"], 2)
     return out
+
+
+def count_training_flops(encode_image, encode_text, pixels, texts) -> int:
+    """FLOPs of one forward and backward of each given tower (None: left out) on its inputs, as
+    torch.utils.flop_counter counts them (matrix products and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    total = 0
+    for encode, inputs in ((encode_image, pixels), (encode_text, texts)):
+        if encode is None:
+            continue
+        with FlopCounterMode(display=False) as counter:
+            encode(inputs).float().pow(2).sum().backward()
+        total += counter.get_total_flops()
+    return total
 
 
 def _jpegs(n: int, size: int, seed: int = 0) -> list[bytes]:

@@ -66,11 +66,11 @@ def test_siclip_bench_says_in_one_line_where_the_benchmarks_are(capsys):
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_the_make_targets_run_the_entries_from_the_checkout():
-    targets = ["demo", "bench", "bench-real", "bench-peer", "bench-fit", "ablations"]
+    targets = ["demo", "bench", "bench-real", "bench-peer", "bench-fit", "bench-gpu", "ablations"]
     out = subprocess.run(["make", "-n", "-s", "-C", str(REPO), "-o", "install", "-o", "install-mobileclip", *targets],
                          capture_output=True, text=True, check=True).stdout
     modules = set(re.findall(r"python -m ([\w.]+)", out))
     assert modules == {"demo", "demo.fit", "bench"}
     assert all(importlib.util.find_spec(m).origin.startswith(str(REPO)) for m in modules)
     names = re.findall(r"python -m bench (\w+)", out)
-    assert names == ["all", "real", "peer", "fit", "ablations"] and set(names) <= {*BENCHES, "all"}
+    assert names == ["all", "real", "peer", "fit", "gpu", "ablations"] and set(names) <= {*BENCHES, "all"}
