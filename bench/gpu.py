@@ -15,9 +15,10 @@ same run, on random tensors or generated shards (nothing downloaded):
            shards, against the step's consumption; JPEG decoding on the GPU (torchvision.io.decode_jpeg)
            against PIL on one core.
   levers   each alone on the recipe's step against the step without it, each in a process of its own (a
-           lever that crashes or hangs costs its own figure only): fused AdamW, channels_last, each SDPA
-           backend, torch.compile of each tower, CUDA graphs (compile's reduce-overhead mode of both);
-           reparameterisation is recorded as not applying to training.
+           lever that crashes or hangs costs its own figure only): torch.compile of each tower, CUDA graphs
+           (compile's reduce-overhead mode of both), channels_last, each SDPA backend; and, the other way
+           round, AdamW unfused (the loop uses the fused kernel). Reparameterisation is recorded as not
+           applying to training.
   captions bench/captions.py's BLIP-base (random weights) in bf16, batched, against transformers' pipeline
            one image at a time; CoCa ViT-L/14 (random weights, extra siclip[mobileclip]) batched against
            siclip's own captioner one image per batch (transformers' pipeline cannot run open_clip's CoCa).
@@ -93,6 +94,7 @@ class Settings:
     workers: tuple
     budget_s: float | None  # None: BUDGET_S
     peak_tflops: float | None
+    levers: tuple = ()  # only these levers (default: every one that applies)
 
     @property
     def cuda(self) -> bool:
@@ -110,7 +112,8 @@ def settings(args) -> Settings:
         open_clip_model=args.open_clip_model or ("MobileCLIP2-S0" if cuda else OPEN_CLIP_CPU_MODEL),
         batch=args.batch or (256 if cuda else 8), micro=args.micro or (128 if cuda else 4),
         steps=args.steps or ((5 if args.quick else 10) if cuda else 2), warmup=3 if cuda else 1,
-        workers=workers, budget_s=args.budget_s, peak_tflops=args.peak_tflops)
+        workers=workers, budget_s=args.budget_s, peak_tflops=args.peak_tflops,
+        levers=tuple(args.levers.split(",")) if args.levers else ())
 
 
 def spent(s: Settings, part: str, started: float) -> str | None:
@@ -174,7 +177,7 @@ def siclip_setup(s: Settings, objective: str = "recipe", trainable: str = "all",
     from siclip.training.loop import train_step
     from siclip.training.model import build_model, load_config
     from siclip.training.objective import Objective, SidecarTeacher
-    from siclip.training.step import decay_groups, prepare_model, set_trainable
+    from siclip.training.step import adamw, decay_groups, prepare_model, set_trainable
 
     cfg = load_train_config(s.config, [])
     stage, batch = cfg.stages[-1], batch or s.batch
@@ -199,10 +202,9 @@ def siclip_setup(s: Settings, objective: str = "recipe", trainable: str = "all",
         if f"compile_{'image' if tower == 'visual' else 'text'}" in levers or "cuda_graphs" in levers:
             setattr(plain, tower, torch.compile(getattr(plain, tower), mode=mode))
     named = list(plain.named_parameters()) + [(f"objective.{n}", p) for n, p in loss.named_parameters()]
-    fused = {"fused": True} if "fused_adamw" in levers else {}
-    optimizer = acc.prepare(torch.optim.AdamW(decay_groups(named, cfg.weight_decay), lr=1e-4,
-                                              betas=tuple(cfg.betas), eps=cfg.eps, **fused))
     loss.to(acc.device)
+    optimizer = acc.prepare(adamw(decay_groups(named, cfg.weight_decay), lr=1e-4, betas=tuple(cfg.betas),
+                                  eps=cfg.eps, fused="unfused_adamw" not in levers))
     params = [p for _, p in named]
     g = torch.Generator().manual_seed(0)
     size, context = plain.config.image.image_size, plain.config.text.context_length
@@ -437,7 +439,7 @@ def gpu_decode(s: Settings, jpegs: list[bytes]) -> dict:
 
 
 # most promising first: the part's budget may leave the last ones unmeasured
-LEVERS = ("fused_adamw", "compile_image", "compile_text", "channels_last", "sdpa_efficient_attention",
+LEVERS = ("unfused_adamw", "compile_image", "compile_text", "channels_last", "sdpa_efficient_attention",
           "sdpa_cudnn_attention", "sdpa_flash_attention", "sdpa_math", "cuda_graphs")
 REPARAMETERISE = ("MobileOne/FastViT reparameterisation folds the training-time branches into one conv for "
                   "inference; training needs the branches")
@@ -485,11 +487,44 @@ def crash_site(stderr: str) -> str:
     return lines[-1][:200] if lines else ""
 
 
+def adamw_step_ms(s: Settings) -> dict:
+    """Milliseconds of the optimizer step alone over the config's model, fused and not (median of 3 runs of 20)."""
+    from siclip.training.config import load_train_config
+    from siclip.training.model import build_model, load_config
+    from siclip.training.step import adamw, decay_groups
+
+    cfg = load_train_config(s.config, [])
+    torch.manual_seed(0)
+    model = build_model(load_config(cfg.model, cfg.model_overrides())).to(s.device)
+    named = list(model.named_parameters())
+    for _, p in named:
+        p.grad = torch.randn_like(p)
+    out = {"parameters": sum(p.numel() for _, p in named), "tensors": len(named)}
+    for fused in (True, False):
+        optimizer = adamw(decay_groups(named, cfg.weight_decay), lr=1e-4, fused=fused)
+        runs = []
+        for _ in range(3):
+            for _ in range(3):
+                optimizer.step()
+            sync(s)
+            start = time.perf_counter()
+            for _ in range(20):
+                optimizer.step()
+            sync(s)
+            runs.append((time.perf_counter() - start) / 20 * 1000)
+        out["fused" if fused else "unfused"] = round(sorted(runs)[1], 2)
+    return out
+
+
 def levers_part(s: Settings) -> dict:
-    names = [n for n in LEVERS if s.cuda or n in ("fused_adamw", "channels_last", "sdpa_math")]
+    names = [n for n in LEVERS if (s.cuda or n in ("unfused_adamw", "channels_last", "sdpa_math"))
+             and (not s.levers or n in s.levers)]
     if s.quick:
         names = [n for n in names if "compile" not in n and n != "cuda_graphs"]
     out = {"reparameterise": {"not_applicable": REPARAMETERISE}}
+    with recorded(out, "adamw_step_ms"):  # the fused kernel's share, which a whole step's noise can hide
+        out["adamw_step_ms"] = adamw_step_ms(s)
+        log(f"AdamW's step alone (ms): {out['adamw_step_ms']}")
     started = time.monotonic()
     for name in ["baseline", *names]:
         if spent(s, "levers", started):
@@ -587,6 +622,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, help="seconds after which a part starts no new measurement "
                    f"(default {', '.join(f'{k} {v:.0f}' for k, v in BUDGET_S.items())})")
     p.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, where the table lacks it")
+    p.add_argument("--levers", help=f"comma-separated, of {','.join(LEVERS)} (default: all that apply)")
     p.add_argument("--partial", help="a file the figures are written to after each part (kept if a part crashes)")
     p.add_argument("--one-lever", help=argparse.SUPPRESS)  # levers_part's child process
     args = p.parse_args(argv)
@@ -600,6 +636,9 @@ def main(argv=None) -> int:
     unknown = [x for x in parts if x not in PARTS]
     if unknown:
         p.error(f"--parts: unknown {', '.join(unknown)} (known: {', '.join(PARTS)})")
+    unknown = [x for x in (args.levers or "").split(",") if x and x not in LEVERS]
+    if unknown:
+        p.error(f"--levers: unknown {', '.join(unknown)} (known: {', '.join(LEVERS)})")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(json.dumps(bench(settings(args), parts, args.partial)), flush=True)
     return 0

@@ -32,8 +32,8 @@ from siclip.training.evaluate import ModelEncoder, retrieval, zeroshot_results
 from siclip.training.runs import FINAL, STATE, Run, checkpoint_name, folder_bytes, write_plots
 from siclip.training.start import (Parts, broadcast_message, build, check_start, config_digest, open_run, say,
                                    write_run_folder)
-from siclip.training.step import (StageSpan, decay_groups, forward_backward, frozen_batchnorm_to_eval, prepare_model,
-                                  set_trainable, student_inputs)
+from siclip.training.step import (StageSpan, adamw, decay_groups, forward_backward, frozen_batchnorm_to_eval,
+                                  prepare_model, set_trainable, student_inputs)
 from siclip.training.tracking import start_tracking
 
 EXIT_BUDGET = 3
@@ -107,12 +107,12 @@ def prepare(cfg: TrainConfig, parts: Parts, accelerator):
     through accelerator.prepare, the objectives and teachers on the device."""
     objectives = parts.objectives
     model = prepare_model(parts.model, accelerator)
-    named = list(parts.model.named_parameters()) + [(f"objective.{n}", p) for n, p in objectives.named_parameters()]
-    optimizer = accelerator.prepare(torch.optim.AdamW(decay_groups(named, cfg.weight_decay), lr=parts.spans[0].cfg.lr,
-                                                      betas=tuple(cfg.betas), eps=cfg.eps))
     # not modules DDP could wrap (the objective is called once per step on gathered features; a teacher does not
-    # train): placed by hand
+    # train): placed by hand, before AdamW, whose fused kernel checks where every parameter is
     objectives.to(accelerator.device)
+    named = list(parts.model.named_parameters()) + [(f"objective.{n}", p) for n, p in objectives.named_parameters()]
+    optimizer = accelerator.prepare(adamw(decay_groups(named, cfg.weight_decay), lr=parts.spans[0].cfg.lr,
+                                          betas=tuple(cfg.betas), eps=cfg.eps))
     for t in parts.teachers.values():
         if t is not None:
             t.to(accelerator.device)

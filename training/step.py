@@ -149,6 +149,18 @@ def decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) ->
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def adamw(groups: list[dict], lr: float, betas=(0.9, 0.999), eps: float = 1e-8, fused: bool = True):
+    """torch's AdamW, with its fused kernel (one kernel over every tensor) where this torch has one for the
+    parameters' device: CUDA, and the CPU from torch 2.4. The same update; on 2 CPU cores the step of `tiny`'s
+    7.6M parameters takes 2.7 ms fused against 27 ms (`python -m bench gpu --parts levers`: adamw_step_ms)."""
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+        except RuntimeError:  # "`fused=True` requires all the params to be floating point Tensors of supported devices"
+            pass
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
 @dataclass
 class StageSpan:
     """A stage placed on the step axis: steps [start, end)."""

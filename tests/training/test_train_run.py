@@ -289,6 +289,10 @@ clip_synthetic = 0.0
     assert text and all(torch.equal(after_stage[k], initial[k]) for k in text)
     assert not all(torch.equal(after_stage[k], initial[k]) for k in after_stage if k.startswith("visual."))
     assert not all(torch.equal(final[k], initial[k]) for k in text)
+    # AdamW ran its fused kernel (training/step.py's adamw), which leaves a parameter without a gradient untouched
+    state = torch.load(root.runs / "frozen" / "checkpoints" / "step-000004" / "accelerate" / "optimizer.bin",
+                       weights_only=False)
+    assert all(group["fused"] for group in state["param_groups"])
 
 
 def test_inheritance_and_distillation_from_sidecars_a_siclip_run_and_a_transformers_clip(root, tmp_path):

@@ -191,3 +191,31 @@ def test_without_gradient_caching_each_tower_runs_once_per_step_whatever_the_cap
     chunks = -(-len(pixels) // micro) if passes > 1 else 1
     text_chunks = -(-len(texts) // micro) if passes > 1 else 1
     assert calls == {"image": passes * chunks, "text": passes * text_chunks}
+
+
+def test_adamw_takes_the_fused_kernel_where_torch_has_one_and_the_same_steps_otherwise(monkeypatch):
+    from siclip.training import step
+
+    def run(fused: bool) -> tuple[torch.optim.Optimizer, torch.Tensor]:
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(4, 3))
+        opt = step.adamw([{"params": [w], "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.98), eps=1e-6, fused=fused)
+        for _ in range(3):
+            w.grad = torch.ones_like(w)
+            opt.step()
+        return opt, w.detach()
+
+    fused, w_fused = run(True)
+    plain, w_plain = run(False)
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    assert torch.allclose(w_fused, w_plain, atol=1e-6)  # one AdamW, two kernels
+    real = torch.optim.AdamW
+
+    def no_fused_kernel(*args, fused=None, **kwargs):  # as torch before 2.4 answers for parameters on the CPU
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused_kernel)
+    fallback, w_fallback = run(True)
+    assert not fallback.defaults["fused"] and torch.equal(w_fallback, w_plain)
