@@ -265,6 +265,5 @@ def bench_coca(quick: bool = False, arch: str | None = None, images: int | None 
          f"{gen['num_captions']} captions of {gen['max_new_tokens']} tokens each ({images} images; end to end with "
          f"the model load {images / wall:.3f}); {hours:,.0f} hours per million images at this rate")
     return {"model": arch, "parameters": params, "images": images, "batch_size": batch_size or images,
-            "images_per_s": rate,
-            "end_to_end_images_per_s": images / wall, "hours_per_million_images": hours, "device": device,
-            **{k: gen[k] for k in ("num_captions", "top_p", "temperature", "max_new_tokens")}}
+            "images_per_s": rate, "end_to_end_images_per_s": images / wall, "hours_per_million_images": hours,
+            "device": device, **{k: gen[k] for k in ("num_captions", "top_p", "temperature", "max_new_tokens")}}

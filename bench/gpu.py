@@ -170,7 +170,7 @@ def random_tokens(rows: int, context: int, device, generator) -> torch.Tensor:
 
 def siclip_setup(s: Settings, objective: str = "recipe", trainable: str = "all", batch: int | None = None,
                  micro: int = 0, levers: frozenset = frozenset()):
-    """(step function, samples per step, model) for siclip's `train_step` on random tensors.
+    """(step function, samples per step, model, captions per image) for siclip's `train_step` on random tensors.
     objective "recipe": the config's last stage (its synthetic captions, PM, distillation from teacher sidecars);
     "clip": one caption, the CLIP loss alone. trainable "all", or "stage": that stage's own globs."""
     from siclip.training.config import LossWeights, load_train_config
@@ -226,9 +226,10 @@ def siclip_setup(s: Settings, objective: str = "recipe", trainable: str = "all",
 
 
 def open_clip_setup(s: Settings, batch: int | None = None, accum: int = 1):
-    """(step function, samples per step, model) for open_clip_train's own `train_one_epoch` on s.open_clip_model,
-    set up as open_clip_train.main sets it up (its AdamW groups, ClipLoss, cosine schedule, the precision), fed
-    the same random batch `accum` times per optimizer step. Needs open_clip (extra siclip[mobileclip])."""
+    """(step function, samples per step, model, captions per image) for open_clip_train's own `train_one_epoch` on
+    s.open_clip_model, set up as open_clip_train.main sets it up (its AdamW groups, ClipLoss, cosine schedule,
+    the precision), fed the same random batch `accum` times per optimizer step. Needs open_clip (extra
+    siclip[mobileclip])."""
     import open_clip
     from open_clip_train.params import parse_args
     from open_clip_train.scheduler import cosine_lr
@@ -370,7 +371,8 @@ def loader_part(s: Settings, consumption: float | None) -> dict:
     jpegs = _jpegs(32 if s.quick else 128, size)  # stage 1 stores images at the model's size
     out = {"image_size": size, "jpeg_kb": round(sum(map(len, jpegs)) / len(jpegs) / 1024, 1),
            "captions_per_image": 1 + cfg.synthetic_captions,
-           "joins": f"captions sidecars and teacher sidecars ({TEACHER_DIM}-d, {TEACHER_VIEWS} recorded views replayed)",
+           "joins": f"captions sidecars and teacher sidecars ({TEACHER_DIM}-d, {TEACHER_VIEWS} recorded views "
+                    "replayed)",
            "step_consumption_samples_per_s": consumption, "workers": {}}
     shards = max(8, 3 * max(s.workers))
     per_shard = max(32, (4 * s.batch if s.quick else 12288) // shards)
@@ -465,8 +467,9 @@ def lever_in_child(s: Settings, name: str, timeout: float) -> dict:
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    argv = [sys.executable, "-X", "faulthandler", "-m", "bench.gpu", "--one-lever", name, "--device", s.device, "--config", s.config,
-            "--batch", str(s.batch), "--micro", str(s.micro), "--steps", str(s.steps), *(["--quick"] * s.quick)]
+    argv = [sys.executable, "-X", "faulthandler", "-m", "bench.gpu", "--one-lever", name, "--device", s.device,
+            "--config", s.config, "--batch", str(s.batch), "--micro", str(s.micro), "--steps", str(s.steps),
+            *(["--quick"] * s.quick)]
     try:
         done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -573,7 +576,7 @@ def bench(s: Settings, parts: list[str], partial: str | None = None) -> dict:
                "cores": os.cpu_count(), "peak_bf16_tflops": peak, "peak_source": peak_source,
                "matmul_bf16_tflops": matmul_tflops(s),
                "settings": {k: getattr(s, k) for k in ("config", "open_clip_model", "batch", "micro", "steps",
-                                                        "warmup", "workers", "quick")}}
+                                                        "warmup", "workers", "quick", "levers")}}
     log(f"{figures['device']}, torch {torch.__version__}, peak {peak} TFLOP/s ({peak_source}), a bf16 matmul "
         f"{figures['matmul_bf16_tflops']} TFLOP/s")
     for part in parts:
@@ -600,8 +603,8 @@ def bench(s: Settings, parts: list[str], partial: str | None = None) -> dict:
         "step_caching_against_accum": ratio(rate("step", f"siclip_recipe_{big}"),
                                             rate("step", f"open_clip_b{s.micro}_accum4")),
         "loader_of_step": max([w["of_step"] for w in workers.values() if w.get("of_step")], default=None),
-        "captions_blip": figures.get("captions", {}).get("blip", {}).get("ratio"),
-        "captions_coca_batched": figures.get("captions", {}).get("coca", {}).get("ratio"),
+        "captions_blip": ratio(figures.get("captions", {}).get("blip", {}).get("ratio"), 1),
+        "captions_coca_batched": ratio(figures.get("captions", {}).get("coca", {}).get("ratio"), 1),
     }
     log("ratios: " + ", ".join(f"{k} {v}" for k, v in figures["ratios"].items()))
     return figures

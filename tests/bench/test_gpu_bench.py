@@ -113,6 +113,7 @@ def test_open_clip_train_s_own_step_is_the_baseline_and_the_ratios_divide_the_tw
         assert step[row]["samples_per_s"] > 0 and step[row]["gflop_per_sample"] > 0
     assert ratios["step_like_for_like"] == round(step["siclip_clip"]["samples_per_s"] /
                                                  step["open_clip"]["samples_per_s"], 3)
-    assert ratios["step_recipe"] == round(step["siclip_recipe"]["samples_per_s"] / step["open_clip"]["samples_per_s"], 3)
+    assert ratios["step_recipe"] == round(step["siclip_recipe"]["samples_per_s"] /
+                                          step["open_clip"]["samples_per_s"], 3)
     assert ratios["step_caching_against_accum"] == round(step["siclip_recipe_b16_micro4"]["samples_per_s"] /
                                                          step["open_clip_b4_accum4"]["samples_per_s"], 3)
