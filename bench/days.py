@@ -33,13 +33,19 @@ def flops_per_sample(config: str, batch: int = 2) -> dict:
     size, captions = model.config.image.image_size, 1 + cfg.synthetic_captions
     context = model.config.text.context_length
     pixels = torch.randn(batch, 3, size, size)
-    texts = torch.randint(1, 49000, (batch * captions, context))
-    texts[:, min(20, context - 1)] = 49407  # an end token, so the text tower pools a real position
+    texts = random_tokens(batch * captions, context)
     out = {"config": config, "model": cfg.model, "image_size": size, "captions_per_image": captions}
     for tower, encode, inputs in (("image", model.encode_image, pixels), ("text", model.encode_text, texts)):
         out[f"{tower}_gflop"] = round(count_training_flops(encode, None, inputs, None) / batch / 1e9, 2)
     out["gflop_per_sample"] = round(out["image_gflop"] + out["text_gflop"], 2)
     return out
+
+
+def random_tokens(rows: int, context: int, device="cpu", generator=None) -> torch.Tensor:
+    """Random caption ids with an end token at position 20, so that a tower pooling there pools a real position."""
+    tokens = torch.randint(1, 49000, (rows, context), generator=generator)
+    tokens[:, min(20, context - 1)] = 49407
+    return tokens.to(device)
 
 
 def count_training_flops(encode_image, encode_text, pixels, texts) -> int:

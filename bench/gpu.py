@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from bench.days import count_training_flops, random_tokens
+
 PARTS = ("step", "loader", "captions", "levers")  # levers last: its compiles are the first cut when time runs out
 # seconds after which a part starts nothing new: about 7 minutes on an H100 in all (a lever started late may run
 # 90 s past its part's budget)
@@ -157,12 +159,6 @@ def timed(s: Settings, step, samples_per_step: int, context=contextlib.nullconte
     if s.cuda:
         out["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
-
-
-def random_tokens(rows: int, context: int, device, generator) -> torch.Tensor:
-    tokens = torch.randint(1, 49000, (rows, context), generator=generator)
-    tokens[:, min(20, context - 1)] = 49407  # an end token: towers that pool there pool a real position
-    return tokens.to(device)
 
 
 # ---- step: siclip's training step and open_clip_train's
@@ -286,8 +282,6 @@ def open_clip_setup(s: Settings, batch: int | None = None, accum: int = 1):
 
 
 def flops_per_sample(model, encode_image, encode_text, captions: int, device, batch: int = 2) -> float:
-    from bench.days import count_training_flops
-
     size = model.config.image.image_size if hasattr(model, "config") else model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     context = model.config.text.context_length if hasattr(model, "config") else model.context_length
@@ -556,10 +550,8 @@ def captions_part(s: Settings) -> dict:
         out["coca"] = {"skipped": spent(s, "captions", started)}
         return out
     with recorded(out, "coca"):
-        batched = bench_coca(s.quick, images=images, batch_size=images, device=s.device,
-                             dtype="bfloat16" if s.cuda else "auto")
-        single = bench_coca(s.quick, images=max(2, images // 8), batch_size=1, device=s.device,
-                            dtype="bfloat16" if s.cuda else "auto")
+        batched = bench_coca(s.quick, images=images, batch_size=images, device=s.device, dtype="bfloat16")
+        single = bench_coca(s.quick, images=max(2, images // 8), batch_size=1, device=s.device, dtype="bfloat16")
         out["coca"] = {"batched": batched, "one_per_batch": single}
         if "images_per_s" in batched and "images_per_s" in single:
             out["coca"]["ratio"] = round(batched["images_per_s"] / single["images_per_s"], 2)

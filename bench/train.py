@@ -269,62 +269,31 @@ def bench_train(quick: bool = False, device: str = "cpu") -> dict:
     return out
 
 
-def bench_train_gpu(quick: bool = False, config: str = "paper", overrides: tuple = (),
+def bench_train_gpu(quick: bool = False, config: str = "paper",
                     batches: tuple = ((256, 0), (512, 0), (256, 256))) -> dict:
-    """A training config's model and objective on random tensors on a GPU: samples/s and peak memory per
-    (effective batch, micro-batch; 0 = the config's). Runs on the CPU too, for checking it (no memory figure)."""
-    from accelerate import Accelerator
-
+    """A training config's model and last stage's objective (teacher sidecars included) on random tensors on a
+    GPU, through the loop's own step (bench/gpu.py's step rows): samples/s and peak memory per (effective batch,
+    micro-batch; 0 = the config's). Runs on the CPU too, for checking it (no memory figure)."""
+    from bench.gpu import Settings, accelerator, siclip_setup, timed
     from siclip.training.config import load_train_config
-    from siclip.training.step import forward_backward
-    from siclip.training.model import build_model, load_config
-    from siclip.training.objective import Objective
 
-    cfg = load_train_config(config, list(overrides))
     cuda = torch.cuda.is_available()
-    acc = Accelerator(mixed_precision=("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no")
-    device = acc.device
-    torch.manual_seed(0)
-    model = build_model(load_config(cfg.model, cfg.model_overrides()))
-    model.set_grad_checkpointing(cfg.grad_checkpointing)
-    model.to(device)
-    teacher_dim = 1536  # the seed's two ViT-L/14 teachers, concatenated
-    objective = Objective(cfg.stages[-1].loss, model.config.embed_dim, teacher_dim, cfg.pm_k).to(device)
-    params = list(model.parameters()) + list(objective.parameters())
-    optimizer = acc.prepare(torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1))
-    size, k, steps = model.config.image.image_size, cfg.synthetic_captions, 10 if quick else 40
-    context = model.config.text.context_length
+    s = Settings(device="cuda" if cuda else "cpu", quick=quick, config=config, open_clip_model="", batch=0, micro=0,
+                 steps=10 if quick else 40, warmup=3, workers=(), budget_s=None, peak_tflops=None)
+    cfg = load_train_config(config, [])
     results = {}
     for batch, micro in batches:
         micro = micro or cfg.micro_batch or batch
         name = f"batch_{batch}_micro_{micro}"
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        pixels = torch.randn(batch, 3, size, size, device=device)
-        texts = torch.randint(1, 49000, (batch * (1 + k), context), device=device)
-        texts[:, min(20, context - 1)] = 49407
-        valid = torch.ones(batch, k, dtype=torch.bool, device=device)
-        teacher = {"t_image": torch.randn(batch, teacher_dim, device=device),
-                   "t_text": torch.randn(batch, teacher_dim, device=device),
-                   "t_syn": torch.randn(batch, k, teacher_dim, device=device), "t_syn_valid": valid}
         try:
-            for i in range(3 + steps):
-                if i == 3:
-                    torch.cuda.synchronize() if cuda else None
-                    start = time.perf_counter()
-                forward_backward(model, objective, pixels, texts, valid, teacher, micro, acc)
-                acc.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize() if cuda else None
-            results[name] = {"samples_per_s": round(steps * batch / (time.perf_counter() - start), 1)}
-            if cuda:
-                results[name]["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            step, samples, *_ = siclip_setup(s, batch=batch, micro=micro)
+            results[name] = timed(s, step, samples)
+            del step
         except torch.cuda.OutOfMemoryError:
             results[name] = {"out_of_memory": True}
-        del pixels, texts, teacher
-        log(f"train ({torch.cuda.get_device_name(device) if cuda else 'CPU'}): {config} config's model, batch {batch} "
-             f"in micro-batches of {micro}, {1 + k} captions per image, every loss term: {results[name]}")
-    return {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "config": config,
-            "precision": acc.mixed_precision, **results}
+        if cuda:
+            torch.cuda.empty_cache()
+        log(f"train ({torch.cuda.get_device_name() if cuda else 'CPU'}): {config} config's model, batch {batch} "
+            f"in micro-batches of {micro}, every loss term: {results[name]}")
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "config": config,
+            "precision": accelerator(s).mixed_precision, **results}
