@@ -353,7 +353,7 @@ def step_part(s: Settings, peak: float | None, matmul: float | None) -> dict:
 
 def loader_part(s: Settings, consumption: float | None) -> dict:
     from bench.days import _jpegs
-    from bench.train import make_bench_root
+    from bench.roots import make_bench_root
     from siclip.images import decode_image
     from siclip.training.config import load_train_config
     from siclip.training.data import SampleSettings, plan_epoch, split_shards, train_loader

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from siclip.manifests.layout import DataRoot
-from bench.train import make_bench_root
+from bench.roots import make_bench_root
 from siclip.training.config import load_train_config
 from siclip.training.loop import train
 

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from bench.train import _loader_rate, _plain_loop, make_bench_root
+from bench.roots import make_bench_root
+from bench.train import _loader_rate, _plain_loop
 
 
 def cpu(who) -> float:
